@@ -1,0 +1,72 @@
+"""The canonical daily price frame every source produces and the store keeps.
+
+A *price frame* is a :class:`pandas.DataFrame` with
+
+* index: ``DatetimeIndex`` named ``date``, tz-naive midnight trading dates, strictly increasing;
+* columns :data:`PRICE_COLUMNS`, all float64 (NaN where the source has no value):
+  ``open, high, low, close`` (as quoted, split-adjusted by Yahoo), ``adj_close`` (split- and
+  dividend-adjusted; NaN for the whole frame when the source has none), ``volume``,
+  ``dividends`` (cash per share paid that day, 0.0 on other days), ``splits`` (split ratio
+  that day, e.g. 4.0 for 4:1, 0.0 on other days).
+
+:func:`check_price_frame` enforces that contract at the boundary of every source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from sensitivity.errors import DataValidationError, EmptyDataError
+
+PRICE_COLUMNS: tuple[str, ...] = (
+    "open",
+    "high",
+    "low",
+    "close",
+    "adj_close",
+    "volume",
+    "dividends",
+    "splits",
+)
+
+
+def empty_price_frame() -> pd.DataFrame:
+    """A price frame with no rows (the right columns, dtypes and index)."""
+    index = pd.DatetimeIndex([], name="date", dtype="datetime64[ns]")
+    return pd.DataFrame({c: pd.Series([], dtype="float64", index=index) for c in PRICE_COLUMNS})
+
+
+def check_price_frame(frame: pd.DataFrame, symbol: str) -> pd.DataFrame:
+    """Return ``frame`` if it is a valid price frame for ``symbol``; raise otherwise.
+
+    Raises :class:`EmptyDataError` when there is no row with a usable close, and
+    :class:`DataValidationError` for a broken invariant, naming the symbol and the first
+    offending date.
+    """
+    missing = [c for c in PRICE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise DataValidationError(f"{symbol}: price frame lacks column(s) {', '.join(missing)}")
+    idx = frame.index
+    if not isinstance(idx, pd.DatetimeIndex) or idx.tz is not None:
+        raise DataValidationError(f"{symbol}: price dates must be tz-naive dates, got {idx.dtype}")
+    if len(frame) == 0 or not np.isfinite(frame["close"].to_numpy()).any():
+        raise EmptyDataError(f"{symbol}: the source returned no prices", symbol=symbol)
+    if idx.has_duplicates:
+        dup = idx[idx.duplicated()][0]
+        raise DataValidationError(f"{symbol}: date {dup.date()} appears more than once")
+    if not idx.is_monotonic_increasing:
+        raise DataValidationError(f"{symbol}: dates are not sorted ascending")
+    for col in PRICE_COLUMNS:
+        if frame[col].dtype != np.float64:
+            raise DataValidationError(f"{symbol}: column {col} must be float64, got {frame[col].dtype}")
+    for col in ("open", "high", "low", "close", "adj_close"):
+        values = frame[col].to_numpy()
+        bad = np.flatnonzero(np.isfinite(values) & (values <= 0))
+        if bad.size:
+            day = idx[bad[0]].date()
+            raise DataValidationError(
+                f"{symbol}: {col} is {values[bad[0]]!r} on {day}; prices must be positive "
+                "(fix or remove the row in the source)"
+            )
+    return frame
