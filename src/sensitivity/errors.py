@@ -8,6 +8,8 @@ do next.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SensitivityError(Exception):
     """Base class of every error the pipeline raises on purpose."""
@@ -88,8 +90,10 @@ class PartialRunError(SensitivityError):
 
     exit_code = 3
 
-    def __init__(self, failures: dict[str, str], *, written: int = 0):
+    def __init__(self, failures: dict[str, str], *, written: int = 0, result: dict[str, Any] | None = None):
         self.failures = dict(failures)
         self.written = written
+        #: What the run wrote for the other symbols (paths, summary rows), when it got that far.
+        self.result = result
         lines = [f"{sym}: {reason}" for sym, reason in sorted(self.failures.items())]
         super().__init__("\n".join(lines))

@@ -7,7 +7,8 @@ A *price frame* is a :class:`pandas.DataFrame` with
   ``open, high, low, close`` (as quoted, split-adjusted by Yahoo), ``adj_close`` (split- and
   dividend-adjusted; NaN for the whole frame when the source has none), ``volume``,
   ``dividends`` (cash per share paid that day, 0.0 on other days), ``splits`` (split ratio
-  that day, e.g. 4.0 for 4:1, 0.0 on other days).
+  that day, e.g. 4.0 for 4:1, 0.0 on other days).  ``dividends`` and ``splits`` are NaN when
+  the source does not report corporate actions at all (e.g. a classic CSV download).
 
 :func:`check_price_frame` enforces that contract at the boundary of every source.
 """
