@@ -67,7 +67,7 @@ def check_price_frame(frame: pd.DataFrame, symbol: str) -> pd.DataFrame:
         if bad.size:
             day = idx[bad[0]].date()
             raise DataValidationError(
-                f"{symbol}: {col} is {values[bad[0]]!r} on {day}; prices must be positive "
+                f"{symbol}: {col} is {float(values[bad[0]])!r} on {day}; prices must be positive "
                 "(fix or remove the row in the source)"
             )
     return frame

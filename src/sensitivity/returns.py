@@ -1,0 +1,186 @@
+"""Prices to returns, aligned stock by stock with the index (pure: no I/O).
+
+The model's contract (SPEC, "The model"):
+
+* the price of a day is the adjusted close, or the close where the source has no adjusted
+  close at all (:func:`price_series`);
+* each stock is aligned with the index on the dates **both** traded (an inner join; a date
+  with a missing price counts as not traded), and only then are simple returns
+  ``P_t / P_{t-1} - 1`` taken on consecutive aligned dates.  After a day the stock missed,
+  its return spans the gap, and so does the index return on that row: index returns are per
+  stock;
+* nothing is ever filled: a missing price stays missing, and a return exists only where
+  both ends of it exist.
+
+:func:`aligned_returns` lays the result out on the index's return calendar (the index's
+price dates except its first), one column per stock, NaN where a stock has no aligned
+return; that is the ``[T, N]`` panel the model consumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from sensitivity.errors import DataValidationError
+
+__all__ = ["AlignedReturns", "aligned_returns", "price_series", "simple_returns"]
+
+
+def price_series(frame: pd.DataFrame, *, symbol: str = "prices") -> pd.Series:
+    """The price of each date: ``adj_close``, or ``close`` where ``adj_close`` is all missing.
+
+    When only some ``adj_close`` values are missing, those dates have no price (they are
+    never filled from ``close`` or a neighbour).  The series keeps the frame's date index;
+    its name is ``adj_close`` or ``close``, whichever was used.
+    """
+    for column in ("close", "adj_close"):
+        if column not in frame.columns:
+            raise DataValidationError(f"{symbol}: price frame lacks column {column}")
+    adj = frame["adj_close"]
+    chosen = frame["close"] if adj.isna().all() else adj
+    return chosen.astype(np.float64)
+
+
+def _check_dates(index: pd.Index, symbol: str) -> pd.DatetimeIndex:
+    if not isinstance(index, pd.DatetimeIndex):
+        raise DataValidationError(f"{symbol}: prices must be indexed by date, got {type(index).__name__}")
+    if index.tz is not None:
+        raise DataValidationError(f"{symbol}: price dates must be tz-naive dates, got {index.dtype}")
+    if index.has_duplicates:
+        raise DataValidationError(
+            f"{symbol}: date {index[index.duplicated()][0].date()} appears more than once"
+        )
+    if not index.is_monotonic_increasing:
+        raise DataValidationError(f"{symbol}: dates are not sorted ascending")
+    return index
+
+
+def _check_prices(prices: pd.Series, symbol: str) -> pd.Series:
+    """The non-missing prices; refuses infinite and non-positive ones (naming the date)."""
+    present = prices.dropna()
+    values = present.to_numpy(dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
+    if bad.size:
+        day = present.index[bad[0]]
+        when = day.date() if isinstance(day, pd.Timestamp) else day
+        raise DataValidationError(
+            f"{symbol}: price {float(values[bad[0]])!r} on {when} is not a positive number "
+            "(fix or remove the row in the source)"
+        )
+    return present.astype(np.float64)
+
+
+def simple_returns(prices: pd.Series) -> pd.Series:
+    """``P_t / P_{t-1} - 1`` on consecutive rows of ``prices`` after dropping missing prices.
+
+    The first remaining row is NaN; nothing is filled.  The result is indexed by the dates
+    that have a price.
+    """
+    symbol = str(prices.name) if prices.name is not None else "prices"
+    if isinstance(prices.index, pd.DatetimeIndex):
+        _check_dates(prices.index, symbol)
+    present = _check_prices(prices, symbol)
+    values = present.to_numpy(dtype=np.float64)
+    out = np.full(values.shape, np.nan)
+    out[1:] = values[1:] / values[:-1] - 1.0
+    return pd.Series(out, index=present.index, name=prices.name)
+
+
+@dataclass(frozen=True, eq=False)
+class AlignedReturns:
+    """Stock and index returns aligned per stock, on the index's return calendar.
+
+    Every frame is indexed by :attr:`calendar` (the index's price dates except its first)
+    with one column per ticker, in the order given:
+
+    * ``stock_returns``: the stock's return from its previous aligned date to this one;
+    * ``index_returns``: the index's return over the same span (NaN exactly where
+      ``stock_returns`` is NaN);
+    * ``close``: the stock's raw (unadjusted) close on every aligned date;
+    * ``prev_close``: the raw close on the stock's previous aligned date (where a return
+      exists), the base of the dollar sensitivity;
+    * ``market_returns``: the index's own returns from one of its trading days to the next.
+    """
+
+    calendar: pd.DatetimeIndex
+    stock_returns: pd.DataFrame
+    index_returns: pd.DataFrame
+    close: pd.DataFrame
+    prev_close: pd.DataFrame
+    market_returns: pd.Series
+
+    @property
+    def tickers(self) -> list[str]:
+        """The tickers, in column order."""
+        return [str(c) for c in self.stock_returns.columns]
+
+    @property
+    def n_returns(self) -> pd.Series:
+        """How many aligned returns each ticker has."""
+        return self.stock_returns.notna().sum().astype(np.int64)
+
+
+def aligned_returns(
+    index_frame: pd.DataFrame,
+    stock_frames: Mapping[str, pd.DataFrame],
+    *,
+    index_symbol: str = "index",
+) -> AlignedReturns:
+    """Align every stock with the index (inner join on dates both traded) and take returns.
+
+    ``index_frame`` and each of ``stock_frames`` are price frames (see
+    :mod:`sensitivity.prices`); prices come from :func:`price_series`.  A stock's dates on
+    which the index did not trade are dropped; the index's dates on which the stock did not
+    trade are NaN for that stock, and the stock's next return (and the index return on that
+    row) spans the gap.  ``index_symbol`` names the index in error messages.
+    """
+    _check_dates(index_frame.index, index_symbol)
+    index_prices = _check_prices(price_series(index_frame, symbol=index_symbol), index_symbol)
+    dates = pd.DatetimeIndex(index_prices.index, name="date")
+    calendar = pd.DatetimeIndex(dates[1:], name="date")
+    tickers = [str(t) for t in stock_frames]
+
+    n_dates, n_stocks = len(dates), len(tickers)
+    stock = np.full((n_dates, n_stocks), np.nan)
+    raw_close = np.full((n_dates, n_stocks), np.nan)
+    for j, (ticker, frame) in enumerate(stock_frames.items()):
+        _check_dates(frame.index, str(ticker))
+        prices = _check_prices(price_series(frame, symbol=str(ticker)), str(ticker))
+        stock[:, j] = prices.reindex(dates).to_numpy(dtype=np.float64)
+        raw_close[:, j] = frame["close"].reindex(dates).to_numpy(dtype=np.float64)
+
+    traded = ~np.isnan(stock)  # the index trades on every one of `dates`
+    # Row of each stock's previous aligned date, strictly before the current row (-1: none).
+    rows = np.broadcast_to(np.arange(n_dates)[:, None], (n_dates, n_stocks))
+    last_at_or_before = np.maximum.accumulate(np.where(traded, rows, -1), axis=0)
+    prev = np.full((n_dates, n_stocks), -1, dtype=np.int64)
+    prev[1:] = last_at_or_before[:-1]
+    has_return = traded & (prev >= 0)
+    safe_prev = np.where(has_return, prev, 0)
+    cols = np.broadcast_to(np.arange(n_stocks)[None, :], (n_dates, n_stocks))
+    idx = index_prices.to_numpy(dtype=np.float64)
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r_stock = np.where(has_return, stock / stock[safe_prev, cols] - 1.0, np.nan)
+        r_index = np.where(has_return, idx[:, None] / idx[safe_prev] - 1.0, np.nan)
+    close = np.where(traded, raw_close, np.nan)
+    prev_close = np.where(has_return, raw_close[safe_prev, cols], np.nan)
+
+    market = np.full(n_dates, np.nan)
+    market[1:] = idx[1:] / idx[:-1] - 1.0
+
+    def panel(values: np.ndarray) -> pd.DataFrame:
+        return pd.DataFrame(values[1:], index=calendar, columns=pd.Index(tickers))
+
+    return AlignedReturns(
+        calendar=calendar,
+        stock_returns=panel(r_stock),
+        index_returns=panel(r_index),
+        close=panel(close),
+        prev_close=panel(prev_close),
+        market_returns=pd.Series(market[1:], index=calendar, name=index_symbol),
+    )

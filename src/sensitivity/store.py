@@ -1,0 +1,1168 @@
+"""The Parquet store: the only code in ``sensitivity`` that writes to disk.
+
+Layout under ``<data_dir>``::
+
+    .lock                                         the writers' lock (see store_lock)
+    prices/<SYMBOL>.parquet                       one price history per symbol     PRICE_SCHEMA
+    reports/sensitivity/<INDEX>__<TICKER>__w<WINDOW>.parquet
+                                                  one file per (index_ticker, ticker, window)
+                                                                                   SENSITIVITY_SCHEMA
+    reports/summary/summary-<AS_OF>.parquet       one file per as_of date          SUMMARY_SCHEMA
+    reports/daily/<AS_OF>/report.html             the human report of that as_of
+    reports/daily/<AS_OF>/manifest.json           its machine manifest (written last)
+
+Each report folder is a plain (non-hive) Parquet dataset: ``pandas.read_parquet(folder)``,
+``pyarrow.dataset.dataset(folder)``, polars and DuckDB read it as one table.  File names never
+use ``key=value`` folders, so partition discovery adds no columns.
+
+**Schemas.**  Every file carries explicit pyarrow types (float64 stays float64: values are
+cast with ``safe=True`` and never rounded) and two key-value metadata entries,
+``sensitivity.schema_version`` and ``sensitivity.kind``.  A file written by a newer version
+of the package, a file that is not ours and a damaged file are refused with a
+:class:`~sensitivity.errors.StoreError` that names the file and says what to do.
+
+**Paths.**  Symbols become file names only through
+:func:`sensitivity.symbols.normalize_symbol` plus a check that the resolved path stays in its
+folder, so no ticker string can reach outside ``<data_dir>``.
+
+**Atomic writes.**  A file is written to a dot-prefixed temporary file in the same folder,
+flushed and fsynced, moved over the target with :func:`os.replace`, and the folder is
+fsynced.  On any failure the temporary file is removed and the previous file is untouched.
+Readers and pyarrow datasets ignore dot-prefixed files; temporary files left by a killed
+process are removed by the next write in that folder.
+
+**Locking.**  Writers hold :func:`store_lock` while they write; readers need no lock (they
+only ever see complete files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import fcntl
+import json
+import math
+import os
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final, Literal, cast
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sensitivity.errors import DataValidationError, StoreError, StoreLockedError
+from sensitivity.prices import PRICE_COLUMNS, check_price_frame
+from sensitivity.symbols import normalize_symbol
+
+#: Version of the on-disk schemas.  Bump it when a column is added, removed or retyped, and
+#: teach the readers to upgrade files of the older versions.
+SCHEMA_VERSION: Final = 1
+
+#: Parquet key-value metadata keys.
+VERSION_KEY: Final = b"sensitivity.schema_version"
+KIND_KEY: Final = b"sensitivity.kind"
+
+#: Parquet compression of every file.
+COMPRESSION: Final = "zstd"
+
+#: Files read or written at once by the batch readers and writers (Arrow releases the GIL).
+_MAX_IO_THREADS: Final = 8
+
+Kind = Literal["prices", "sensitivity", "summary"]
+
+
+def _schema(fields: Sequence[pa.Field], kind: Kind) -> pa.Schema:
+    return pa.schema(
+        list(fields),
+        metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), KIND_KEY: kind.encode()},
+    )
+
+
+#: A price history: one row per trading date, with when and from where each row was fetched.
+PRICE_SCHEMA: Final = _schema(
+    [
+        pa.field("date", pa.date32(), nullable=False),
+        *(pa.field(c, pa.float64()) for c in PRICE_COLUMNS),
+        pa.field("fetched_at", pa.timestamp("us", tz="UTC"), nullable=False),
+        pa.field("source", pa.string(), nullable=False),
+    ],
+    "prices",
+)
+
+_KEY_FIELDS: Final = [
+    pa.field("date", pa.date32(), nullable=False),
+    pa.field("index_ticker", pa.string(), nullable=False),
+    pa.field("ticker", pa.string(), nullable=False),
+    pa.field("window", pa.int64(), nullable=False),
+    pa.field("n_obs", pa.int64(), nullable=False),
+]
+_VALUE_COLUMNS: Final = (
+    "index_return",
+    "stock_return",
+    "alpha",
+    "beta",
+    "gamma",
+    "sensitivity",
+    "sensitivity_se",
+    "sensitivity_ci_lower",
+    "sensitivity_ci_upper",
+    "alpha_se",
+    "beta_se",
+    "gamma_se",
+    "linear_beta",
+    "r2",
+    "close",
+    "prev_close",
+    "dollar_sensitivity",
+)
+
+#: The per-day sensitivity table (``reports/sensitivity/``), columns in this order.
+SENSITIVITY_SCHEMA: Final = _schema(
+    [*_KEY_FIELDS, *(pa.field(c, pa.float64()) for c in _VALUE_COLUMNS)], "sensitivity"
+)
+
+#: The summary table (``reports/summary/``): ``as_of`` then the sensitivity columns.
+SUMMARY_SCHEMA: Final = _schema(
+    [pa.field("as_of", pa.date32(), nullable=False), *SENSITIVITY_SCHEMA], "summary"
+)
+
+SENSITIVITY_COLUMNS: Final[tuple[str, ...]] = tuple(SENSITIVITY_SCHEMA.names)
+SUMMARY_COLUMNS: Final[tuple[str, ...]] = tuple(SUMMARY_SCHEMA.names)
+
+_SCHEMAS: Final[dict[Kind, pa.Schema]] = {
+    "prices": PRICE_SCHEMA,
+    "sensitivity": SENSITIVITY_SCHEMA,
+    "summary": SUMMARY_SCHEMA,
+}
+_COMBO: Final = ("index_ticker", "ticker", "window")
+
+_HINTS: Final[dict[Kind, str]] = {
+    "prices": "delete it and rerun to refetch the prices",
+    "sensitivity": "delete it and rerun to recompute it",
+    "summary": "restore it from a backup, or delete it and rerun for that as_of date",
+}
+
+
+class _DamagedFileError(StoreError):
+    """A store file exists but is not a readable Parquet file (a full rewrite may replace it)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Paths
+# --------------------------------------------------------------------------------------------
+
+
+def _child(folder: Path, name: str) -> Path:
+    """``folder / name``, refusing any name that would resolve outside ``folder``."""
+    seps = {os.sep, os.altsep} - {None}
+    if not name or name.startswith(".") or any(s in name for s in seps if s) or "\x00" in name:
+        raise StoreError(f"{name!r} cannot be used as a file name in {folder} (it would leave the folder)")
+    path = folder / name
+    if path.resolve().parent != folder.resolve():
+        raise StoreError(f"{name!r} resolves outside {folder}; refusing to read or write it there")
+    return path
+
+
+def _symbol_file_part(symbol: object, what: str) -> str:
+    """The normalised symbol; raises :class:`~sensitivity.errors.ConfigError` if implausible."""
+    return normalize_symbol(symbol, what=what)
+
+
+def _temp_name(final: str) -> str:
+    return f".{final}.{os.getpid()}.{secrets.token_hex(6)}.tmp"
+
+
+_TEMP_RE: Final = re.compile(r"^\.(?P<final>.+)\.(?P<pid>\d+)\.(?P<token>[0-9a-f]{12})\.tmp$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    except OSError:  # pragma: no cover - exotic platforms: assume alive, never delete
+        return True
+    return True
+
+
+def _remove_stale_temps(folder: Path) -> None:
+    """Remove temporary files that a killed writer left in ``folder``.
+
+    Only files matching the store's temp-name pattern and naming a process that no longer
+    exists are removed; a write in progress (in this or another live process) is left alone.
+    """
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    me = os.getpid()
+    for entry in entries:
+        m = _TEMP_RE.match(entry.name)
+        if m is None:
+            continue
+        pid = int(m.group("pid"))
+        if pid == me or _pid_alive(pid):
+            continue
+        with contextlib.suppress(OSError):
+            os.unlink(entry.path)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # pragma: no cover - platforms without directory handles
+        return
+    try:
+        os.fsync(fd)
+    except OSError as exc:  # pragma: no cover - filesystems that cannot fsync a directory
+        if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF, errno.EACCES):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _describe_os_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "the disk is full (free some space and rerun)"
+    if isinstance(exc, PermissionError):
+        return "permission denied (check the folder's permissions or pass a different --data-dir)"
+    return f"{type(exc).__name__}: {exc}"
+
+
+# --------------------------------------------------------------------------------------------
+# Atomic writes
+# --------------------------------------------------------------------------------------------
+
+
+def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None], *, sync_dir: bool = True) -> Path:
+    """Write a file atomically: ``write(fileobj)`` fills a temporary file that replaces ``path``.
+
+    The temporary file is dot-prefixed and lives in the same folder (so the final
+    :func:`os.replace` is atomic); it is flushed and fsynced before the replace, and the folder
+    is fsynced after it (a batch writer may pass ``sync_dir=False`` and sync the folder once
+    at the end).  On any exception the temporary file is removed and the previous file at
+    ``path`` is left exactly as it was; I/O and Arrow errors become a
+    :class:`~sensitivity.errors.StoreError` naming ``path``.  Returns ``path``.
+    """
+    target = Path(path)
+    folder = target.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(
+            f"cannot create folder {folder} for {target.name}: {_describe_os_error(exc)}"
+        ) from exc
+    _remove_stale_temps(folder)
+    tmp = folder / _temp_name(target.name)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, OSError | pa.ArrowException):
+            raise StoreError(
+                f"cannot write {target}: {_describe_os_error(exc)}; the previous file was left unchanged"
+            ) from exc
+        raise
+    if sync_dir:
+        _sync_folder(folder, target.name)
+    return target
+
+
+def _sync_folder(folder: Path, what: str) -> None:
+    try:
+        _fsync_dir(folder)
+    except OSError as exc:  # pragma: no cover - the files are in place; only durability is at stake
+        raise StoreError(
+            f"wrote {what} in {folder} but could not sync the folder: {_describe_os_error(exc)}"
+        ) from exc
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`write_atomic`)."""
+    if not isinstance(data, bytes | bytearray | memoryview):
+        raise TypeError(f"data for {path} must be bytes, got {type(data).__name__}")
+    payload = bytes(data)
+
+    def _write(fh: IO[bytes]) -> None:
+        fh.write(payload)
+
+    return write_atomic(path, _write)
+
+
+def write_table_atomic(path: str | Path, table: pa.Table, *, sync_dir: bool = True) -> Path:
+    """Write an Arrow ``table`` as zstd-compressed Parquet to ``path`` atomically."""
+
+    # Dictionary-encode the repetitive columns (symbols, sources, dates) but not the floats,
+    # which are mostly distinct and compress better plain.
+    dictionary = [f.name for f in table.schema if not pa.types.is_floating(f.type)]
+
+    def _write(fh: IO[bytes]) -> None:
+        pq.write_table(table, fh, compression=COMPRESSION, use_dictionary=dictionary)
+
+    return write_atomic(path, _write, sync_dir=sync_dir)
+
+
+def _io_workers(n: int) -> int:
+    return max(1, min(_MAX_IO_THREADS, n))
+
+
+def write_tables_atomic(plans: Sequence[tuple[Path, pa.Table]]) -> list[Path]:
+    """Write several tables, each atomically, a few at a time; sync each folder once.
+
+    Every file is complete or untouched.  If some writes fail, the others still finish
+    before the first failure is raised, so no write is left running in the background.
+    """
+    if not plans:
+        return []
+    with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-write") as pool:
+        futures = [pool.submit(write_table_atomic, path, table, sync_dir=False) for path, table in plans]
+        wait(futures)
+    for folder in sorted({path.parent for path, _ in plans}):
+        _sync_folder(folder, f"{len(plans)} file(s)")
+    return [f.result() for f in futures]
+
+
+def _read_tables(paths: Sequence[Path], kind: Kind) -> list[pa.Table]:
+    """:func:`read_table` of each path, a few at a time, in order (first error raised)."""
+    if len(paths) <= 1:
+        return [read_table(p, kind) for p in paths]
+    with ThreadPoolExecutor(max_workers=_io_workers(len(paths)), thread_name_prefix="store-read") as pool:
+        return list(pool.map(lambda p: read_table(p, kind), paths))
+
+
+# --------------------------------------------------------------------------------------------
+# Reading with schema checks
+# --------------------------------------------------------------------------------------------
+
+
+def read_table(path: str | Path, kind: Kind, columns: Sequence[str] | None = None) -> pa.Table:
+    """Read a store file of ``kind``, check its version and cast it to our schema.
+
+    Raises :class:`~sensitivity.errors.StoreError` naming the file when it cannot be read,
+    is damaged, is not a stock-sensitivity ``kind`` file, was written by a newer version, or
+    lacks columns; a file that does not exist raises :class:`FileNotFoundError` (callers
+    treat it as "never stored").  ``columns`` limits what is read (in schema order).
+    """
+    p = Path(path)
+    schema = _SCHEMAS[kind]
+    hint = _HINTS[kind]
+    try:
+        pf = pq.ParquetFile(p)
+        meta = pf.schema_arrow.metadata or {}
+    except FileNotFoundError:
+        raise
+    except PermissionError as exc:
+        raise StoreError(f"cannot read {p}: {_describe_os_error(exc)}") from exc
+    except (OSError, pa.ArrowException) as exc:
+        raise _DamagedFileError(f"{p} is not a readable Parquet file ({exc}); {hint}") from exc
+    try:
+        with contextlib.closing(pf):
+            _check_metadata(p, meta, kind)
+            names = [n for n in schema.names if columns is None or n in columns]
+            missing = [n for n in names if n not in pf.schema_arrow.names]
+            if missing:
+                raise StoreError(f"{p} lacks column(s) {', '.join(missing)}; {hint}")
+            table = pf.read(columns=names)
+    except StoreError:
+        raise
+    except (OSError, pa.ArrowException) as exc:
+        raise _DamagedFileError(f"{p} is damaged and cannot be read ({exc}); {hint}") from exc
+    target = pa.schema([schema.field(n) for n in names], metadata=schema.metadata)
+    try:
+        return table.select(names).cast(target, safe=True)
+    except (pa.ArrowException, ValueError) as exc:
+        raise StoreError(f"{p} has columns of unexpected types ({exc}); {hint}") from exc
+
+
+def _check_metadata(path: Path, meta: Mapping[bytes, bytes], kind: Kind) -> None:
+    raw_version = meta.get(VERSION_KEY)
+    raw_kind = meta.get(KIND_KEY)
+    if raw_version is None or raw_kind is None:
+        raise StoreError(
+            f"{path} was not written by stock-sensitivity (no {VERSION_KEY.decode()} metadata); "
+            f"move it out of {path.parent}"
+        )
+    try:
+        version = int(raw_version.decode())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise StoreError(f"{path} has an unreadable schema version {raw_version!r}; {_HINTS[kind]}") from exc
+    if version > SCHEMA_VERSION:
+        raise StoreError(
+            f"{path} was written by a newer version of stock-sensitivity (schema {version} > "
+            f"{SCHEMA_VERSION}); upgrade stock-sensitivity to read it"
+        )
+    if version < 1:
+        raise StoreError(f"{path} has an impossible schema version {version}; {_HINTS[kind]}")
+    found = raw_kind.decode(errors="replace")
+    if found != kind:
+        raise StoreError(f"{path} holds {found!r} data, not {kind!r}; move it out of {path.parent}")
+
+
+# --------------------------------------------------------------------------------------------
+# Frames <-> tables
+# --------------------------------------------------------------------------------------------
+
+
+def _date_array(values: pd.Series | pd.Index, column: str, what: str) -> pa.Array:
+    """Midnight datetimes or ``datetime.date`` objects -> date32; refuses times of day."""
+    if isinstance(values.dtype, pd.DatetimeTZDtype):
+        raise DataValidationError(f"{what}: column {column} must hold dates, got tz-aware {values.dtype}")
+    if values.dtype == object or isinstance(values.dtype, pd.ArrowDtype):
+        try:
+            values = pd.to_datetime(values)
+        except (TypeError, ValueError) as exc:
+            raise DataValidationError(f"{what}: column {column} must hold dates ({exc})") from exc
+    if not pd.api.types.is_datetime64_dtype(values.dtype):
+        raise DataValidationError(f"{what}: column {column} must hold dates, got {values.dtype}")
+    stamps = pd.DatetimeIndex(values)
+    if stamps.tz is not None:
+        raise DataValidationError(f"{what}: column {column} must hold dates, got tz-aware {stamps.dtype}")
+    missing = np.asarray(stamps.isna(), dtype=bool)
+    valid = stamps[~missing]
+    off = valid[valid != valid.normalize()]
+    if len(off):
+        raise DataValidationError(
+            f"{what}: column {column} must hold dates, got a time of day ({off[0]}); "
+            "normalize the timestamps to midnight"
+        )
+    days = stamps.to_numpy().astype("datetime64[D]")
+    return pa.array(days, type=pa.date32(), mask=missing)
+
+
+def _castable(source: pa.DataType, target: pa.DataType) -> bool:
+    """Casts allowed on write: numbers to numbers (checked for loss), text to text, and
+    all-missing columns; never text to numbers or numbers to text."""
+    if pa.types.is_null(source) or source == target:
+        return True
+    if pa.types.is_floating(target) or pa.types.is_integer(target):
+        return bool(pa.types.is_integer(source) or pa.types.is_floating(source))
+    if pa.types.is_string(target):
+        return bool(pa.types.is_string(source) or pa.types.is_large_string(source))
+    if pa.types.is_timestamp(target):
+        return bool(pa.types.is_timestamp(source) and source.tz is not None)
+    return False
+
+
+def _column_array(series: pd.Series, fld: pa.Field, what: str) -> pa.Array:
+    if pa.types.is_date32(fld.type):
+        arr = _date_array(series, fld.name, what)
+    else:
+        try:
+            arr = pa.Array.from_pandas(series)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise DataValidationError(
+                f"{what}: column {fld.name} ({series.dtype}) cannot be stored as {fld.type} ({exc})"
+            ) from exc
+        if not _castable(arr.type, fld.type):
+            raise DataValidationError(
+                f"{what}: column {fld.name} must hold {fld.type} values, got {series.dtype}"
+            )
+        try:
+            arr = arr.cast(fld.type, safe=True)
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            raise DataValidationError(
+                f"{what}: column {fld.name} ({series.dtype}) cannot be stored as {fld.type} "
+                f"without loss ({exc})"
+            ) from exc
+    if not fld.nullable and arr.null_count:
+        raise DataValidationError(f"{what}: column {fld.name} has {arr.null_count} missing value(s)")
+    return arr
+
+
+def table_from_frame(frame: pd.DataFrame, schema: pa.Schema, what: str) -> pa.Table:
+    """Convert ``frame`` (its columns, not its index) to an Arrow table of ``schema``.
+
+    Refuses missing and unknown columns (naming them), values that cannot be cast without
+    loss, missing values in non-nullable columns and datetimes with a time of day.  NaN in a
+    float column becomes a Parquet null.
+    """
+    missing = [n for n in schema.names if n not in frame.columns]
+    if missing:
+        raise DataValidationError(f"{what}: missing column(s) {', '.join(missing)}")
+    extra = [str(c) for c in frame.columns if c not in schema.names]
+    if extra:
+        raise DataValidationError(
+            f"{what}: unknown column(s) {', '.join(extra)}; the stored schema has {', '.join(schema.names)}"
+        )
+    if frame.columns.has_duplicates:
+        raise DataValidationError(f"{what}: duplicated column names")
+    arrays = [_column_array(frame[f.name].reset_index(drop=True), f, what) for f in schema]
+    return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _frame_from_report_table(table: pa.Table) -> pd.DataFrame:
+    """What ``pandas.read_parquet`` gives for the same data (``date``/``as_of`` as dates)."""
+    return table.to_pandas()  # type: ignore[no-any-return]
+
+
+def _empty_table(schema: pa.Schema) -> pa.Table:
+    return schema.empty_table()
+
+
+# --------------------------------------------------------------------------------------------
+# Prices
+# --------------------------------------------------------------------------------------------
+
+
+def _utc_timestamp(value: dt.datetime, what: str) -> pd.Timestamp:
+    if not isinstance(value, dt.datetime):
+        raise TypeError(f"{what}: fetched_at must be a datetime, got {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{what}: fetched_at must be timezone-aware (e.g. datetime.now(UTC)), got {value!r}")
+    return pd.Timestamp(value).tz_convert("UTC")
+
+
+def _price_table(records: pd.DataFrame, symbol: str) -> pa.Table:
+    """A price frame plus ``fetched_at``/``source`` columns -> a PRICE_SCHEMA table."""
+    check_price_frame(records.loc[:, list(PRICE_COLUMNS)], symbol)
+    frame = records.rename_axis("date").reset_index()
+    return table_from_frame(frame.loc[:, list(PRICE_SCHEMA.names)], PRICE_SCHEMA, symbol)
+
+
+def price_table(frame: pd.DataFrame, *, symbol: str, source: str, fetched_at: dt.datetime) -> pa.Table:
+    """Validate a price frame (see :mod:`sensitivity.prices`) and convert it to PRICE_SCHEMA.
+
+    Every row gets the same ``source`` and ``fetched_at`` (timezone-aware, stored in UTC).
+    """
+    if not isinstance(source, str) or not source.strip():
+        raise ValueError(f"{symbol}: source must be a non-empty string, got {source!r}")
+    stamp = _utc_timestamp(fetched_at, symbol)
+    check_price_frame(frame, symbol)
+    records = frame.loc[:, list(PRICE_COLUMNS)].copy()
+    records["fetched_at"] = stamp
+    records["source"] = source
+    return _price_table(records, symbol)
+
+
+def write_price_file(
+    path: str | Path, frame: pd.DataFrame, *, symbol: str, source: str, fetched_at: dt.datetime
+) -> Path:
+    """Write a price frame to ``path`` in PRICE_SCHEMA, atomically (used for the sample)."""
+    return write_table_atomic(path, price_table(frame, symbol=symbol, source=source, fetched_at=fetched_at))
+
+
+def _to_date(value: object, what: str) -> dt.date:
+    if isinstance(value, dt.datetime):
+        ts = pd.Timestamp(value)
+        if ts.tz is not None or ts != ts.normalize():
+            raise ValueError(f"{what} must be a date, got the datetime {value!r}")
+        return ts.date()
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError as exc:
+            raise ValueError(f"{what} must be a date written YYYY-MM-DD, got {value!r}") from exc
+    raise TypeError(f"{what} must be a date, got {value!r}")
+
+
+def frame_from_price_table(table: pa.Table, *, with_provenance: bool = False) -> pd.DataFrame:
+    """A PRICE_SCHEMA table -> a price frame (plus ``fetched_at``, ``source`` if asked)."""
+    days = np.asarray(table.column("date").cast(pa.int32()).to_numpy(), dtype="int64")
+    index = pd.DatetimeIndex(days.astype("datetime64[D]").astype("datetime64[ns]"), name="date")
+    data: dict[str, Any] = {
+        c: np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in PRICE_COLUMNS
+    }
+    frame = pd.DataFrame(data, index=index)
+    if with_provenance:
+        frame["fetched_at"] = pd.DatetimeIndex(table.column("fetched_at").to_pandas())
+        frame["source"] = pd.Series(table.column("source").to_pylist(), index=index, dtype="str")
+    return frame
+
+
+def read_price_file(
+    path: str | Path,
+    *,
+    start: dt.date | str | None = None,
+    end: dt.date | str | None = None,
+    with_provenance: bool = False,
+) -> pd.DataFrame:
+    """Read a PRICE_SCHEMA file into a price frame, keeping ``start <= date <= end``.
+
+    With ``with_provenance`` the frame also has ``fetched_at`` (UTC) and ``source`` per row.
+    """
+    table = read_table(path, "prices")
+    if start is not None:
+        table = table.filter(pc.greater_equal(table.column("date"), pa.scalar(_to_date(start, "start"))))
+    if end is not None:
+        table = table.filter(pc.less_equal(table.column("date"), pa.scalar(_to_date(end, "end"))))
+    return frame_from_price_table(table, with_provenance=with_provenance)
+
+
+@dataclass(frozen=True)
+class MergeResult:
+    """What :meth:`PriceStore.merge` did to one symbol's stored history.
+
+    ``rows_changed`` counts overlapping dates whose stored values differed from the new fetch
+    (a restated adjusted history shows up here); ``rows_removed`` counts stored dates that a
+    ``replace=True`` merge dropped.  ``first_date``/``last_date`` span the stored history
+    after the merge.
+    """
+
+    symbol: str
+    rows_before: int
+    rows_after: int
+    rows_added: int
+    rows_changed: int
+    first_date: dt.date
+    last_date: dt.date
+    rows_removed: int = 0
+    path: Path | None = None
+
+
+class PriceStore:
+    """Price histories under ``<data_dir>/prices/``, one Parquet file per symbol.
+
+    Writers should hold :func:`store_lock` around :meth:`merge`; reads need no lock.
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.folder = self.data_dir / "prices"
+
+    def path_for(self, symbol: str) -> Path:
+        """The file of ``symbol`` (normalised; refused with ConfigError if implausible)."""
+        sym = _symbol_file_part(symbol, "symbol")
+        return _child(self.folder, f"{sym}.parquet")
+
+    def read(self, symbol: str, *, with_provenance: bool = False) -> pd.DataFrame | None:
+        """The stored price frame of ``symbol``, or None if it was never stored.
+
+        With ``with_provenance`` the frame also has the ``fetched_at`` (UTC) and ``source``
+        of each row.
+        """
+        path = self.path_for(symbol)
+        try:
+            return read_price_file(path, with_provenance=with_provenance)
+        except FileNotFoundError:
+            return None
+
+    def read_many(
+        self,
+        symbols: Iterable[str],
+        start: dt.date | str | None = None,
+        end: dt.date | str | None = None,
+        *,
+        with_provenance: bool = False,
+    ) -> dict[str, pd.DataFrame]:
+        """Price frames of ``symbols`` restricted to ``start <= date <= end`` (inclusive).
+
+        Keys are the normalised symbols, in the given order; symbols never stored are left
+        out (a stored symbol with no row in the range maps to an empty frame).  All paths are
+        validated before anything is read.
+        """
+        lo = _to_date(start, "start") if start is not None else None
+        hi = _to_date(end, "end") if end is not None else None
+        paths = {self._norm(s): self.path_for(s) for s in symbols}
+
+        def _one(path: Path) -> pd.DataFrame | None:
+            try:
+                return read_price_file(path, start=lo, end=hi, with_provenance=with_provenance)
+            except FileNotFoundError:
+                return None
+
+        with ThreadPoolExecutor(max_workers=_io_workers(len(paths)), thread_name_prefix="store-read") as pool:
+            frames = list(pool.map(_one, paths.values()))
+        return {sym: f for sym, f in zip(paths, frames, strict=True) if f is not None}
+
+    def last_date(self, symbol: str) -> dt.date | None:
+        """The last stored date of ``symbol``, or None if it was never stored."""
+        path = self.path_for(symbol)
+        try:
+            table = read_table(path, "prices", columns=["date"])
+        except FileNotFoundError:
+            return None
+        if table.num_rows == 0:
+            return None
+        last = pc.max(table.column("date")).as_py()
+        return last if isinstance(last, dt.date) else None
+
+    def symbols(self) -> list[str]:
+        """The symbols with a stored price file, sorted."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.stem for p in self.folder.glob("*.parquet") if not p.name.startswith((".", "_")))
+
+    def merge(
+        self,
+        symbol: str,
+        frame: pd.DataFrame,
+        *,
+        source: str,
+        fetched_at: dt.datetime | None = None,
+        replace: bool = False,
+    ) -> MergeResult:
+        """Merge a fetched price frame into the stored history of ``symbol``, atomically.
+
+        The result is the union by date; on dates both have, the new fetch wins.  Stored rows
+        outside the fetched range are kept: a partial fetch never drops stored prices.
+        ``replace=True`` (a full refetch) makes the fetched frame the whole history, and also
+        overwrites a damaged file.  ``fetched_at`` defaults to now (UTC).  The frame is
+        validated with :func:`~sensitivity.prices.check_price_frame` before anything is
+        written.
+        """
+        sym = self._norm(symbol)
+        path = self.path_for(sym)
+        if not isinstance(source, str) or not source.strip():
+            raise ValueError(f"{sym}: source must be a non-empty string, got {source!r}")
+        stamp = _utc_timestamp(fetched_at if fetched_at is not None else dt.datetime.now(dt.UTC), sym)
+        check_price_frame(frame, sym)
+        new = frame.loc[:, list(PRICE_COLUMNS)].copy()
+        new["fetched_at"] = stamp
+        new["source"] = source
+
+        old: pd.DataFrame | None
+        try:
+            old = read_price_file(path, with_provenance=True)
+        except FileNotFoundError:
+            old = None
+        except _DamagedFileError:
+            if not replace:
+                raise
+            old = None  # a full refetch replaces a damaged file
+        if old is None:
+            old = frame_from_price_table(_empty_table(PRICE_SCHEMA), with_provenance=True)
+
+        overlap = old.index.intersection(new.index)
+        a = old.loc[overlap, list(PRICE_COLUMNS)].to_numpy(dtype=np.float64)
+        b = new.loc[overlap, list(PRICE_COLUMNS)].to_numpy(dtype=np.float64)
+        same = (a == b) | (np.isnan(a) & np.isnan(b))
+        rows_changed = int((~same).any(axis=1).sum())
+        rows_added = len(new.index.difference(old.index))
+        if replace:
+            combined = new
+            rows_removed = len(old.index.difference(new.index))
+        else:
+            kept = old.loc[~old.index.isin(new.index)]
+            combined = new if kept.empty else pd.concat([kept, new]).sort_index()
+            rows_removed = 0
+        write_table_atomic(path, _price_table(combined, sym))
+        return MergeResult(
+            symbol=sym,
+            rows_before=len(old),
+            rows_after=len(combined),
+            rows_added=rows_added,
+            rows_changed=rows_changed,
+            first_date=combined.index[0].date(),
+            last_date=combined.index[-1].date(),
+            rows_removed=rows_removed,
+            path=path,
+        )
+
+    @staticmethod
+    def _norm(symbol: str) -> str:
+        return _symbol_file_part(symbol, "symbol")
+
+
+# --------------------------------------------------------------------------------------------
+# Reports
+# --------------------------------------------------------------------------------------------
+
+_SENS_RE: Final = re.compile(r"^(?P<index>[^_][^/]*?)__(?P<ticker>[^/]+?)__w(?P<window>\d+)\.parquet$")
+
+
+def _parquet_files(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.suffix == ".parquet" and not p.name.startswith((".", "_")))
+
+
+def _check_symbol_column(values: pd.Series, column: str, what: str) -> None:
+    for raw in pd.unique(values):
+        norm = normalize_symbol(raw, what=f"{what}: {column}")
+        if norm != raw:
+            raise DataValidationError(f"{what}: {column} {raw!r} is not a normalised symbol; use {norm!r}")
+
+
+def _json_ready(value: Any, where: str) -> Any:
+    """``value`` with NaN/inf -> None and numpy scalars -> Python; refuses non-JSON values."""
+    if value is None or isinstance(value, bool | str):
+        return value
+    if isinstance(value, np.bool_):
+        return bool(value)
+    if isinstance(value, int | np.integer):
+        return int(value)
+    if isinstance(value, float | np.floating):
+        f = float(value)
+        return f if math.isfinite(f) else None
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise TypeError(f"manifest key {where}[{k!r}] must be a string, got {type(k).__name__}")
+            out[k] = _json_ready(v, f"{where}[{k!r}]")
+        return out
+    if isinstance(value, list | tuple):
+        return [_json_ready(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise TypeError(
+        f"manifest value {where} is a {type(value).__name__} ({value!r:.60}), which JSON cannot hold; "
+        "convert it to a string, number, list or dict first"
+    )
+
+
+class ReportStore:
+    """The report tables and daily reports under ``<data_dir>/reports/``.
+
+    Writers should hold :func:`store_lock`; reads need no lock.  Tables come back as
+    ``pandas.read_parquet`` gives them (``date``/``as_of`` as ``datetime.date`` objects).
+    """
+
+    def __init__(self, data_dir: str | Path) -> None:
+        self.data_dir = Path(data_dir)
+        self.folder = self.data_dir / "reports"
+        self.sensitivity_dir = self.folder / "sensitivity"
+        self.summary_dir = self.folder / "summary"
+        self.daily_dir = self.folder / "daily"
+
+    # -- paths ---------------------------------------------------------------------------
+
+    def sensitivity_path(self, index_ticker: str, ticker: str, window: int) -> Path:
+        """The file of one (index_ticker, ticker, window) combination."""
+        idx = _symbol_file_part(index_ticker, "index_ticker")
+        tic = _symbol_file_part(ticker, "ticker")
+        win = _window(window)
+        return _child(self.sensitivity_dir, f"{idx}__{tic}__w{win}.parquet")
+
+    def summary_path(self, as_of: dt.date | str) -> Path:
+        """The summary file of one as_of date."""
+        day = _to_date(as_of, "as_of")
+        return _child(self.summary_dir, f"summary-{day.isoformat()}.parquet")
+
+    def report_paths(self, as_of: dt.date | str) -> tuple[Path, Path]:
+        """``(report.html, manifest.json)`` of one as_of date."""
+        day = _to_date(as_of, "as_of")
+        folder = _child(self.daily_dir, day.isoformat())
+        return folder / "report.html", folder / "manifest.json"
+
+    # -- sensitivity ---------------------------------------------------------------------
+
+    def write_sensitivity(self, frame: pd.DataFrame) -> list[Path]:
+        """Replace the files of the (index_ticker, ticker, window) combinations in ``frame``.
+
+        ``frame`` has exactly the SENSITIVITY columns (``date`` as datetime64 at midnight or
+        ``datetime.date``).  Everything is validated before the first file is written; each
+        combination's file is then replaced atomically, sorted by date.  Files of other
+        combinations are left alone.  Returns the paths written.
+        """
+        table = table_from_frame(frame, SENSITIVITY_SCHEMA, "sensitivity table")
+        work = frame.loc[:, ["date", *_COMBO]].reset_index(drop=True)
+        _check_symbol_column(work["index_ticker"], "index_ticker", "sensitivity table")
+        _check_symbol_column(work["ticker"], "ticker", "sensitivity table")
+        dates = table.column("date").cast(pa.int32()).to_numpy()
+        work["_day"] = dates
+        dup = work.duplicated(subset=[*_COMBO, "_day"])
+        if dup.any():
+            row = work.loc[dup].iloc[0]
+            raise DataValidationError(
+                f"sensitivity table: {row['ticker']} against {row['index_ticker']} (window "
+                f"{row['window']}) has date {frame['date'].iloc[int(np.flatnonzero(dup)[0])]} more than once"
+            )
+        plans: list[tuple[Path, pa.Table]] = []
+        for key, rows in work.groupby(list(_COMBO), sort=True).groups.items():
+            index_ticker, ticker, window = cast(tuple[str, str, int], key)
+            path = self.sensitivity_path(str(index_ticker), str(ticker), int(window))
+            positions = np.asarray(rows, dtype=np.int64)
+            positions = positions[np.argsort(dates[positions], kind="stable")]
+            plans.append((path, table.take(pa.array(positions))))
+        return write_tables_atomic(plans)
+
+    def read_sensitivity(
+        self,
+        *,
+        index_ticker: str | None = None,
+        tickers: Iterable[str] | None = None,
+        window: int | None = None,
+    ) -> pd.DataFrame:
+        """The per-day table (all combinations, or those matching the filters).
+
+        Sorted by index_ticker, ticker, window, date; an empty table with the right columns
+        when nothing matches.
+        """
+        want_index = _symbol_file_part(index_ticker, "index_ticker") if index_ticker is not None else None
+        want_tickers = {_symbol_file_part(t, "ticker") for t in tickers} if tickers is not None else None
+        want_window = _window(window) if window is not None else None
+        filtered = want_index is not None or want_tickers is not None or want_window is not None
+        keyed: list[tuple[tuple[str, str, int], Path]] = []
+        unnamed: list[Path] = []  # files not named by this store: read, then sort everything
+        for path in _parquet_files(self.sensitivity_dir):
+            m = _SENS_RE.match(path.name)
+            if m is None:
+                if not filtered:
+                    unnamed.append(path)
+                continue
+            key = (m.group("index"), m.group("ticker"), int(m.group("window")))
+            if want_index is not None and key[0] != want_index:
+                continue
+            if want_tickers is not None and key[1] not in want_tickers:
+                continue
+            if want_window is not None and key[2] != want_window:
+                continue
+            keyed.append((key, path))
+        keyed.sort()
+        parts = _read_tables([p for _, p in keyed] + unnamed, "sensitivity")
+        table = pa.concat_tables(parts) if parts else _empty_table(SENSITIVITY_SCHEMA)
+        # Files hold one combination each, sorted by date, and were read in key order; sort
+        # again only if some file breaks that (renamed by hand, or not written here).
+        in_order = not unnamed and all(
+            _holds_only(part, key) for (key, _), part in zip(keyed, parts, strict=False)
+        )
+        if not in_order:
+            table = table.sort_by([(c, "ascending") for c in (*_COMBO, "date")])
+        return _frame_from_report_table(table)
+
+    # -- summary -------------------------------------------------------------------------
+
+    def write_summary(self, frame: pd.DataFrame) -> list[Path]:
+        """Upsert summary rows: for each ``as_of`` in ``frame``, replace its combinations' rows.
+
+        Rows of that as_of whose (index_ticker, ticker, window) is not in ``frame`` are kept,
+        as are all other as_of files: a rerun for the same day replaces its rows, earlier days
+        stay.  Each as_of file is rewritten atomically, sorted by index_ticker, ticker,
+        window.  Returns the paths written.
+        """
+        table = table_from_frame(frame, SUMMARY_SCHEMA, "summary table")
+        work = frame.loc[:, list(_COMBO)].reset_index(drop=True)
+        _check_symbol_column(work["index_ticker"], "index_ticker", "summary table")
+        _check_symbol_column(work["ticker"], "ticker", "summary table")
+        days = table.column("as_of").cast(pa.int32()).to_numpy()
+        work["_day"] = days
+        dup = work.duplicated(subset=["_day", *_COMBO])
+        if dup.any():
+            row = work.loc[dup].iloc[0]
+            raise DataValidationError(
+                f"summary table: {row['ticker']} against {row['index_ticker']} (window "
+                f"{row['window']}) appears more than once for one as_of"
+            )
+        plans: list[tuple[Path, pa.Table]] = []
+        for day, rows in work.groupby("_day", sort=True).groups.items():
+            as_of = dt.date(1970, 1, 1) + dt.timedelta(days=int(cast(int, day)))
+            path = self.summary_path(as_of)
+            new = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
+            try:
+                old = read_table(path, "summary")
+            except FileNotFoundError:
+                old = None
+            if old is not None and old.num_rows:
+                new_keys = set(zip(*(new.column(c).to_pylist() for c in _COMBO), strict=True))
+                old_keys = zip(*(old.column(c).to_pylist() for c in _COMBO), strict=True)
+                keep = [k not in new_keys for k in old_keys]
+                merged = pa.concat_tables([old.filter(pa.array(keep)), new])
+            else:
+                merged = new
+            merged = merged.sort_by([(c, "ascending") for c in _COMBO])
+            plans.append((path, merged))
+        return write_tables_atomic(plans)
+
+    def read_summary(self, *, as_of: dt.date | str | None = None) -> pd.DataFrame:
+        """The summary rows (of one ``as_of``, or all), sorted by as_of and combination."""
+        if as_of is not None:
+            path = self.summary_path(as_of)
+            paths = [path] if path.exists() else []
+        else:
+            paths = _parquet_files(self.summary_dir)
+        parts = _read_tables(paths, "summary")
+        table = pa.concat_tables(parts) if parts else _empty_table(SUMMARY_SCHEMA)
+        table = table.sort_by([("as_of", "ascending"), *((c, "ascending") for c in _COMBO)])
+        return _frame_from_report_table(table)
+
+    # -- daily report --------------------------------------------------------------------
+
+    def write_report(self, as_of: dt.date, html: bytes, manifest: Mapping[str, Any]) -> tuple[Path, Path]:
+        """Write ``report.html`` and ``manifest.json`` of ``as_of``, each atomically.
+
+        The manifest is written as indented JSON with sorted keys; NaN and infinities become
+        null, numpy scalars become numbers, anything else JSON cannot hold (dates, paths,
+        timestamps) is refused before anything is written.  The manifest is written last, so
+        its presence marks a complete report.
+        """
+        if not isinstance(html, bytes | bytearray):
+            raise TypeError(f"html must be bytes (encode the page as UTF-8), got {type(html).__name__}")
+        if not isinstance(manifest, Mapping):
+            raise TypeError(f"manifest must be a dict, got {type(manifest).__name__}")
+        clean = _json_ready(manifest, "manifest")
+        text = json.dumps(clean, indent=2, sort_keys=True, allow_nan=False, ensure_ascii=False) + "\n"
+        html_path, manifest_path = self.report_paths(as_of)
+        write_bytes_atomic(html_path, bytes(html))
+        write_bytes_atomic(manifest_path, text.encode("utf-8"))
+        return html_path, manifest_path
+
+
+def _holds_only(part: pa.Table, key: tuple[str, str, int]) -> bool:
+    """Whether ``part`` holds only the combination ``key``, with strictly increasing dates."""
+    if part.num_rows == 0:
+        return True
+    for column, value in zip(_COMBO, key, strict=True):
+        if not pc.all(pc.equal(part.column(column), value)).as_py():
+            return False
+    days = part.column("date").cast(pa.int32()).to_numpy()
+    return bool(np.all(days[1:] > days[:-1]))
+
+
+def _window(window: object) -> int:
+    if isinstance(window, bool) or not isinstance(window, int | np.integer) or int(window) < 0:
+        raise ValueError(f"window must be an integer >= 0, got {window!r}")
+    return int(window)
+
+
+# --------------------------------------------------------------------------------------------
+# Locking
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _ProcessLock:
+    """The state of one lock file in this process."""
+
+    pid: int
+    rlock: threading.RLock = field(default_factory=threading.RLock)
+    fd: int | None = None
+    depth: int = 0
+
+
+_LOCKS: dict[str, _ProcessLock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+def _holder(path: Path) -> str:
+    """``pid N, started T`` from the lock file, as far as it can be read."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        info = {}
+    pid = info.get("pid", "unknown") if isinstance(info, dict) else "unknown"
+    started = info.get("started", "at an unknown time") if isinstance(info, dict) else "at an unknown time"
+    return f"pid {pid}, started {started}"
+
+
+def _take_file_lock(path: Path, data_dir: Path, deadline: float, poll_s: float) -> int:
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise StoreError(f"cannot open the lock file {path}: {_describe_os_error(exc)}") from exc
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise StoreLockedError(
+                        f"another run ({_holder(path)}) is writing to {data_dir}; wait for it to "
+                        "finish or pass a different --data-dir"
+                    ) from None
+                time.sleep(min(poll_s, remaining))
+        info = {"pid": os.getpid(), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(info).encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _release_file_lock(fd: int) -> None:
+    try:
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def store_lock(data_dir: str | Path, *, timeout_s: float = 600, poll_s: float = 0.2) -> Iterator[Path]:
+    """Hold the exclusive write lock of ``data_dir`` (``fcntl.flock`` on ``<data_dir>/.lock``).
+
+    Exclusive across processes: a second process waits up to ``timeout_s`` seconds (polling
+    every ``poll_s``), then gets :class:`~sensitivity.errors.StoreLockedError` naming the pid
+    and start time of the holder, which writes them into the lock file.  Within one process
+    the lock is re-entrant for the thread that holds it (nesting never deadlocks) and other
+    threads wait for it like other processes do, so do not hold it in one thread while
+    waiting for another thread that takes it.  The lock is released when the block exits, or
+    by the OS when the holder dies.  Yields the lock file's path.
+    """
+    if timeout_s < 0 or not math.isfinite(timeout_s):
+        raise ValueError(f"timeout_s must be a finite number >= 0, got {timeout_s!r}")
+    if not poll_s > 0:
+        raise ValueError(f"poll_s must be > 0, got {poll_s!r}")
+    folder = Path(data_dir)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"cannot create the data folder {folder}: {_describe_os_error(exc)}") from exc
+    path = folder / ".lock"
+    key = str(path.resolve())
+    deadline = time.monotonic() + timeout_s
+    with _LOCKS_GUARD:
+        state = _LOCKS.get(key)
+        if state is None or state.pid != os.getpid():  # a forked child starts afresh
+            state = _ProcessLock(pid=os.getpid())
+            _LOCKS[key] = state
+    got = state.rlock.acquire(timeout=timeout_s) if timeout_s > 0 else state.rlock.acquire(blocking=False)
+    if not got:
+        raise StoreLockedError(
+            f"another thread of this process (pid {os.getpid()}) is writing to {folder}; wait for it "
+            "to finish or pass a different --data-dir"
+        )
+    try:
+        if state.depth == 0:
+            state.fd = _take_file_lock(path, folder, deadline, poll_s)
+        state.depth += 1
+    except BaseException:
+        state.rlock.release()
+        raise
+    try:
+        yield path
+    finally:
+        state.depth -= 1
+        try:
+            if state.depth == 0 and state.fd is not None:
+                fd, state.fd = state.fd, None
+                _release_file_lock(fd)
+        finally:
+            state.rlock.release()
+
+
+__all__ = [
+    "COMPRESSION",
+    "PRICE_SCHEMA",
+    "SCHEMA_VERSION",
+    "SENSITIVITY_COLUMNS",
+    "SENSITIVITY_SCHEMA",
+    "SUMMARY_COLUMNS",
+    "SUMMARY_SCHEMA",
+    "MergeResult",
+    "PriceStore",
+    "ReportStore",
+    "frame_from_price_table",
+    "price_table",
+    "read_price_file",
+    "read_table",
+    "store_lock",
+    "table_from_frame",
+    "write_atomic",
+    "write_bytes_atomic",
+    "write_price_file",
+    "write_table_atomic",
+    "write_tables_atomic",
+]

@@ -1,0 +1,997 @@
+"""The Parquet store: schemas, exact round trips, atomic replace, merge, paths, reports, lock."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sensitivity import store as store_mod
+from sensitivity.errors import (
+    ConfigError,
+    DataValidationError,
+    EmptyDataError,
+    StoreError,
+    StoreLockedError,
+)
+from sensitivity.prices import PRICE_COLUMNS
+from sensitivity.store import (
+    PRICE_SCHEMA,
+    SCHEMA_VERSION,
+    SENSITIVITY_COLUMNS,
+    SENSITIVITY_SCHEMA,
+    SUMMARY_COLUMNS,
+    SUMMARY_SCHEMA,
+    MergeResult,
+    PriceStore,
+    ReportStore,
+    read_price_file,
+    store_lock,
+    write_bytes_atomic,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+UTC = dt.UTC
+T0 = dt.datetime(2024, 1, 2, 22, 0, tzinfo=UTC)
+T1 = dt.datetime(2024, 2, 1, 22, 0, tzinfo=UTC)
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+def prices(dates: list[str] | pd.DatetimeIndex, base: float = 100.0, seed: int = 0) -> pd.DataFrame:
+    """A valid price frame with distinct, awkward float64 values."""
+    index = pd.DatetimeIndex(pd.to_datetime(list(dates)), name="date").as_unit("ns")  # as the store reads
+    rng = np.random.default_rng(seed)
+    n = len(index)
+    close = base * np.exp(np.cumsum(rng.normal(0, 0.01, n)))
+    data = {
+        "open": close * (1 + rng.normal(0, 1e-3, n)),
+        "high": close * 1.01,
+        "low": close * 0.99,
+        "close": close,
+        "adj_close": close / 3.0,
+        "volume": rng.integers(1, 10**9, n).astype(np.float64),
+        "dividends": np.zeros(n),
+        "splits": np.zeros(n),
+    }
+    return pd.DataFrame(data, index=index).loc[:, list(PRICE_COLUMNS)]
+
+
+def sens_frame(index: str, ticker: str, window: int, dates: list[str], seed: int = 0) -> pd.DataFrame:
+    """A valid sensitivity table for one combination."""
+    rng = np.random.default_rng(seed)
+    n = len(dates)
+    data: dict[str, Any] = {
+        "date": pd.to_datetime(dates),
+        "index_ticker": [index] * n,
+        "ticker": [ticker] * n,
+        "window": np.full(n, window, dtype=np.int64),
+        "n_obs": np.arange(n, dtype=np.int64) + 1,
+    }
+    for c in SENSITIVITY_COLUMNS[5:]:
+        data[c] = rng.normal(size=n) * 10.0 ** rng.integers(-12, 12, n)
+    data["alpha"][0] = np.nan  # a null fitted value
+    return pd.DataFrame(data).loc[:, list(SENSITIVITY_COLUMNS)]
+
+
+def summary_frame(as_of: str, rows: list[tuple[str, str, int]], seed: int = 0) -> pd.DataFrame:
+    parts = []
+    for k, (index, ticker, window) in enumerate(rows):
+        part = sens_frame(index, ticker, window, [as_of], seed=seed + k)
+        part.insert(0, "as_of", pd.Timestamp(as_of))
+        parts.append(part)
+    return pd.concat(parts, ignore_index=True)
+
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+def bits(values: np.ndarray) -> np.ndarray:
+    return np.asarray(values, dtype=np.float64).view(np.int64)
+
+
+# ------------------------------------------------------------------------------ schemas
+
+
+def test_schemas_have_the_documented_columns_types_and_version() -> None:
+    assert SENSITIVITY_COLUMNS == (
+        "date", "index_ticker", "ticker", "window", "n_obs", "index_return", "stock_return",
+        "alpha", "beta", "gamma", "sensitivity", "sensitivity_se", "sensitivity_ci_lower",
+        "sensitivity_ci_upper", "alpha_se", "beta_se", "gamma_se", "linear_beta", "r2", "close",
+        "prev_close", "dollar_sensitivity",
+    )  # fmt: skip
+    assert ("as_of", *SENSITIVITY_COLUMNS) == SUMMARY_COLUMNS
+    assert SENSITIVITY_SCHEMA.field("date").type == pa.date32()
+    assert SENSITIVITY_SCHEMA.field("window").type == pa.int64()
+    assert SENSITIVITY_SCHEMA.field("n_obs").type == pa.int64()
+    assert SENSITIVITY_SCHEMA.field("ticker").type == pa.string()
+    assert all(SENSITIVITY_SCHEMA.field(c).type == pa.float64() for c in SENSITIVITY_COLUMNS[5:])
+    assert SUMMARY_SCHEMA.field("as_of").type == pa.date32()
+    assert PRICE_SCHEMA.names == ["date", *PRICE_COLUMNS, "fetched_at", "source"]
+    assert all(PRICE_SCHEMA.field(c).type == pa.float64() for c in PRICE_COLUMNS)
+    assert PRICE_SCHEMA.field("fetched_at").type == pa.timestamp("us", tz="UTC")
+    assert not PRICE_SCHEMA.field("date").nullable
+    for schema, kind in (
+        (PRICE_SCHEMA, b"prices"),
+        (SENSITIVITY_SCHEMA, b"sensitivity"),
+        (SUMMARY_SCHEMA, b"summary"),
+    ):
+        assert schema.metadata[b"sensitivity.schema_version"] == str(SCHEMA_VERSION).encode()
+        assert schema.metadata[b"sensitivity.kind"] == kind
+
+
+def test_price_file_carries_schema_and_version_metadata(tmp_path: Path) -> None:
+    PriceStore(tmp_path).merge("AAPL", prices(["2024-01-02", "2024-01-03"]), source="test", fetched_at=T0)
+    schema = pq.read_schema(tmp_path / "prices" / "AAPL.parquet")
+    assert schema.remove_metadata() == PRICE_SCHEMA.remove_metadata()
+    assert schema.metadata[b"sensitivity.schema_version"] == b"1"
+    assert schema.metadata[b"sensitivity.kind"] == b"prices"
+    assert (
+        pq.ParquetFile(tmp_path / "prices" / "AAPL.parquet").metadata.row_group(0).column(1).compression
+        == "ZSTD"
+    )
+
+
+# ------------------------------------------------------------------------------ price round trip
+
+
+def test_prices_round_trip_float64_bit_for_bit(tmp_path: Path) -> None:
+    frame = prices(pd.bdate_range("2020-01-01", periods=300))
+    frame.iloc[5, 0] = np.nan
+    frame.iloc[7, 3] = 1e-300  # tiny
+    frame.iloc[8, 3] = 1.7976931348623157e308  # largest double
+    frame.iloc[9, 3] = 0.1 + 0.2
+    frame["adj_close"] = np.nan  # a source without adjusted close
+    store = PriceStore(tmp_path)
+    store.merge("MSFT", frame, source="test", fetched_at=T0)
+    back = store.read("MSFT")
+    assert back is not None
+    pd.testing.assert_index_equal(back.index, frame.index)
+    assert back.index.dtype == "datetime64[ns]"
+    assert back.index.name == "date"
+    assert list(back.columns) == list(PRICE_COLUMNS)
+    for c in PRICE_COLUMNS:
+        assert back[c].dtype == np.float64
+        np.testing.assert_array_equal(bits(back[c].to_numpy()), bits(frame[c].to_numpy()))
+    # Missing values are Parquet nulls (what DuckDB and polars users expect), not NaN payloads.
+    table = pq.read_table(tmp_path / "prices" / "MSFT.parquet")
+    assert table.column("adj_close").null_count == 300
+    assert table.column("open").null_count == 1
+
+
+def test_read_returns_provenance_per_row(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    store.merge("AAPL", prices(["2024-01-02", "2024-01-03"]), source="yahoo", fetched_at=T0)
+    store.merge("AAPL", prices(["2024-01-03", "2024-01-04"], seed=1), source="files:x", fetched_at=T1)
+    back = store.read("AAPL", with_provenance=True)
+    assert back is not None
+    assert back["source"].tolist() == ["yahoo", "files:x", "files:x"]
+    assert back["fetched_at"].tolist() == [pd.Timestamp(T0), pd.Timestamp(T1), pd.Timestamp(T1)]
+    assert str(back["fetched_at"].dtype) == "datetime64[us, UTC]"
+
+
+def test_read_of_a_symbol_never_stored_is_none(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    assert store.read("AAPL") is None
+    assert store.last_date("AAPL") is None
+    assert store.read_many(["AAPL"]) == {}
+    assert store.symbols() == []
+
+
+def test_read_many_filters_dates_and_skips_unknown_symbols(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    days = pd.bdate_range("2024-01-01", periods=10)
+    store.merge("^GSPC", prices(days), source="t", fetched_at=T0)
+    store.merge("brk-b", prices(days[3:], seed=2), source="t", fetched_at=T0)
+    out = store.read_many(["^GSPC", "BRK-B", "NOPE"], start=dt.date(2024, 1, 3), end="2024-01-09")
+    assert list(out) == ["^GSPC", "BRK-B"]
+    assert out["^GSPC"].index[0] == pd.Timestamp("2024-01-03")
+    assert out["^GSPC"].index[-1] == pd.Timestamp("2024-01-09")
+    assert out["BRK-B"].index[0] == pd.Timestamp("2024-01-04")
+    empty = store.read_many(["BRK-B"], start="2030-01-01")
+    assert empty["BRK-B"].empty
+    assert list(empty["BRK-B"].columns) == list(PRICE_COLUMNS)
+    assert store.last_date("BRK-B") == dt.date(2024, 1, 12)
+    assert store.symbols() == ["BRK-B", "^GSPC"]
+
+
+def test_sample_files_hold_the_exact_csv_values() -> None:
+    aapl = read_price_file(SAMPLE / "AAPL.parquet", with_provenance=True)
+    assert len(aapl) == 2553
+    assert aapl.index[0] == pd.Timestamp("2008-12-31")
+    assert aapl.index[-1] == pd.Timestamp("2019-02-22")
+    first = aapl.iloc[0]  # 2008-12-31,12.281428,12.534286,12.191428,12.192857,8.130234,151885300
+    assert first["open"] == float("12.281428")
+    assert first["close"] == float("12.192857")
+    assert first["adj_close"] == float("8.130234")
+    assert first["volume"] == 151885300.0
+    assert aapl["close"].iloc[-1] == float("172.970001")
+    assert aapl["dividends"].isna().all()
+    assert aapl["splits"].isna().all()
+    assert aapl["source"].iloc[0] == "yahoo-classic-csv:jiewwantan/StarTrader@a2bbf17"
+    assert aapl["fetched_at"].iloc[0] == pd.Timestamp("2019-03-04", tz="UTC")
+    files = sorted(p.name for p in SAMPLE.glob("*.parquet"))
+    assert len(files) == 14
+    assert "^GSPC.parquet" in files
+    vix = read_price_file(SAMPLE / "^VIX.parquet")
+    assert (vix["volume"] == 0).all()
+
+
+# ------------------------------------------------------------------------------ merge
+
+
+def test_merge_unions_by_date_and_the_new_fetch_wins(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    days = pd.bdate_range("2024-01-01", periods=10)
+    first = prices(days[:6])
+    r1 = store.merge("AAPL", first, source="yahoo", fetched_at=T0)
+    assert r1 == MergeResult(
+        symbol="AAPL", rows_before=0, rows_after=6, rows_added=6, rows_changed=0,
+        first_date=dt.date(2024, 1, 1), last_date=dt.date(2024, 1, 8), rows_removed=0,
+        path=tmp_path / "prices" / "AAPL.parquet",
+    )  # fmt: skip
+    second = prices(days[4:], seed=9)  # overlaps days 4 and 5 with different values
+    second.iloc[0] = first.iloc[4]  # ... except day 4, which is the same
+    r2 = store.merge("aapl", second, source="yahoo", fetched_at=T1)
+    assert (r2.rows_before, r2.rows_after, r2.rows_added, r2.rows_changed) == (6, 10, 4, 1)
+    assert (r2.first_date, r2.last_date) == (dt.date(2024, 1, 1), dt.date(2024, 1, 12))
+    back = store.read("AAPL")
+    assert back is not None
+    pd.testing.assert_frame_equal(back.iloc[:4], first.iloc[:4], check_freq=False)
+    pd.testing.assert_frame_equal(back.iloc[4:], second, check_freq=False)
+
+
+def test_merge_keeps_stored_rows_outside_a_partial_fetch(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    days = pd.bdate_range("2024-01-01", periods=20)
+    full = prices(days)
+    store.merge("KO", full, source="t", fetched_at=T0)
+    partial = full.iloc[8:10].copy()  # a fetch that returned two days only
+    r = store.merge("KO", partial, source="t", fetched_at=T1)
+    assert (r.rows_before, r.rows_after, r.rows_added, r.rows_changed, r.rows_removed) == (20, 20, 0, 0, 0)
+    back = store.read("KO")
+    assert back is not None
+    pd.testing.assert_frame_equal(back, full, check_freq=False)
+
+
+def test_merge_counts_restated_history_as_changed(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    days = pd.bdate_range("2024-01-01", periods=5)
+    old = prices(days)
+    store.merge("MSFT", old, source="t", fetched_at=T0)
+    restated = old.copy()
+    restated["adj_close"] = old["adj_close"] * 0.99  # a dividend restates adjusted history
+    restated.loc[days[2], "dividends"] = np.nan  # NaN vs 0.0 is a change too
+    r = store.merge("MSFT", restated, source="t", fetched_at=T1)
+    assert r.rows_changed == 5
+    assert r.rows_added == 0
+    same = store.merge("MSFT", restated, source="t", fetched_at=T1)
+    assert same.rows_changed == 0  # NaN == NaN for this purpose
+
+
+def test_merge_replace_makes_the_fetch_the_whole_history(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    days = pd.bdate_range("2024-01-01", periods=10)
+    store.merge("XOM", prices(days), source="t", fetched_at=T0)
+    refetch = prices(days[3:7], seed=5)
+    r = store.merge("XOM", refetch, source="t", fetched_at=T1, replace=True)
+    assert (r.rows_before, r.rows_after, r.rows_added, r.rows_changed, r.rows_removed) == (10, 4, 0, 4, 6)
+    back = store.read("XOM")
+    assert back is not None
+    pd.testing.assert_frame_equal(back, refetch, check_freq=False)
+
+
+def test_merge_validates_the_frame_before_writing(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    good = prices(pd.bdate_range("2024-01-01", periods=3))
+    store.merge("JPM", good, source="t", fetched_at=T0)
+    path = store.path_for("JPM")
+    before = path.read_bytes()
+    dup = pd.concat([good, good.iloc[:1]])
+    with pytest.raises(DataValidationError, match="JPM: date 2024-01-01 appears more than once"):
+        store.merge("JPM", dup, source="t", fetched_at=T1)
+    with pytest.raises(EmptyDataError, match="JPM: the source returned no prices"):
+        store.merge("JPM", good.iloc[:0], source="t", fetched_at=T1)
+    intraday = good.copy()
+    intraday.index = intraday.index + pd.Timedelta(hours=16)
+    with pytest.raises(DataValidationError, match="column date must hold dates, got a time of day"):
+        store.merge("JPM", intraday, source="t", fetched_at=T1)
+    float32 = good.astype({"close": np.float32})
+    with pytest.raises(DataValidationError, match="column close must be float64"):
+        store.merge("JPM", float32, source="t", fetched_at=T1)
+    with pytest.raises(ValueError, match="fetched_at must be timezone-aware"):
+        store.merge("JPM", good, source="t", fetched_at=dt.datetime(2024, 1, 1))
+    with pytest.raises(ValueError, match="source must be a non-empty string"):
+        store.merge("JPM", good, source=" ", fetched_at=T1)
+    assert path.read_bytes() == before
+    assert visible(path.parent) == ["JPM.parquet"]
+
+
+def test_merge_default_fetched_at_is_now_utc(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    before = pd.Timestamp.now(tz="UTC")
+    store.merge("PG", prices(["2024-01-02"]), source="t")
+    back = store.read("PG", with_provenance=True)
+    assert back is not None
+    assert before <= back["fetched_at"].iloc[0] <= pd.Timestamp.now(tz="UTC")
+
+
+@st.composite
+def _fetches(draw: st.DrawFn) -> list[list[int]]:
+    return draw(
+        st.lists(
+            st.lists(st.integers(min_value=0, max_value=30), min_size=1, max_size=12, unique=True),
+            min_size=1,
+            max_size=4,
+        )
+    )
+
+
+@given(_fetches())
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_merge_property_union_of_dates_latest_fetch_wins(tmp_path: Path, fetches: list[list[int]]) -> None:
+    folder = tmp_path / f"run-{os.urandom(4).hex()}"
+    store = PriceStore(folder)
+    days = pd.bdate_range("2024-01-01", periods=31)
+    expected: dict[pd.Timestamp, float] = {}
+    for k, positions in enumerate(fetches):
+        frame = prices(days[sorted(positions)], seed=k)
+        frame["close"] = float(k + 1) + np.arange(len(frame)) / 100
+        r = store.merge("AAA", frame, source=f"fetch{k}", fetched_at=T0)
+        for day, value in frame["close"].items():
+            expected[pd.Timestamp(day)] = float(value)
+        assert r.rows_after == len(expected)
+    back = store.read("AAA")
+    assert back is not None
+    assert list(back.index) == sorted(expected)
+    assert back["close"].tolist() == [expected[d] for d in sorted(expected)]
+
+
+# ------------------------------------------------------------------------------ paths
+
+
+@pytest.mark.parametrize(
+    ("symbol", "name"),
+    [
+        ("^GSPC", "^GSPC.parquet"),
+        ("BRK-B", "BRK-B.parquet"),
+        ("EURUSD=X", "EURUSD=X.parquet"),
+        ("aapl", "AAPL.parquet"),
+    ],
+)
+def test_path_for_maps_symbols_inside_the_prices_folder(tmp_path: Path, symbol: str, name: str) -> None:
+    path = PriceStore(tmp_path).path_for(symbol)
+    assert path == tmp_path / "prices" / name
+    assert path.resolve().parent == (tmp_path / "prices").resolve()
+
+
+@pytest.mark.parametrize(
+    "symbol", ["../x", "a/b", "..", ".", "", "/etc/passwd", "..\\x", "A\x00B", "x" * 300], ids=repr
+)
+def test_path_for_refuses_symbols_that_could_leave_the_folder(tmp_path: Path, symbol: str) -> None:
+    with pytest.raises(ConfigError, match="symbol"):
+        PriceStore(tmp_path).path_for(symbol)
+    with pytest.raises(ConfigError):
+        PriceStore(tmp_path).merge(symbol, prices(["2024-01-02"]), source="t")
+    with pytest.raises(ConfigError):
+        ReportStore(tmp_path).sensitivity_path("^GSPC", symbol, 252)
+    assert not (tmp_path / "prices").exists()
+
+
+def test_child_guard_refuses_names_that_escape(tmp_path: Path) -> None:
+    folder = tmp_path / "prices"
+    folder.mkdir()
+    for name in ["../x.parquet", ".hidden", "a/b", ""]:
+        with pytest.raises(StoreError, match="folder"):
+            store_mod._child(folder, name)
+    (folder / "LINK.parquet").symlink_to(tmp_path / "elsewhere.parquet")
+    with pytest.raises(StoreError, match="resolves outside"):
+        store_mod._child(folder, "LINK.parquet")
+
+
+def test_report_paths_follow_the_layout(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    assert rs.sensitivity_path("^GSPC", "EURUSD=X", 0) == (
+        tmp_path / "reports" / "sensitivity" / "^GSPC__EURUSD=X__w0.parquet"
+    )
+    assert (
+        rs.summary_path(dt.date(2024, 5, 1))
+        == tmp_path / "reports" / "summary" / "summary-2024-05-01.parquet"
+    )
+    html, manifest = rs.report_paths("2024-05-01")
+    assert html == tmp_path / "reports" / "daily" / "2024-05-01" / "report.html"
+    assert manifest == html.with_name("manifest.json")
+    with pytest.raises(ValueError, match="window must be an integer >= 0, got -1"):
+        rs.sensitivity_path("^GSPC", "AAPL", -1)
+
+
+# ------------------------------------------------------------------------------ unreadable files
+
+
+def _write_with_metadata(path: Path, version: bytes | None, kind: bytes = b"prices") -> None:
+    table = store_mod.price_table(prices(["2024-01-02"]), symbol="X", source="t", fetched_at=T0)
+    meta = {k: v for k, v in table.schema.metadata.items() if k != b"sensitivity.schema_version"}
+    meta[b"sensitivity.kind"] = kind
+    if version is not None:
+        meta[b"sensitivity.schema_version"] = version
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
+def test_newer_schema_is_refused_with_upgrade_advice(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    _write_with_metadata(store.path_for("AAPL"), str(SCHEMA_VERSION + 1).encode())
+    msg = r"AAPL.parquet was written by a newer version of stock-sensitivity \(schema 2 > 1\); upgrade"
+    with pytest.raises(StoreError, match=msg):
+        store.read("AAPL")
+    # A merge (even a full refetch) must not downgrade the newer file.
+    before = store.path_for("AAPL").read_bytes()
+    for replace in (False, True):
+        with pytest.raises(StoreError, match="newer version"):
+            store.merge("AAPL", prices(["2024-01-03"]), source="t", fetched_at=T0, replace=replace)
+    assert store.path_for("AAPL").read_bytes() == before
+
+
+def test_foreign_and_mislabelled_files_are_refused(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    _write_with_metadata(store.path_for("AAPL"), None)
+    with pytest.raises(StoreError, match="was not written by stock-sensitivity"):
+        store.read("AAPL")
+    _write_with_metadata(store.path_for("MSFT"), b"1", kind=b"summary")
+    with pytest.raises(StoreError, match="holds 'summary' data, not 'prices'"):
+        store.read("MSFT")
+    _write_with_metadata(store.path_for("KO"), b"one")
+    with pytest.raises(StoreError, match="unreadable schema version"):
+        store.read("KO")
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated", "empty"])
+def test_corrupt_file_is_a_store_error_naming_the_file(tmp_path: Path, damage: str) -> None:
+    store = PriceStore(tmp_path)
+    store.merge("AAPL", prices(pd.bdate_range("2024-01-01", periods=50)), source="t", fetched_at=T0)
+    path = store.path_for("AAPL")
+    data = path.read_bytes()
+    path.write_bytes(
+        {"garbage": b"not parquet at all" * 10, "truncated": data[: len(data) // 2], "empty": b""}[damage]
+    )
+    with pytest.raises(
+        StoreError, match=r"AAPL\.parquet .*delete it and rerun to refetch the prices"
+    ) as info:
+        store.read("AAPL")
+    assert str(path) in str(info.value)
+    with pytest.raises(StoreError, match="delete it and rerun"):
+        store.read_many(["AAPL"])
+    with pytest.raises(StoreError, match="delete it and rerun"):
+        store.merge("AAPL", prices(["2024-06-03"]), source="t", fetched_at=T1)
+    # A full refetch replaces the damaged file.
+    r = store.merge("AAPL", prices(["2024-06-03"]), source="t", fetched_at=T1, replace=True)
+    assert (r.rows_before, r.rows_after) == (0, 1)
+    assert store.read("AAPL") is not None
+
+
+def test_file_missing_a_column_is_refused(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    path = store.path_for("AAPL")
+    table = store_mod.price_table(prices(["2024-01-02"]), symbol="AAPL", source="t", fetched_at=T0)
+    path.parent.mkdir(parents=True)
+    pq.write_table(table.drop_columns(["volume"]), path)
+    with pytest.raises(StoreError, match="lacks column"):
+        store.read("AAPL")
+
+
+# ------------------------------------------------------------------------------ atomic writes
+
+
+@pytest.fixture
+def stored(tmp_path: Path) -> tuple[PriceStore, Path, bytes]:
+    store = PriceStore(tmp_path)
+    store.merge("AAPL", prices(pd.bdate_range("2024-01-01", periods=5)), source="t", fetched_at=T0)
+    path = store.path_for("AAPL")
+    return store, path, path.read_bytes()
+
+
+def test_failed_replace_leaves_the_old_file_and_no_temp(
+    stored: tuple[PriceStore, Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, path, before = stored
+
+    def boom(src: str, dst: str) -> None:
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(store_mod.os, "replace", boom)
+    with pytest.raises(StoreError, match=r"cannot write .*AAPL\.parquet.*previous file was left unchanged"):
+        store.merge(
+            "AAPL", prices(pd.bdate_range("2024-02-01", periods=5), seed=3), source="t", fetched_at=T1
+        )
+    assert path.read_bytes() == before
+    assert visible(path.parent) == ["AAPL.parquet"]
+
+
+def test_disk_full_midway_is_a_store_error_and_the_old_file_survives(
+    stored: tuple[PriceStore, Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, path, before = stored
+
+    def half_then_full(table: pa.Table, where: IO[bytes], **kwargs: Any) -> None:
+        where.write(b"PAR1 partial bytes")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(store_mod.pq, "write_table", half_then_full)
+    with pytest.raises(
+        StoreError, match=r"AAPL\.parquet: the disk is full \(free some space and rerun\)"
+    ) as info:
+        store.merge("AAPL", prices(pd.bdate_range("2024-02-01", periods=5)), source="t", fetched_at=T1)
+    assert isinstance(info.value.__cause__, OSError)
+    assert path.read_bytes() == before
+    assert visible(path.parent) == ["AAPL.parquet"]
+
+
+def test_permission_denied_is_a_store_error(
+    stored: tuple[PriceStore, Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, path, before = stored
+    real_open = os.open
+
+    def deny(file: Any, flags: int, mode: int = 0o777) -> int:
+        if str(file).endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(file))
+        return real_open(file, flags, mode)
+
+    monkeypatch.setattr(store_mod.os, "open", deny)
+    with pytest.raises(StoreError, match="permission denied"):
+        store.merge("AAPL", prices(["2024-03-01"]), source="t", fetched_at=T1)
+    assert path.read_bytes() == before
+
+
+def test_interrupt_midway_removes_the_temp_and_propagates(
+    stored: tuple[PriceStore, Path, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store, path, before = stored
+
+    def interrupted(table: pa.Table, where: IO[bytes], **kwargs: Any) -> None:
+        where.write(b"x" * 100)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store_mod.pq, "write_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        store.merge("AAPL", prices(["2024-03-01"]), source="t", fetched_at=T1)
+    assert path.read_bytes() == before
+    assert visible(path.parent) == ["AAPL.parquet"]
+
+
+def _dead_pid() -> int:
+    proc = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, check=True
+    )
+    return int(proc.stdout)
+
+
+def test_stale_temp_files_are_ignored_by_readers_and_cleaned_by_the_next_write(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    rs.write_sensitivity(sens_frame("^GSPC", "AAPL", 252, ["2024-01-02", "2024-01-03"]))
+    folder = rs.sensitivity_dir
+    stale = folder / f".^GSPC__MSFT__w252.parquet.{_dead_pid()}.0123456789ab.tmp"
+    stale.write_bytes(b"half a parquet file from a killed run")
+    live = folder / f".^GSPC__KO__w252.parquet.{os.getpid()}.0123456789ab.tmp"
+    live.write_bytes(b"a write in progress in this process")
+    other = folder / ".notes.txt"
+    other.write_bytes(b"not ours")
+    assert len(pd.read_parquet(folder)) == 2
+    assert ds.dataset(folder, format="parquet").to_table().num_rows == 2
+    assert len(rs.read_sensitivity()) == 2
+    rs.write_sensitivity(sens_frame("^GSPC", "AAPL", 252, ["2024-01-04"]))
+    assert not stale.exists()
+    assert live.exists()
+    assert other.exists()
+
+
+def test_write_bytes_atomic_replaces_whole_files(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b.bin"
+    write_bytes_atomic(path, b"one")
+    write_bytes_atomic(path, b"two")
+    assert path.read_bytes() == b"two"
+    assert visible(path.parent) == ["b.bin"]
+    with pytest.raises(TypeError, match="must be bytes"):
+        write_bytes_atomic(path, "text")  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ sensitivity reports
+
+
+def test_write_sensitivity_writes_one_file_per_combination(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    frame = pd.concat(
+        [
+            sens_frame("^GSPC", "AAPL", 252, ["2024-01-03", "2024-01-02"], seed=1),
+            sens_frame("^GSPC", "AAPL", 0, ["2024-01-02"], seed=2),
+            sens_frame("^GSPC", "BRK-B", 252, ["2024-01-02", "2024-01-03"], seed=3),
+        ],
+        ignore_index=True,
+    )
+    paths = rs.write_sensitivity(frame)
+    assert sorted(p.name for p in paths) == [
+        "^GSPC__AAPL__w0.parquet",
+        "^GSPC__AAPL__w252.parquet",
+        "^GSPC__BRK-B__w252.parquet",
+    ]
+    back = rs.read_sensitivity()
+    assert list(back.columns) == list(SENSITIVITY_COLUMNS)
+    assert len(back) == 5
+    one = back[(back["ticker"] == "AAPL") & (back["window"] == 252)]
+    assert one["date"].tolist() == [dt.date(2024, 1, 2), dt.date(2024, 1, 3)]  # sorted by date
+    assert back["n_obs"].dtype == np.int64
+    assert back["window"].dtype == np.int64
+    for c in SENSITIVITY_COLUMNS[5:]:
+        assert back[c].dtype == np.float64
+    expected = frame.sort_values(["index_ticker", "ticker", "window", "date"]).reset_index(drop=True)
+    for c in SENSITIVITY_COLUMNS[5:]:
+        np.testing.assert_array_equal(bits(back[c].to_numpy()), bits(expected[c].to_numpy()))
+    assert pq.read_table(paths[0]).column("alpha").null_count == 1  # NaN stored as null
+
+
+def test_write_sensitivity_replaces_only_the_combinations_it_wrote(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    rs.write_sensitivity(
+        pd.concat(
+            [
+                sens_frame("^GSPC", "AAPL", 252, ["2024-01-02", "2024-01-03", "2024-01-04"]),
+                sens_frame("^GSPC", "MSFT", 252, ["2024-01-02"]),
+            ]
+        )
+    )
+    msft = rs.sensitivity_path("^GSPC", "MSFT", 252)
+    msft_bytes = msft.read_bytes()
+    rs.write_sensitivity(sens_frame("^GSPC", "AAPL", 252, ["2024-01-05"], seed=7))
+    back = rs.read_sensitivity(tickers=["AAPL"])
+    assert back["date"].tolist() == [dt.date(2024, 1, 5)]  # the combination was replaced
+    assert msft.read_bytes() == msft_bytes  # the other one left alone
+
+
+def test_write_sensitivity_accepts_date_objects_and_datetimes_alike(tmp_path: Path) -> None:
+    a, b = ReportStore(tmp_path / "a"), ReportStore(tmp_path / "b")
+    frame = sens_frame("^GSPC", "AAPL", 21, ["2024-01-02", "2024-01-03"])
+    a.write_sensitivity(frame)
+    with_dates = frame.assign(date=[d.date() for d in frame["date"]])
+    b.write_sensitivity(with_dates)
+    pd.testing.assert_frame_equal(a.read_sensitivity(), b.read_sensitivity())
+
+
+def test_read_sensitivity_filters_by_file_name(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    rs.write_sensitivity(
+        pd.concat(
+            [
+                sens_frame("^GSPC", "AAPL", 252, ["2024-01-02"]),
+                sens_frame("^GSPC", "AAPL", 0, ["2024-01-02"]),
+                sens_frame("^IXIC", "AAPL", 252, ["2024-01-02"]),
+                sens_frame("^GSPC", "MSFT", 252, ["2024-01-02"]),
+            ]
+        )
+    )
+    got = rs.read_sensitivity(index_ticker="^GSPC", window=252, tickers=["AAPL", "MSFT"])
+    assert got[["index_ticker", "ticker", "window"]].values.tolist() == [
+        ["^GSPC", "AAPL", 252],
+        ["^GSPC", "MSFT", 252],
+    ]
+    assert len(rs.read_sensitivity(tickers=["AAPL"])) == 3
+    assert rs.read_sensitivity(tickers=["NONE"]).empty
+
+
+def test_read_sensitivity_of_nothing_is_an_empty_table_with_the_columns(tmp_path: Path) -> None:
+    empty = ReportStore(tmp_path).read_sensitivity()
+    assert empty.empty
+    assert list(empty.columns) == list(SENSITIVITY_COLUMNS)
+    assert ReportStore(tmp_path).read_summary().columns.tolist() == list(SUMMARY_COLUMNS)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda f: f.drop(columns=["r2", "alpha_se"]), "missing column\\(s\\) alpha_se, r2"),
+        (lambda f: f.assign(extra=1.0), "unknown column\\(s\\) extra"),
+        (lambda f: f.assign(beta=f["beta"].astype(str)), "column beta must hold double values"),
+        (lambda f: f.assign(n_obs=np.where(f.index == 0, np.nan, 5.0)), "column n_obs has 1 missing value"),
+        (
+            lambda f: f.assign(n_obs=f["n_obs"] + 0.5),
+            "column n_obs .* cannot be stored as int64 without loss",
+        ),
+        (
+            lambda f: f.assign(date=f["date"] + pd.Timedelta(hours=1)),
+            "column date must hold dates, got a time",
+        ),
+        (
+            lambda f: f.assign(date=f["date"].dt.tz_localize("UTC")),
+            "column date must hold dates, got tz-aware",
+        ),
+        (lambda f: f.assign(ticker="aapl"), "ticker 'aapl' is not a normalised symbol; use 'AAPL'"),
+        (
+            lambda f: f.assign(date=f["date"].iloc[0]),
+            "AAPL against \\^GSPC \\(window 252\\) has date .* more than once",
+        ),
+    ],
+    ids=[
+        "missing",
+        "extra",
+        "text-in-float",
+        "null-int",
+        "fractional-int",
+        "time-of-day",
+        "tz-aware",
+        "case",
+        "dup",
+    ],
+)
+def test_write_sensitivity_refuses_bad_frames_before_writing(
+    tmp_path: Path, change: Any, message: str
+) -> None:
+    rs = ReportStore(tmp_path)
+    frame = sens_frame("^GSPC", "AAPL", 252, ["2024-01-02", "2024-01-03"])
+    with pytest.raises(DataValidationError, match=message):
+        rs.write_sensitivity(change(frame))
+    assert not rs.sensitivity_dir.exists()
+
+
+def test_write_sensitivity_refuses_an_implausible_ticker(tmp_path: Path) -> None:
+    frame = sens_frame("^GSPC", "AAPL", 252, ["2024-01-02"]).assign(ticker="../../etc")
+    with pytest.raises(ConfigError, match="not a plausible ticker"):
+        ReportStore(tmp_path).write_sensitivity(frame)
+    assert not (tmp_path / "reports").exists()
+
+
+def test_float32_results_are_widened_never_narrowed(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    frame = sens_frame("^GSPC", "AAPL", 252, ["2024-01-02"])
+    frame["beta"] = np.float32(1.1)
+    rs.write_sensitivity(frame)
+    assert rs.read_sensitivity()["beta"].iloc[0] == float(np.float32(1.1))
+
+
+@pytest.mark.parametrize("kind", ["sensitivity", "summary"])
+def test_report_folders_read_as_one_table_with_pandas_and_pyarrow(tmp_path: Path, kind: str) -> None:
+    rs = ReportStore(tmp_path)
+    combos = [("^GSPC", "AAPL", 252), ("^GSPC", "EURUSD=X", 252), ("^GSPC", "BRK-B", 0)]
+    if kind == "sensitivity":
+        rs.write_sensitivity(pd.concat([sens_frame(*c, ["2024-01-02", "2024-01-03"]) for c in combos]))
+        folder, columns, rows = rs.sensitivity_dir, SENSITIVITY_COLUMNS, 6
+    else:
+        rs.write_summary(summary_frame("2024-01-02", combos))
+        rs.write_summary(summary_frame("2024-01-03", combos[:1]))
+        folder, columns, rows = rs.summary_dir, SUMMARY_COLUMNS, 4
+    got = pd.read_parquet(folder)
+    assert list(got.columns) == list(columns)  # no partition columns were discovered
+    assert len(got) == rows
+    assert got["date"].iloc[0] in {dt.date(2024, 1, 2), dt.date(2024, 1, 3)}
+    table = ds.dataset(folder, format="parquet").to_table()
+    assert table.schema.names == list(columns)
+    assert table.num_rows == rows
+    assert pq.read_table(folder).num_rows == rows
+    assert set(got["ticker"]) == {t for _, t, _ in combos}
+
+
+# ------------------------------------------------------------------------------ summary
+
+
+def test_write_summary_replaces_rows_of_the_same_as_of_and_keeps_other_days(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    rs.write_summary(summary_frame("2024-01-02", [("^GSPC", "AAPL", 252), ("^GSPC", "MSFT", 252)], seed=1))
+    day1 = rs.summary_path("2024-01-02")
+    day1_bytes = day1.read_bytes()
+    rs.write_summary(summary_frame("2024-01-03", [("^GSPC", "AAPL", 252)], seed=2))
+    assert day1.read_bytes() == day1_bytes  # earlier days stay untouched
+    rerun = summary_frame("2024-01-03", [("^GSPC", "AAPL", 252), ("^GSPC", "KO", 0)], seed=3)
+    rs.write_summary(rerun)
+    rs.write_summary(summary_frame("2024-01-03", [("^GSPC", "MSFT", 252)], seed=4))
+    all_rows = rs.read_summary()
+    assert all_rows[["as_of", "ticker", "window"]].values.tolist() == [
+        [dt.date(2024, 1, 2), "AAPL", 252],
+        [dt.date(2024, 1, 2), "MSFT", 252],
+        [dt.date(2024, 1, 3), "AAPL", 252],
+        [dt.date(2024, 1, 3), "KO", 0],
+        [dt.date(2024, 1, 3), "MSFT", 252],
+    ]
+    latest_aapl = all_rows[(all_rows["as_of"] == dt.date(2024, 1, 3)) & (all_rows["ticker"] == "AAPL")]
+    assert latest_aapl["beta"].iloc[0] == rerun["beta"].iloc[0]  # replaced by the rerun
+    one_day = rs.read_summary(as_of=dt.date(2024, 1, 2))
+    assert one_day["ticker"].tolist() == ["AAPL", "MSFT"]
+    assert rs.read_summary(as_of="2030-01-01").empty
+
+
+def test_write_summary_handles_several_as_of_dates_at_once(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    frame = pd.concat(
+        [
+            summary_frame("2024-01-02", [("^GSPC", "AAPL", 252)]),
+            summary_frame("2024-01-03", [("^GSPC", "AAPL", 252)]),
+        ]
+    )
+    paths = rs.write_summary(frame)
+    assert [p.name for p in paths] == ["summary-2024-01-02.parquet", "summary-2024-01-03.parquet"]
+
+
+def test_write_summary_refuses_duplicate_keys(tmp_path: Path) -> None:
+    frame = summary_frame("2024-01-02", [("^GSPC", "AAPL", 252), ("^GSPC", "AAPL", 252)])
+    with pytest.raises(DataValidationError, match="appears more than once for one as_of"):
+        ReportStore(tmp_path).write_summary(frame)
+    with pytest.raises(DataValidationError, match="missing column\\(s\\) as_of"):
+        ReportStore(tmp_path).write_summary(frame.drop(columns=["as_of"]))
+
+
+def test_corrupt_summary_is_not_silently_overwritten(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    rs.write_summary(summary_frame("2024-01-02", [("^GSPC", "AAPL", 252)]))
+    rs.summary_path("2024-01-02").write_bytes(b"junk")
+    with pytest.raises(StoreError, match=r"summary-2024-01-02\.parquet is not a readable Parquet file"):
+        rs.write_summary(summary_frame("2024-01-02", [("^GSPC", "MSFT", 252)]))
+    assert rs.summary_path("2024-01-02").read_bytes() == b"junk"
+
+
+# ------------------------------------------------------------------------------ daily report
+
+
+def test_write_report_writes_html_and_a_pretty_sorted_manifest(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    manifest = {
+        "z": 1,
+        "a": {"nan": float("nan"), "inf": np.inf, "n": np.int64(3), "x": np.float64(0.5)},
+        "l": (1, True),
+    }
+    html_path, manifest_path = rs.write_report(dt.date(2024, 1, 3), b"<html>ok</html>", manifest)
+    assert html_path == tmp_path / "reports" / "daily" / "2024-01-03" / "report.html"
+    assert html_path.read_bytes() == b"<html>ok</html>"
+    text = manifest_path.read_text(encoding="utf-8")
+    assert json.loads(text) == {"a": {"inf": None, "n": 3, "nan": None, "x": 0.5}, "l": [1, True], "z": 1}
+    assert text.startswith('{\n  "a"')
+    assert "NaN" not in text
+    assert visible(html_path.parent) == ["manifest.json", "report.html"]
+
+
+@pytest.mark.parametrize(
+    ("manifest", "message"),
+    [
+        ({"when": dt.date(2024, 1, 1)}, r"manifest\['when'\] is a date"),
+        ({"a": [{"p": Path("x")}]}, r"manifest\['a'\]\[0\]\['p'\] is a PosixPath"),
+        ({1: "x"}, "must be a string"),
+    ],
+    ids=["date", "path", "int-key"],
+)
+def test_write_report_refuses_non_json_values_before_writing(
+    tmp_path: Path, manifest: Any, message: str
+) -> None:
+    rs = ReportStore(tmp_path)
+    with pytest.raises(TypeError, match=message):
+        rs.write_report(dt.date(2024, 1, 3), b"<html/>", manifest)
+    assert not rs.daily_dir.exists()
+    with pytest.raises(TypeError, match="html must be bytes"):
+        rs.write_report(dt.date(2024, 1, 3), "<html/>", {})  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------------ lock
+
+_HOLDER = """
+import sys
+from sensitivity.store import store_lock
+with store_lock(sys.argv[1], timeout_s=5):
+    print("locked", flush=True)
+    sys.stdin.readline()
+"""
+
+
+@pytest.fixture
+def holder(tmp_path: Path) -> Iterator[subprocess.Popen[str]]:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(tmp_path)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdout is not None
+    assert proc.stdout.readline().strip() == "locked"
+    yield proc
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(timeout=10)
+
+
+def test_lock_is_exclusive_across_processes(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
+    msg = (
+        rf"another run \(pid {holder.pid}, started \d{{4}}-\d\d-\d\dT[^)]*\) is writing to {tmp_path}; "
+        r"wait for it to finish or pass a different --data-dir"
+    )
+    t0 = time.monotonic()
+    with pytest.raises(StoreLockedError, match=msg), store_lock(tmp_path, timeout_s=0.3, poll_s=0.05):
+        pass
+    assert 0.25 <= time.monotonic() - t0 < 5
+    assert holder.stdin is not None
+    holder.stdin.write("\n")
+    holder.stdin.flush()
+    holder.wait(timeout=10)
+    with store_lock(tmp_path, timeout_s=5) as path:
+        assert json.loads(path.read_text())["pid"] == os.getpid()
+
+
+def test_lock_of_a_killed_holder_is_released(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=10)
+    with store_lock(tmp_path, timeout_s=5):
+        pass
+
+
+def test_lock_is_reentrant_in_one_thread_and_exclusive_between_threads(tmp_path: Path) -> None:
+    errors: list[BaseException] = []
+
+    def other() -> None:
+        try:
+            with store_lock(tmp_path, timeout_s=0.2):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    with store_lock(tmp_path, timeout_s=1), store_lock(tmp_path, timeout_s=1):  # nesting never deadlocks
+        t = threading.Thread(target=other)
+        t.start()
+        t.join()
+    assert len(errors) == 1
+    assert isinstance(errors[0], StoreLockedError)
+    assert "another thread of this process" in str(errors[0])
+    t = threading.Thread(target=other)  # released: the other thread gets it now
+    t.start()
+    t.join()
+    assert len(errors) == 1
+
+
+def test_lock_arguments_are_checked(tmp_path: Path) -> None:
+    with (
+        pytest.raises(ValueError, match="timeout_s must be a finite number >= 0, got -1"),
+        store_lock(tmp_path, timeout_s=-1),
+    ):
+        pass
+    with pytest.raises(ValueError, match="poll_s must be > 0, got 0"), store_lock(tmp_path, poll_s=0):
+        pass
+
+
+def test_batch_write_failure_keeps_each_file_whole(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rs = ReportStore(tmp_path)
+    combos = [("^GSPC", t, 252) for t in ("AAPL", "KO", "MSFT", "PG")]
+    rs.write_sensitivity(pd.concat([sens_frame(*c, ["2024-01-02"]) for c in combos]))
+    before = {p.name: p.read_bytes() for p in rs.sensitivity_dir.iterdir()}
+    real_replace = os.replace
+
+    def fail_for_ko(src: str, dst: str) -> None:
+        if "__KO__" in str(dst):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(store_mod.os, "replace", fail_for_ko)
+    with pytest.raises(StoreError, match=r"\^GSPC__KO__w252\.parquet: the disk is full"):
+        rs.write_sensitivity(pd.concat([sens_frame(*c, ["2024-01-03"], seed=5) for c in combos]))
+    after = {p.name: p.read_bytes() for p in rs.sensitivity_dir.iterdir()}
+    assert set(after) == set(before)  # no temporary file left behind
+    assert after["^GSPC__KO__w252.parquet"] == before["^GSPC__KO__w252.parquet"]
+    dates = rs.read_sensitivity().groupby("ticker")["date"].first().to_dict()
+    assert dates == {
+        "AAPL": dt.date(2024, 1, 3),
+        "KO": dt.date(2024, 1, 2),
+        "MSFT": dt.date(2024, 1, 3),
+        "PG": dt.date(2024, 1, 3),
+    }
