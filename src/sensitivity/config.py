@@ -164,6 +164,29 @@ class OutputConfig(_Section):
         return v
 
 
+class RuntimeConfig(_Section):
+    """Where the work runs."""
+
+    task_runner: Literal["threads", "dask"] = Field(
+        "threads", description="threads (one process) or dask (fetches spread over Dask workers)."
+    )
+    dask_address: str | None = Field(
+        None, description="Address of an existing Dask scheduler (tcp://host:8786); default: a local cluster."
+    )
+    dask_workers: int = Field(2, ge=1, le=256, description="Worker processes of the local Dask cluster.")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Where the batched fit runs: auto (CUDA when available), cpu or cuda."
+    )
+    lock_timeout_s: float = Field(
+        600.0, ge=0, le=86_400, description="How long a run waits for another run's store lock, seconds."
+    )
+
+    @field_validator("lock_timeout_s", mode="before")
+    @classmethod
+    def _timeout(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+
 class Config(_Section):
     """The whole run configuration."""
 
@@ -171,6 +194,7 @@ class Config(_Section):
     source: SourceConfig = SourceConfig()
     model: ModelConfig = ModelConfig()
     output: OutputConfig = OutputConfig()
+    runtime: RuntimeConfig = RuntimeConfig()
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (for the manifest)."""
@@ -207,7 +231,7 @@ def _describe(error: Mapping[str, Any]) -> str:
         what = str(ctx.get("error") or error.get("msg", "is invalid"))
         if what.startswith("Value error, "):
             what = what[len("Value error, ") :]
-        if what.startswith(("universe.", "model.", "source.", "output.")) or not loc:
+        if what.startswith(("universe.", "model.", "source.", "output.", "runtime.")) or not loc:
             return what
     return f"{loc} {what}, got {value!r}" if loc else f"{what}, got {value!r}"
 

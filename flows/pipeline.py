@@ -1,0 +1,262 @@
+"""The Prefect flow ``stock-sensitivity``: thin wiring of :mod:`sensitivity.pipeline`.
+
+Tasks hand each other symbols, dates and small dicts; the Parquet store is the hand-off.
+Only the fetch task retries, and only on errors a retry can fix (network, rate limits).
+
+Entry point (for ``prefect.yaml``, ``sensitivity run`` and ``sensitivity serve``):
+``flows/pipeline.py:stock_sensitivity``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from typing import Any, Literal
+
+import cloudpickle
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NONE as NO_CACHE
+from prefect.client.schemas.objects import TaskRun
+from prefect.context import FlowRunContext
+from prefect.futures import as_completed
+from prefect.states import State
+from prefect.task_runners import ThreadPoolTaskRunner
+from prefect.tasks import Task, exponential_backoff
+from prefect.utilities.annotations import unmapped
+
+from sensitivity import progress
+from sensitivity.config import Config, load_config
+from sensitivity.errors import PartialRunError, SourceError
+from sensitivity.pipeline import FetchOutcome, fetch_symbol, fit_universe, write_run_report
+
+DEFAULT_CONFIG = "config/default.toml"
+
+# Prefect loads this file by path, under a module name Dask workers cannot import: ship the
+# task functions by value (they call into the importable ``sensitivity`` package).
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry network errors and rate limits; never a symbol that does not exist or bad data."""
+    exc = state.result(raise_on_failure=False)
+    if isinstance(exc, SourceError):
+        return exc.retryable
+    return isinstance(exc, OSError | TimeoutError)
+
+
+@task(
+    name="fetch-prices",
+    task_run_name="fetch-{symbol}",
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_retry_if_transient,
+    cache_policy=NO_CACHE,
+)
+def fetch_prices(config: Config, symbol: str) -> dict[str, Any]:
+    """Fetch one symbol into the price store."""
+    outcome = fetch_symbol(config, symbol)
+    get_run_logger().info(
+        "%s: %d rows fetched from %s (%d new, %d changed, %d stored)",
+        symbol,
+        outcome.rows_fetched,
+        outcome.source,
+        outcome.rows_added,
+        outcome.rows_changed,
+        outcome.rows_stored,
+    )
+    return outcome.to_dict()
+
+
+@task(name="fit-sensitivity", cache_policy=NO_CACHE)
+def fit_sensitivity(config: Config, tickers: list[str]) -> dict[str, Any]:
+    """One batched fit of every ticker; writes the sensitivity and summary tables."""
+    return fit_universe(config, tickers).to_dict()
+
+
+@task(name="write-report", cache_policy=NO_CACHE)
+def write_report(
+    config: Config,
+    fit: dict[str, Any],
+    fetches: list[dict[str, Any]],
+    failures: dict[str, str],
+    started_at: dt.datetime,
+) -> dict[str, str]:
+    """Render the HTML report and the manifest."""
+    from sensitivity.pipeline import FitOutcome
+
+    ctx = FlowRunContext.get()
+    run_id = str(ctx.flow_run.id) if ctx and ctx.flow_run else None
+    return write_run_report(
+        config,
+        FitOutcome(**fit),
+        [FetchOutcome(**f) for f in fetches],
+        failures,
+        started_at=started_at,
+        run_id=run_id,
+    )
+
+
+def task_runner_for(config: Config) -> Any:
+    """The task runner the fetches run on: threads here, or Dask workers (``[runtime]``)."""
+    rt = config.runtime
+    if rt.task_runner == "dask":
+        from prefect_dask import DaskTaskRunner
+
+        if rt.dask_address:
+            return DaskTaskRunner(address=rt.dask_address)
+        return DaskTaskRunner(
+            cluster_kwargs={"n_workers": rt.dask_workers, "threads_per_worker": 1, "processes": True}
+        )
+    return ThreadPoolTaskRunner(max_workers=config.source.concurrency)
+
+
+@flow(name="fetch-universe", validate_parameters=False)
+def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """Fetch every symbol (index and tickers); a failed symbol never stops the others."""
+    fetch = fetch_prices.with_options(retries=config.source.retries)
+    symbols = list(config.universe.symbols)
+    futures = fetch.map(config=unmapped(config), symbol=symbols)
+    symbol_of = dict(zip(futures, symbols, strict=True))
+    outcomes: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    for future in as_completed(list(futures)):
+        symbol = symbol_of[future]
+        result = future.result(raise_on_failure=False)
+        if isinstance(result, dict):
+            outcomes[symbol] = result
+        else:
+            failures[symbol] = _reason(symbol, result)
+        progress.emit(progress.ProgressEvent("fetch", symbol=symbol, ok=symbol not in failures))
+    return [outcomes[s] for s in symbols if s in outcomes], failures
+
+
+def _reason(symbol: str, exc: object) -> str:
+    text = str(exc) if isinstance(exc, BaseException) else "fetch did not complete"
+    prefix = f"{symbol}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def _publish(
+    summary: dict[str, Any], fit: dict[str, Any], failures: dict[str, str], paths: dict[str, str]
+) -> None:
+    create_table_artifact(
+        key="sensitivity-summary",
+        table=list(summary.get("rows", [])),
+        description=(
+            f"Per-ticker sensitivity as of {fit['as_of']} against {fit['index']} (window {fit['window']})."
+        ),
+    )
+    lines = [
+        f"# stock-sensitivity as of {fit['as_of']}",
+        "",
+        f"Index **{fit['index']}**, window {fit['window']}, {fit['rows']} rows for "
+        f"{len(fit['rows_by_ticker'])} tickers, {fit['first_date']} to {fit['last_date']}.",
+        "",
+    ]
+    if failures:
+        lines += ["## Failed symbols", "", *[f"- **{s}**: {r}" for s, r in sorted(failures.items())], ""]
+    lines += [f"Report: `{paths['report']}`", f"Manifest: `{paths['manifest']}`"]
+    create_markdown_artifact(key="sensitivity-run", markdown="\n".join(lines))
+    create_link_artifact(key="sensitivity-report", link=f"file://{paths['report']}", link_text="HTML report")
+
+
+@flow(name="stock-sensitivity", validate_parameters=True, log_prints=False)
+def stock_sensitivity(
+    tickers: list[str] | None = None,
+    index: str | None = None,
+    start: dt.date | None = None,
+    end: dt.date | None = None,
+    source: Literal["yahoo", "files", "sample"] | None = None,
+    source_path: str | None = None,
+    window: int | None = None,
+    min_obs: int | None = None,
+    data_dir: str | None = None,
+    config: str = DEFAULT_CONFIG,
+) -> dict[str, Any]:
+    """Fetch prices, fit the quadratic market model and write the per-day sensitivity tables.
+
+    Every parameter left at None takes its value from the config file ``config``.  The run
+    fails at once, before any work, when the configuration is invalid.  When some symbols
+    fail, the others are still written and the run ends Failed, listing each failed symbol.
+    """
+    started_at = dt.datetime.now(dt.UTC)
+    logger = get_run_logger()
+    cfg = load_config(
+        config,
+        {
+            "tickers": tickers,
+            "index": index,
+            "start": start,
+            "end": end,
+            "source": source,
+            "source_path": source_path,
+            "window": window,
+            "min_obs": min_obs,
+            "data_dir": data_dir,
+        },
+    )
+    u = cfg.universe
+    logger.info(
+        "%d tickers against %s, %s to %s, source %s, window %d (min_obs %d), data_dir %s",
+        len(u.tickers),
+        u.index,
+        u.start,
+        u.resolved_end,
+        cfg.source.kind,
+        cfg.model.window,
+        cfg.model.min_obs,
+        cfg.output.data_dir,
+    )
+    progress.emit(progress.ProgressEvent("start", total=len(u.symbols)))
+    fetches, failures = fetch_universe.with_options(task_runner=task_runner_for(cfg))(cfg)
+    if u.index in failures:
+        raise SourceError(f"{u.index}: the index could not be fetched: {failures[u.index]}", symbol=u.index)
+    ok = [t for t in u.tickers if t not in failures]
+    if not ok:
+        raise PartialRunError(failures)
+    fit = fit_sensitivity(cfg, ok)
+    failures.update(fit["no_data"])
+    paths = write_report(cfg, fit, fetches, failures, started_at)
+    summary = _summary_rows(cfg, fit)
+    _publish(summary, fit, failures, paths)
+    result = {"as_of": fit["as_of"], "rows": fit["rows"], "paths": paths, "failures": failures, **summary}
+    progress.emit(progress.ProgressEvent("done", ok=not failures))
+    for symbol, reason in sorted(failures.items()):
+        logger.error("%s: %s", symbol, reason)
+    if failures:
+        raise PartialRunError(failures, written=len(fit["rows_by_ticker"]), result=result)
+    return result
+
+
+def _summary_rows(cfg: Config, fit: dict[str, Any]) -> dict[str, Any]:
+    """The latest row per ticker (small, JSON-friendly) for the artifact and the CLI."""
+    from sensitivity.store import ReportStore
+
+    summary = ReportStore(cfg.output.data_dir).read_summary(as_of=dt.date.fromisoformat(fit["as_of"]))
+    summary = summary[
+        (summary["index_ticker"] == cfg.universe.index)
+        & (summary["window"] == cfg.model.window)
+        & (summary["ticker"].isin(list(fit["rows_by_ticker"])))
+    ]
+    cols = [
+        "ticker",
+        "date",
+        "n_obs",
+        "sensitivity",
+        "sensitivity_se",
+        "beta",
+        "gamma",
+        "linear_beta",
+        "r2",
+        "dollar_sensitivity",
+    ]
+    rows = summary[cols].astype(object).where(summary[cols].notna(), None).to_dict("records")
+    for row in rows:
+        row["date"] = str(row["date"])
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    stock_sensitivity()

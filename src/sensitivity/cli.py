@@ -1,0 +1,266 @@
+"""The ``sensitivity`` command line: parse, call the Prefect flow, print.
+
+``sensitivity run`` runs the flow ``stock-sensitivity`` in this process (on a temporary local
+Prefect server unless ``PREFECT_API_URL`` points at one) and prints where the outputs are and
+a summary table.  Errors become one line per culprit on stderr and a documented exit status:
+
+    0  success
+    1  unexpected error (a bug: rerun with --debug and report it)
+    2  invalid configuration, option or parameter (nothing was done)
+    3  a symbol could not be fetched or its data is invalid (the others were written)
+    4  the store could not be read or written (nothing stored was changed)
+    5  another run holds the store's lock
+    130 interrupted (Ctrl-C); the store is left as it was before the interrupted write
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+from sensitivity import __version__, progress
+from sensitivity.config import SourceKind, load_config
+from sensitivity.errors import ConfigError, PartialRunError, SensitivityError
+
+FLOW_ENTRYPOINT = "flows/pipeline.py:stock_sensitivity"
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Per-day market sensitivity of stocks, with confidence intervals, as Prefect flows.",
+)
+err = Console(stderr=True, highlight=False)
+out = Console(highlight=False)
+if not out.is_terminal:  # piped or captured: do not squeeze the table into 80 columns
+    out.width = 160
+
+
+def project_root() -> Path:
+    """The folder holding ``flows/``: the source checkout, else the current directory."""
+    for candidate in (Path(__file__).resolve().parents[2], Path.cwd()):
+        if (candidate / "flows" / "pipeline.py").is_file():
+            return candidate
+    raise ConfigError(
+        f"cannot find {FLOW_ENTRYPOINT.split(':')[0]} next to the package or in {Path.cwd()}; "
+        "run from the project folder"
+    )
+
+
+def load_pipeline_flow() -> Any:
+    """The flow object, loaded by entrypoint the way Prefect loads deployments."""
+    from prefect.flows import load_flow_from_entrypoint
+
+    path, name = FLOW_ENTRYPOINT.split(":")
+    return load_flow_from_entrypoint(f"{project_root() / path}:{name}", use_placeholder_flow=False)
+
+
+def _fail(exc: BaseException, debug: bool) -> None:
+    if debug:
+        err.print_exception(show_locals=False)
+    if isinstance(exc, PartialRunError):
+        for symbol, reason in sorted(exc.failures.items()):
+            err.print(f"error: {symbol}: {reason}", markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    if isinstance(exc, SensitivityError):
+        lines = str(exc).splitlines() or [type(exc).__name__]
+        for line in lines:
+            err.print(f"error: {line}", markup=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code)
+    if isinstance(exc, KeyboardInterrupt):
+        err.print("interrupted: nothing half-written was kept; rerun to finish", markup=False)
+        raise typer.Exit(130)
+    err.print(
+        f"error: unexpected {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+        markup=False,
+        soft_wrap=True,
+    )
+    raise typer.Exit(1)
+
+
+class _RichReporter:
+    """Shows the progress events of a run as a rich progress bar on stderr."""
+
+    def __init__(self, bar: Progress) -> None:
+        self.bar = bar
+        self.task = bar.add_task("starting Prefect", total=None)
+        self.failed = 0
+
+    def __call__(self, event: progress.ProgressEvent) -> None:
+        if event.stage == "start":
+            self.bar.update(self.task, description="fetching prices", total=event.total, completed=0)
+        elif event.stage == "fetch":
+            self.failed += 0 if event.ok else 1
+            note = f" ({self.failed} failed)" if self.failed else ""
+            self.bar.update(self.task, advance=1, description=f"fetching prices{note}: {event.symbol}")
+        elif event.stage == "fit":
+            self.bar.update(self.task, description=f"fitted {event.detail}")
+        elif event.stage == "report":
+            self.bar.update(self.task, description="report written")
+
+
+def _print_result(result: dict[str, Any]) -> None:
+    rows = sorted(result.get("rows", []), key=lambda r: -(r.get("sensitivity") or float("-inf")))
+    table = Table(title=f"Sensitivity as of {result.get('as_of')}", title_justify="left")
+    for col in ("ticker", "date", "sensitivity", "± se", "beta", "gamma", "linear beta", "r2", "$ per +1%"):
+        table.add_column(col, justify="left" if col in ("ticker", "date") else "right")
+
+    def fmt(v: Any, spec: str) -> str:
+        return "—" if v is None else format(v, spec)
+
+    for r in rows:
+        table.add_row(
+            r["ticker"],
+            r["date"],
+            fmt(r["sensitivity"], ".3f"),
+            fmt(r["sensitivity_se"], ".3f"),
+            fmt(r["beta"], ".3f"),
+            fmt(r["gamma"], ".2f"),
+            fmt(r["linear_beta"], ".3f"),
+            fmt(r["r2"], ".2f"),
+            fmt(r["dollar_sensitivity"], ".3f"),
+        )
+    out.print(table)
+    paths = result.get("paths", {})
+    for label, key in (
+        ("per-day table", "sensitivity"),
+        ("summary", "summary"),
+        ("report", "report"),
+        ("manifest", "manifest"),
+    ):
+        if key in paths:
+            out.print(f"{label:>14}: {paths[key]}", markup=False)
+
+
+@app.command()
+def run(
+    config: Annotated[Path, typer.Option(help="TOML configuration file.")] = Path("config/default.toml"),
+    tickers: Annotated[
+        str | None, typer.Option(help="Comma-separated stock symbols, e.g. AAPL,MSFT.")
+    ] = None,
+    index: Annotated[str | None, typer.Option(help="Index symbol, e.g. ^GSPC.")] = None,
+    start: Annotated[str | None, typer.Option(help="First price date, YYYY-MM-DD (inclusive).")] = None,
+    end: Annotated[str | None, typer.Option(help="Last price date, YYYY-MM-DD (inclusive).")] = None,
+    source: Annotated[SourceKind | None, typer.Option(help="Price source.")] = None,
+    source_path: Annotated[
+        Path | None, typer.Option(help="Folder of <SYMBOL>.csv/.parquet for --source files.")
+    ] = None,
+    window: Annotated[
+        int | None, typer.Option(help="Rolling window in trading days; 0 = full sample.")
+    ] = None,
+    min_obs: Annotated[int | None, typer.Option(help="Fewest returns a fit needs.")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="Folder of the price store and the reports.")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
+) -> None:
+    """Run the whole pipeline: fetch, fit, write tables and the report."""
+    overrides: dict[str, Any] = {
+        "tickers": tickers,
+        "index": index,
+        "start": start,
+        "end": end,
+        "source": source,
+        "source_path": str(source_path) if source_path else None,
+        "window": window,
+        "min_obs": min_obs,
+        "data_dir": str(data_dir) if data_dir else None,
+    }
+    try:
+        cfg = load_config(config, overrides)  # refuse bad input before Prefect starts
+    except SensitivityError as exc:
+        _fail(exc, debug)
+    # Prefect's logs still reach its API (the UI); the console shows them only with --verbose,
+    # so a failure prints our one-line messages, not Prefect's tracebacks.
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
+    os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "CRITICAL")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
+    params: dict[str, Any] = {
+        "config": str(config),
+        "tickers": list(cfg.universe.tickers) if tickers else None,
+        "index": index,
+        "start": cfg.universe.start if start else None,
+        "end": cfg.universe.end if end else None,
+        "source": source,
+        "source_path": overrides["source_path"],
+        "window": window,
+        "min_obs": min_obs,
+        "data_dir": overrides["data_dir"],
+    }
+    try:
+        flow = load_pipeline_flow()
+        columns = (
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+        )
+        with (
+            Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar,
+            progress.use_reporter(_RichReporter(bar)),
+        ):
+            result = flow(**{k: v for k, v in params.items() if v is not None})
+    except PartialRunError as exc:
+        if exc.result:
+            _print_result(exc.result)
+        _fail(exc, debug)
+    except BaseException as exc:
+        _fail(exc, debug)
+    _print_result(result)
+
+
+@app.command()
+def serve(
+    deployment: Annotated[
+        list[str] | None, typer.Option(help="Serve only these deployments (by name).")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="Most runs at once in this process.", min=1)] = 1,
+) -> None:
+    """Serve the deployments of prefect.yaml from this process (no work pool needed)."""
+    import importlib.util
+
+    try:
+        root = project_root()
+        spec = importlib.util.spec_from_file_location(
+            "sensitivity_flows_deployments", root / "flows" / "deployments.py"
+        )
+        if spec is None or spec.loader is None:  # pragma: no cover
+            raise ConfigError(f"cannot load {root / 'flows' / 'deployments.py'}")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        os.chdir(root)  # deployments' relative paths (config/, data/) are relative to the project
+        module.serve_deployments(root, names=deployment or None, limit=limit)
+    except SensitivityError as exc:
+        _fail(exc, False)
+
+
+@app.command()
+def version() -> None:
+    """Print the version."""
+    out.print(__version__)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted", markup=False)
+        sys.exit(130)
+
+
+__all__ = ["app", "main"]

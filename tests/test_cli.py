@@ -1,0 +1,113 @@
+"""The real command line: options, exit statuses and one-line messages."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from sensitivity.cli import app
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE_CONFIG = str(ROOT / "config" / "sample.toml")
+runner = CliRunner()
+
+
+def cli(*args: str, cwd: Path | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
+    """Run the installed console script in a subprocess, as a user would."""
+    exe = Path(sys.executable).with_name("sensitivity")
+    env = {**os.environ, "COLUMNS": "160"}
+    env.pop("PREFECT_API_URL", None)
+    return subprocess.run(
+        [str(exe), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd or ROOT,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(
+            ["--window", "-5"], r"error: config .*: model\.window must be >= 0, got -5", id="window"
+        ),
+        pytest.param(["--min-obs", "500"], r"min_obs=500 > window=252", id="min-obs"),
+        pytest.param(["--tickers", "AAPL,../etc"], r"'\.\./etc' is not a plausible ticker", id="ticker-path"),
+        pytest.param(
+            ["--start", "2019-13-01"], r"universe\.start must be a date written YYYY-MM-DD", id="bad-date"
+        ),
+        pytest.param(["--start", "2019-01-01", "--end", "2018-01-01"], r"is after universe\.end", id="order"),
+        pytest.param(["--config", "nope.toml"], r"config file 'nope\.toml' does not exist", id="no-config"),
+        pytest.param(["--source", "files"], r"source\.path is required", id="files-no-path"),
+    ],
+)
+def test_run_rejects_bad_input_with_one_line(tmp_path: Path, args: list[str], message: str) -> None:
+    if "--config" not in args:
+        args = ["--config", SAMPLE_CONFIG, *args]
+    result = runner.invoke(app, ["run", *args, "--data-dir", str(tmp_path / "d")])
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_run_unknown_option_is_a_usage_error() -> None:
+    result = runner.invoke(app, ["run", "--windw", "5"])
+    assert result.exit_code == 2
+    assert "No such option" in result.output
+
+
+@pytest.mark.slow
+def test_run_subprocess_end_to_end(tmp_path: Path) -> None:
+    data = tmp_path / "out"
+    proc = cli(
+        "run",
+        "--config",
+        SAMPLE_CONFIG,
+        "--tickers",
+        "KO,MSFT",
+        "--start",
+        "2017-01-01",
+        "--data-dir",
+        str(data),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Sensitivity as of 2019-02-22" in proc.stdout
+    assert "KO" in proc.stdout
+    assert "MSFT" in proc.stdout
+    assert str(data / "reports" / "daily" / "2019-02-22" / "report.html") in proc.stdout.replace("\n", "")
+    table = pd.read_parquet(data / "reports" / "sensitivity")
+    assert set(table["ticker"]) == {"KO", "MSFT"}
+
+
+@pytest.mark.slow
+def test_run_subprocess_failed_symbol_exit_status(tmp_path: Path) -> None:
+    proc = cli(
+        "run",
+        "--config",
+        SAMPLE_CONFIG,
+        "--tickers",
+        "KO,ZZZZ",
+        "--start",
+        "2018-01-01",
+        "--data-dir",
+        str(tmp_path),
+    )
+    assert proc.returncode == 3, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, proc.stderr
+    assert errors[0].startswith("error: ZZZZ: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert set(pd.read_parquet(tmp_path / "reports" / "sensitivity")["ticker"]) == {"KO"}

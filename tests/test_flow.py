@@ -1,0 +1,194 @@
+"""The Prefect flow end to end on the bundled sample and on a files source, into tmp_path."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import statsmodels.api as sm
+
+from sensitivity.errors import ConfigError, PartialRunError
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+@pytest.fixture(scope="module")
+def flow():  # type: ignore[no-untyped-def]
+    from prefect.flows import load_flow_from_entrypoint
+
+    return load_flow_from_entrypoint(f"{ROOT / 'flows' / 'pipeline.py'}:stock_sensitivity")
+
+
+def run(flow, tmp: Path, **params):  # type: ignore[no-untyped-def]
+    base = {
+        "config": str(ROOT / "config" / "sample.toml"),
+        "tickers": ["AAPL", "KO", "SPY"],
+        "start": dt.date(2015, 1, 1),
+        "end": dt.date(2016, 12, 30),
+        "data_dir": str(tmp),
+    }
+    base.update(params)
+    return flow(**base)
+
+
+def files_in(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_flow_sample_writes_every_output(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    result = run(flow, tmp_path)
+    assert result["as_of"] == "2016-12-30"
+    assert result["failures"] == {}
+
+    table = pd.read_parquet(tmp_path / "reports" / "sensitivity")
+    expected = {
+        "date",
+        "ticker",
+        "index_ticker",
+        "window",
+        "n_obs",
+        "index_return",
+        "stock_return",
+        "alpha",
+        "beta",
+        "gamma",
+        "sensitivity",
+        "sensitivity_se",
+        "linear_beta",
+        "r2",
+        "close",
+        "dollar_sensitivity",
+    }
+    assert expected <= set(table.columns)
+    for col in expected - {"date", "ticker", "index_ticker", "window", "n_obs"}:
+        assert table[col].dtype == np.float64, col
+    # 2015-01-02 .. 2016-12-30 has 504 trading days, so 503 returns per ticker (the sample has no gaps).
+    assert table.groupby("ticker").size().to_dict() == {"AAPL": 503, "KO": 503, "SPY": 503}
+    assert set(table["index_ticker"]) == {"^GSPC"}
+    fitted = table.dropna(subset=["sensitivity"])
+    assert fitted["n_obs"].min() == 126  # warm-up on a growing window, then the rolling window
+    assert table["n_obs"].max() == 252
+    np.testing.assert_allclose(
+        fitted["dollar_sensitivity"], 0.01 * fitted["sensitivity"] * fitted["prev_close"], rtol=1e-15
+    )
+
+    summary = pd.read_parquet(tmp_path / "reports" / "summary")
+    assert len(summary) == 3
+    assert set(summary["as_of"].astype(str)) == {"2016-12-30"}
+
+    report = tmp_path / "reports" / "daily" / "2016-12-30" / "report.html"
+    manifest = json.loads((report.parent / "manifest.json").read_text())
+    assert report.stat().st_size > 10_000
+    assert manifest["rows"]["total"] == len(table)
+    assert manifest["config"]["model"]["window"] == 252
+    assert manifest["versions"]["torch"]
+    assert result["paths"]["report"] == str(report)
+
+
+def test_flow_last_row_matches_statsmodels(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run(flow, tmp_path, tickers=["KO"])
+    table = pd.read_parquet(tmp_path / "reports" / "sensitivity")
+    last = table.iloc[-1]
+    prices = {
+        s: pd.read_parquet(SAMPLE / f"{s}.parquet").set_index("date")["adj_close"] for s in ("KO", "^GSPC")
+    }
+    both = pd.concat(prices, axis=1, join="inner")
+    both = both[(both.index >= dt.date(2015, 1, 1)) & (both.index <= dt.date(2016, 12, 30))]
+    r = both.pct_change().dropna().iloc[-252:]
+    x = r["^GSPC"].to_numpy()
+    ols = sm.OLS(r["KO"].to_numpy(), np.column_stack([np.ones_like(x), x, x * x])).fit()
+    np.testing.assert_allclose([last["alpha"], last["beta"], last["gamma"]], ols.params, rtol=1e-8)
+    g = np.array([0.0, 1.0, 2.0 * x[-1]])
+    np.testing.assert_allclose(last["sensitivity"], g @ ols.params, rtol=1e-8)
+    np.testing.assert_allclose(last["sensitivity_se"], np.sqrt(g @ ols.cov_params() @ g), rtol=1e-8)
+    np.testing.assert_allclose(last["r2"], ols.rsquared, rtol=1e-8)
+
+
+def test_flow_rerun_gives_identical_tables(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run(flow, tmp_path, tickers=["AAPL"])
+    first = pd.read_parquet(tmp_path / "reports" / "sensitivity")
+    prices_before = files_in(tmp_path / "prices")
+    run(flow, tmp_path, tickers=["AAPL"])
+    pd.testing.assert_frame_equal(first, pd.read_parquet(tmp_path / "reports" / "sensitivity"))
+    assert files_in(tmp_path / "prices").keys() == prices_before.keys()
+    assert not [p for p in tmp_path.rglob(".*") if p.name != ".lock"], "temporary files left behind"
+
+
+def test_flow_other_combinations_are_kept(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    run(flow, tmp_path, tickers=["AAPL", "KO"])
+    run(flow, tmp_path, tickers=["KO"], window=0, min_obs=10)
+    table = pd.read_parquet(tmp_path / "reports" / "sensitivity")
+    assert table.groupby(["ticker", "window"]).size().to_dict() == {
+        ("AAPL", 252): 503,
+        ("KO", 0): 503,
+        ("KO", 252): 503,
+    }
+    full = table[table["window"] == 0]
+    assert full["beta"].nunique() == 1  # one fit over the whole range, used for every day
+
+
+def test_flow_partial_failure_writes_the_rest(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(PartialRunError, match=r"ZZZZ: .*") as info:
+        run(flow, tmp_path, tickers=["KO", "ZZZZ"])
+    assert list(info.value.failures) == ["ZZZZ"]
+    table = pd.read_parquet(tmp_path / "reports" / "sensitivity")
+    assert set(table["ticker"]) == {"KO"}
+    manifest = json.loads((tmp_path / "reports" / "daily" / "2016-12-30" / "manifest.json").read_text())
+    assert "ZZZZ" in manifest["failures"]
+
+
+def test_flow_bad_parameter_fails_before_any_work(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(ConfigError, match=r"model\.window must be >= 0, got -5"):
+        run(flow, tmp_path, window=-5)
+    assert not any(tmp_path.iterdir())
+
+
+def test_flow_index_failure_fails_the_run(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(Exception, match=r"\^NOPE"):
+        run(flow, tmp_path, index="^NOPE")
+    assert not (tmp_path / "reports").exists()
+
+
+def _write_csv(frame: pd.DataFrame, path: Path, *, adj: bool = True) -> None:
+    out = pd.DataFrame(
+        {
+            "Date": pd.to_datetime(frame["date"]).dt.strftime("%Y-%m-%d"),
+            "Open": frame["open"],
+            "High": frame["high"],
+            "Low": frame["low"],
+            "Close": frame["close"],
+            "Adj Close": frame["adj_close"],
+            "Volume": frame["volume"].astype("int64"),
+        }
+    )
+    if not adj:
+        out = out.drop(columns="Adj Close")
+    out.to_csv(path, index=False, float_format="%.17g")
+
+
+def test_flow_files_source_late_listing_and_no_adj_close(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    src = tmp_path / "csv"
+    src.mkdir()
+    for sym in ("^GSPC", "KO", "MSFT", "SPY"):
+        frame = pd.read_parquet(SAMPLE / f"{sym}.parquet")
+        if sym == "MSFT":  # lists in the middle of the range
+            frame = frame[frame["date"] >= dt.date(2016, 3, 1)]
+        _write_csv(frame, src / f"{sym}.csv", adj=sym != "SPY")
+    data = tmp_path / "data"
+    run(flow, data, tickers=["KO", "MSFT", "SPY"], source="files", source_path=str(src))
+    table = pd.read_parquet(data / "reports" / "sensitivity")
+    msft = table[table["ticker"] == "MSFT"]
+    assert str(msft["date"].min()) > "2016-03-01"
+    first_fit = msft.dropna(subset=["beta"]).iloc[0]
+    assert first_fit["n_obs"] == 126  # warms up on a growing window after listing
+    spy = table[table["ticker"] == "SPY"].set_index("date")["stock_return"]
+    close = pd.read_parquet(SAMPLE / "SPY.parquet").set_index("date")["close"]
+    expected = (close / close.shift(1) - 1).reindex(spy.index)
+    np.testing.assert_allclose(spy.to_numpy(), expected.to_numpy(), rtol=1e-14)  # Close, not Adj Close
