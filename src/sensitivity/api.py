@@ -1,0 +1,381 @@
+"""The library entry point: labelled returns in, the long per-day sensitivity table out.
+
+``from sensitivity import quadratic_sensitivity``::
+
+    table = quadratic_sensitivity(stock_returns, index_returns, window=252, min_obs=126)
+
+:func:`quadratic_sensitivity` checks its inputs once, at this boundary, and hands arrays to
+:func:`sensitivity_frame` -- the function the pipeline calls with numpy or torch panels -- which
+runs the batched kernels (:func:`~sensitivity.model.quadratic_fit`,
+:func:`~sensitivity.sensitivity.daily_sensitivity`) and puts dates and tickers back on the
+result.  There is one implementation; labels live only at these edges.
+
+The output has one row per (ticker, date) on which both the stock's and the index's return
+exist -- including days whose window has fewer than ``min_obs`` returns, whose fitted values
+are then NaN -- ordered by ticker (in input column order) and then date, with the columns of
+:data:`OUTPUT_COLUMNS`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import torch
+from torch import Tensor
+
+from sensitivity.errors import DataValidationError
+from sensitivity.model import check_window, quadratic_fit
+from sensitivity.sensitivity import daily_sensitivity
+
+__all__ = ["FLOAT_COLUMNS", "OUTPUT_COLUMNS", "quadratic_sensitivity", "sensitivity_frame"]
+
+#: Columns of the per-day table, in order.  ``date`` is datetime64[ns] (tz-naive), ``ticker``
+#: str, ``window`` and ``n_obs`` int64, every other column float64.
+OUTPUT_COLUMNS: tuple[str, ...] = (
+    "date",
+    "ticker",
+    "window",
+    "n_obs",
+    "index_return",
+    "stock_return",
+    "alpha",
+    "beta",
+    "gamma",
+    "sensitivity",
+    "sensitivity_se",
+    "sensitivity_ci_lower",
+    "sensitivity_ci_upper",
+    "alpha_se",
+    "beta_se",
+    "gamma_se",
+    "linear_beta",
+    "r2",
+)
+
+#: The float64 columns of :data:`OUTPUT_COLUMNS`.
+FLOAT_COLUMNS: tuple[str, ...] = OUTPUT_COLUMNS[4:]
+
+ArrayLike = np.ndarray[Any, Any] | Tensor
+
+#: Tickers x rows fitted per group in :func:`sensitivity_frame`: bounds the memory of the
+#: per-day results (about 20 float64 planes, 0.7 GiB) whatever the size of the panel.
+_GROUP_CELLS: int = 1 << 22
+
+
+def quadratic_sensitivity(
+    stock_returns: pd.DataFrame,
+    index_returns: pd.Series | pd.DataFrame,
+    *,
+    window: int = 252,
+    min_obs: int = 126,
+) -> pd.DataFrame:
+    """Per-day sensitivity of each stock to the index from a rolling quadratic market model.
+
+    Fits ``r_s = alpha + beta*r_m + gamma*r_m**2 + e`` by OLS for every stock and day (all stocks
+    together, in batched torch operations) and returns the long per-day table.
+
+    Parameters
+    ----------
+    stock_returns
+        Simple daily returns: a date index (``DatetimeIndex`` or convertible; unique; sorted
+        here if it is not), one column per ticker (``str`` names), NaN where a stock did not
+        trade.  Numeric, no infinities.
+    index_returns
+        The index's returns: a Series on the same dates -- the trading calendar is then the
+        dates where it is present, and a window counts those dates -- or a DataFrame with the
+        same dates and columns holding each stock's own aligned index returns (a stock's index
+        return after a gap spans the gap); the calendar is then all its dates.
+    window
+        Rolling window in trading days (``>= 0``); 0 fits once over the whole range.
+    min_obs
+        Fewest stock returns a day's fit needs (``>= 4``; ``<= window`` when ``window > 0``).
+
+    Returns
+    -------
+    pandas.DataFrame
+        One row per (ticker, date) where both returns exist, ordered by ticker (input column
+        order) then date, with the columns of :data:`OUTPUT_COLUMNS`; fitted values are NaN
+        where the window holds fewer than ``min_obs`` returns or its design is singular.
+
+    Raises
+    ------
+    ConfigError
+        For ``window`` or ``min_obs`` out of range.
+    DataValidationError
+        For inputs that break the contract; the message names the argument, the ticker and
+        the date where one applies.
+    """
+    w, m = check_window(window, min_obs)
+    dates, tickers, y, x = _validated_panels(stock_returns, index_returns)
+    return sensitivity_frame(y, x, dates=dates, tickers=tickers, window=w, min_obs=m)
+
+
+def sensitivity_frame(
+    stock_returns: ArrayLike,
+    index_returns: ArrayLike,
+    *,
+    dates: pd.DatetimeIndex | Sequence[Any] | np.ndarray[Any, Any],
+    tickers: Sequence[str],
+    window: int,
+    min_obs: int,
+    level: float = 0.95,
+    device: torch.device | str | None = None,
+) -> pd.DataFrame:
+    """The per-day table from unlabelled panels (the pipeline's entry point).
+
+    Parameters
+    ----------
+    stock_returns
+        ``[T, N]`` stock returns (numpy array or torch tensor), NaN where missing.
+    index_returns
+        ``[T]``: one index series for every stock (rows where it is NaN are not trading days
+        and are left out of the calendar); or ``[T, N]``: each stock's aligned index returns
+        (every row is a calendar day).
+    dates
+        The ``T`` row dates (strictly increasing).
+    tickers
+        The ``N`` ticker names.
+    window, min_obs
+        As in :func:`quadratic_sensitivity`.
+    level
+        Confidence level of ``sensitivity_ci_lower`` / ``sensitivity_ci_upper``.
+    device
+        Torch device for the fit (default CPU).
+
+    Returns
+    -------
+    pandas.DataFrame
+        As :func:`quadratic_sensitivity`.
+    """
+    w, m = check_window(window, min_obs)
+    y = _as_float64(stock_returns, "stock_returns")
+    x = _as_float64(index_returns, "index_returns")
+    if y.ndim != 2:
+        raise DataValidationError(f"stock_returns must be 2-dimensional [T, N], got shape {y.shape}")
+    t_rows, n_cols = y.shape
+    if x.shape not in ((t_rows,), (t_rows, n_cols)):
+        raise DataValidationError(
+            f"index_returns must have shape ({t_rows},) or ({t_rows}, {n_cols}) to match "
+            f"stock_returns, got {x.shape}"
+        )
+    date_index = _as_dates(dates, "dates")
+    if len(date_index) != t_rows:
+        raise DataValidationError(f"dates must have {t_rows} entries (one per row), got {len(date_index)}")
+    if not date_index.is_monotonic_increasing or date_index.has_duplicates:
+        raise DataValidationError("dates must be strictly increasing (sorted, without duplicates)")
+    names = [str(t) for t in tickers]
+    if len(names) != n_cols:
+        raise DataValidationError(f"tickers must have {n_cols} entries (one per column), got {len(names)}")
+
+    if x.ndim == 1:
+        # One index for all stocks: its trading calendar is where it has a return.
+        present = np.isfinite(x)
+        if not present.all():
+            # Drop the rows, keeping the stock panel ticker-major (column-major [T, N]).
+            x, y, date_index = x[present], y.T[:, present].T, date_index[present]
+            t_rows = int(present.sum())
+        x_panel = torch.from_numpy(x)[:, None].expand(t_rows, n_cols)
+    else:
+        x_panel = torch.from_numpy(x)
+    y_panel = torch.from_numpy(y)
+
+    # Rows: (ticker, date) with both returns, ticker-major.  Work on [N, T] views.
+    keep = np.isfinite(y.T) & (np.isfinite(x)[None, :] if x.ndim == 1 else np.isfinite(x.T))
+    counts = keep.sum(axis=1)
+    offsets = np.concatenate(([0], np.cumsum(counts)))
+    n_rows = int(offsets[-1])
+    block = np.empty((len(FLOAT_COLUMNS), n_rows), dtype=np.float64)
+    n_obs = np.empty(n_rows, dtype=np.int64)
+    x_nt = np.broadcast_to(x[None, :], (n_cols, t_rows)) if x.ndim == 1 else x.T
+    # Groups of tickers bound the memory of the per-day [T, N] results (the kernels chunk
+    # further, for the cache); the table is filled group by group.
+    group = max(1, _GROUP_CELLS // max(t_rows, 1))
+    for g0 in range(0, n_cols, group):
+        g1 = min(n_cols, g0 + group)
+        lo, hi, k = int(offsets[g0]), int(offsets[g1]), keep[g0:g1]
+        xg = x_panel[:, g0:g1]
+        fit = quadratic_fit(xg, y_panel[:, g0:g1], window=w, min_obs=m, device=device)
+        sens = daily_sensitivity(fit, xg.to(fit.beta.device), level=level)
+        sources: dict[str, Any] = {
+            "index_return": x_nt[g0:g1],
+            "stock_return": y.T[g0:g1],
+            "alpha": fit.alpha,
+            "beta": fit.beta,
+            "gamma": fit.gamma,
+            "sensitivity": sens.sensitivity,
+            "sensitivity_se": sens.sensitivity_se,
+            "sensitivity_ci_lower": sens.sensitivity_ci_lower,
+            "sensitivity_ci_upper": sens.sensitivity_ci_upper,
+            "alpha_se": fit.alpha_se,
+            "beta_se": fit.beta_se,
+            "gamma_se": fit.gamma_se,
+            "linear_beta": fit.linear_beta,
+            "r2": fit.r2,
+        }
+        for i, name in enumerate(FLOAT_COLUMNS):
+            block[i, lo:hi] = _ticker_major_numpy(sources[name])[k]
+        n_obs[lo:hi] = _ticker_major_numpy(fit.n_obs)[k]
+        del fit, sens, sources
+
+    frame = pd.DataFrame(block.T, columns=list(FLOAT_COLUMNS), copy=False)
+    frame.insert(0, "n_obs", n_obs)
+    frame.insert(0, "window", np.full(n_rows, w, dtype=np.int64))
+    codes = np.repeat(np.arange(n_cols, dtype=np.int64), counts)
+    ticker_col = pa.array(names, type=pa.large_string()).take(pa.array(codes))
+    frame.insert(0, "ticker", pd.Series(ticker_col, dtype="str"))
+    date_values = date_index.to_numpy(dtype="datetime64[ns]")
+    frame.insert(0, "date", np.broadcast_to(date_values[None, :], (n_cols, t_rows))[keep])
+    return frame
+
+
+def _ticker_major_numpy(v: Any) -> np.ndarray[Any, Any]:
+    """A ``[T, N]`` tensor (or an ``[N, T]`` numpy array) as an ``[N, T]`` numpy view."""
+    if isinstance(v, Tensor):
+        return np.asarray(v.detach().to("cpu").T.numpy())
+    return np.asarray(v)
+
+
+def _as_float64(v: object, name: str) -> np.ndarray[Any, Any]:
+    """A numpy float64 array from a numpy array or torch tensor (no copy when possible)."""
+    if isinstance(v, Tensor):
+        if v.is_complex() or v.dtype == torch.bool:
+            raise DataValidationError(f"{name} must hold real numbers, got dtype {v.dtype}")
+        arr = v.detach().to("cpu", torch.float64).numpy()
+    elif isinstance(v, np.ndarray):
+        if v.dtype.kind not in "fiu":
+            raise DataValidationError(f"{name} must hold numbers, got dtype {v.dtype}")
+        arr = np.asarray(v, dtype=np.float64)
+    else:
+        raise DataValidationError(f"{name} must be a numpy array or torch tensor, got {type(v).__name__}")
+    if not arr.flags.writeable:  # torch.from_numpy needs a writeable buffer
+        arr = arr.copy()
+    if np.isinf(arr).any():
+        raise DataValidationError(f"{name} holds infinite values; returns must be finite or NaN")
+    return arr
+
+
+def _as_dates(v: object, name: str) -> pd.DatetimeIndex:
+    """A tz-naive ``DatetimeIndex`` from dates or date-like values (tz-aware: local wall time)."""
+    if isinstance(v, pd.DatetimeIndex):
+        idx = v
+    else:
+        try:
+            idx = pd.DatetimeIndex(pd.to_datetime(cast(Any, v)))
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise DataValidationError(
+                f"{name} must be dates (a DatetimeIndex or convertible): {exc}"
+            ) from exc
+    if idx.tz is not None:
+        idx = idx.tz_localize(None)
+    if idx.hasnans:
+        raise DataValidationError(f"{name} contains a missing date (NaT)")
+    return idx
+
+
+def _validated_panels(
+    stock_returns: object, index_returns: object
+) -> tuple[pd.DatetimeIndex, list[str], np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """Check the labelled inputs and return (dates, tickers, y [T, N], x [T] or [T, N])."""
+    if not isinstance(stock_returns, pd.DataFrame):
+        raise DataValidationError(
+            f"stock_returns must be a pandas DataFrame (dates x tickers), got {type(stock_returns).__name__}"
+        )
+    if not isinstance(index_returns, pd.Series | pd.DataFrame):
+        raise DataValidationError(
+            "index_returns must be a pandas Series (or a DataFrame of per-stock aligned index "
+            f"returns), got {type(index_returns).__name__}"
+        )
+    tickers = _tickers(stock_returns)
+    stock = _dated(stock_returns, "stock_returns")
+    index = _dated(index_returns, "index_returns")
+    if not stock.index.equals(index.index):
+        raise DataValidationError(_date_mismatch(stock.index, index.index))
+    if isinstance(index, pd.DataFrame):
+        itick = _tickers(index, "index_returns")
+        if set(itick) != set(tickers):
+            missing = [t for t in tickers if t not in set(itick)]
+            extra = [t for t in itick if t not in set(tickers)]
+            raise DataValidationError(
+                "index_returns (a DataFrame) must have the same ticker columns as stock_returns; "
+                f"missing: {missing[:5]}, unexpected: {extra[:5]}"
+            )
+        if itick != tickers:
+            index = index[tickers]
+    y = _numeric(stock, "stock_returns")
+    x = _numeric(index, "index_returns")
+    return pd.DatetimeIndex(stock.index), tickers, y, x
+
+
+def _tickers(frame: pd.DataFrame, name: str = "stock_returns") -> list[str]:
+    cols = frame.columns.tolist()
+    for c in cols:
+        if not isinstance(c, str):
+            raise DataValidationError(
+                f"{name} column names must be ticker strings, got {c!r} ({type(c).__name__})"
+            )
+    if len(set(cols)) != len(cols):
+        dup = next(c for i, c in enumerate(cols) if c in cols[:i])
+        raise DataValidationError(f"{name} has the ticker {dup!r} more than once")
+    return cols
+
+
+def _dated(obj: pd.Series | pd.DataFrame, name: str) -> Any:
+    """``obj`` on a sorted, unique, tz-naive DatetimeIndex (sorted here when it is not)."""
+    idx = obj.index
+    if not isinstance(idx, pd.DatetimeIndex) and (
+        pd.api.types.is_numeric_dtype(idx.dtype) or pd.api.types.is_bool_dtype(idx.dtype)
+    ):
+        # Numbers would "convert" to nanoseconds since 1970: refuse them.
+        raise DataValidationError(
+            f"{name} index must be dates (a DatetimeIndex or date strings), got {idx.dtype} values"
+        )
+    idx = _as_dates(idx, f"{name} index")
+    if idx.has_duplicates:
+        dup = idx[idx.duplicated()][0]
+        raise DataValidationError(f"{name} has the date {dup.date()} more than once (dates must be unique)")
+    out = obj.set_axis(idx, axis=0) if idx is not obj.index else obj
+    if not idx.is_monotonic_increasing:
+        out = out.sort_index()
+    return out
+
+
+def _date_mismatch(a: pd.DatetimeIndex, b: pd.DatetimeIndex) -> str:
+    only_a = a.difference(b)
+    only_b = b.difference(a)
+    parts = []
+    if len(only_a):
+        parts.append(f"{len(only_a)} date(s) only in stock_returns (first {only_a[0].date()})")
+    if len(only_b):
+        parts.append(f"{len(only_b)} date(s) only in index_returns (first {only_b[0].date()})")
+    return "index_returns must have the same dates as stock_returns: " + "; ".join(parts)
+
+
+def _numeric(obj: pd.Series | pd.DataFrame, name: str) -> np.ndarray[Any, Any]:
+    """float64 values of a Series ([T]) or DataFrame ([T, N]); refuse non-numbers and infinities."""
+    frame = obj.to_frame() if isinstance(obj, pd.Series) else obj
+    for col, dtype in frame.dtypes.items():
+        if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
+            where = "" if isinstance(obj, pd.Series) else f" column {col!r}"
+            raise DataValidationError(f"{name}{where} must hold numbers, got dtype {dtype}")
+    try:
+        if all(dtype == np.float64 for dtype in frame.dtypes):
+            values = frame.to_numpy(dtype=np.float64)  # NaN already marks missing
+        else:
+            values = frame.to_numpy(dtype=np.float64, na_value=np.nan)
+    except (TypeError, ValueError) as exc:
+        raise DataValidationError(f"{name} cannot be read as float64 numbers: {exc}") from exc
+    # Ticker-major memory (column-major [T, N]), the layout of pandas' own blocks and of the
+    # kernels; an own, writeable copy only when pandas hands out a read-only view.
+    if not values.flags.writeable or not values.flags.f_contiguous:
+        values = np.array(values, dtype=np.float64, order="F", copy=True)
+    inf = np.isinf(values)
+    if inf.any():
+        r, c = (int(v[0]) for v in np.nonzero(inf))
+        date = frame.index[r].date()
+        where = f"on {date}" if isinstance(obj, pd.Series) else f"for {frame.columns[c]} on {date}"
+        raise DataValidationError(f"{name} has an infinite value {where} (returns must be finite or NaN)")
+    return values[:, 0] if isinstance(obj, pd.Series) else values
