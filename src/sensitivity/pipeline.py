@@ -176,7 +176,7 @@ def _with_prices(
     """Add ``index_ticker``, ``close``, ``prev_close`` and ``dollar_sensitivity`` to the fit."""
     dates = pd.DatetimeIndex(pd.to_datetime(result["date"]))
     rows = close.index.get_indexer(dates)
-    cols = close.columns.get_indexer(result["ticker"])
+    cols = close.columns.get_indexer(pd.Index(result["ticker"]))
     if (rows < 0).any() or (cols < 0).any():  # pragma: no cover - returns and prices share labels
         raise ModelFitError("internal error: fitted rows do not line up with the price panel")
     out = result.copy()
