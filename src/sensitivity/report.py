@@ -7,16 +7,25 @@ what these functions return.
   latest day from the per-day sensitivity table and stamps it with ``as_of``.
 * :func:`characteristic_curve` gathers what the scatter chart of one combination shows: the
   returns the latest fit used, the fitted quadratic, the linear fit of the same points and,
-  where the stored standard errors allow it, the 95% confidence band of the fitted quadratic.
-* :func:`characteristic_curve_figure`, :func:`sensitivity_history_figure` and
-  :func:`sparkline_figure` draw one combination (matplotlib ``Figure`` objects, rendered by the
-  Agg canvas; no pyplot global state), :func:`figure_png` turns a figure into PNG bytes.
+  where the table's covariance is stored or can be rebuilt (classical, HC, Newey-West), the
+  95% confidence band of the fitted quadratic.
+* :func:`gamma_test`, :func:`gamma_significant` and :func:`huber_disagrees` read the test of
+  the curvature and the OLS/Huber comparison off a row (``gamma_p`` where the table has it).
+* :func:`characteristic_curve_figure`, :func:`sensitivity_history_figure`,
+  :func:`gamma_history_figure` and :func:`sparkline_figure` draw one combination,
+  :func:`sensitivity_heatmap_figure` all tickers of one (index, window) through time
+  (matplotlib ``Figure`` objects, rendered by the Agg canvas; no pyplot global state);
+  :func:`figure_png` turns a figure into PNG bytes.
 * :func:`render_report` assembles a self-contained HTML page (PNG charts embedded as base64
   data URIs, no external CSS, JS or fonts); every piece of text that comes from data or the
-  manifest is HTML-escaped.
+  manifest is HTML-escaped.  :func:`overview_markdown` is its overview as Markdown (the
+  Prefect artifact).
 
-Returns are simple daily returns as decimal fractions in the frames and are shown in percent
-in the charts; sensitivity and betas are unitless (stock % per index %).
+Optional columns (``gamma_p``, ``delta_aic``, ``up_beta``/``down_beta``, ``secant_slope``,
+``huber_*``, ``cov_*``, ``risk_free_return``) are used where the frames have them and left out
+of the page where they do not.  Returns are simple daily returns as decimal fractions in the
+frames and are shown in percent in the charts; sensitivity and betas are unitless (stock % per
+index %).  docs/methodology.md explains the numbers.
 """
 
 from __future__ import annotations
@@ -28,34 +37,47 @@ import io
 import json
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import CenteredNorm
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
 from PIL import Image
 
 __all__ = [
+    "CHART_LIMIT",
     "KEY_COLUMNS",
+    "SCENARIO_ALIASES",
+    "SCENARIO_COLUMNS",
     "SENSITIVITY_COLUMNS",
+    "SIGNIFICANCE_LEVEL",
     "CharacteristicCurve",
+    "GammaTest",
     "characteristic_curve",
     "characteristic_curve_figure",
     "figure_png",
+    "gamma_history_figure",
+    "gamma_significant",
+    "gamma_test",
+    "huber_disagrees",
+    "overview_markdown",
     "render_report",
+    "sensitivity_heatmap_figure",
     "sensitivity_history_figure",
     "sparkline_figure",
     "summary_table",
 ]
 
 FloatArray = npt.NDArray[np.float64]
-ChartKind = Literal["sparkline", "characteristic", "sensitivity"]
+ChartKind = Literal["sparkline", "characteristic", "sensitivity", "gamma", "heatmap"]
 
 #: The columns that identify one fitted series.
 KEY_COLUMNS: Final[tuple[str, ...]] = ("index_ticker", "ticker", "window")
@@ -86,6 +108,23 @@ SENSITIVITY_COLUMNS: Final[tuple[str, ...]] = (
     "dollar_sensitivity",
 )
 
+#: The columns of a scenario table (the what-if of the latest fit, one row per index move).
+SCENARIO_COLUMNS: Final[tuple[str, ...]] = (
+    "ticker",
+    "index_move",
+    "predicted_return",
+    "predicted_return_ci_lower",
+    "predicted_return_ci_upper",
+    "price_move",
+)
+#: Short names the report also accepts for the scenario intervals (renamed on the way in).
+SCENARIO_ALIASES: Final[dict[str, str]] = {
+    "lower": "predicted_return_ci_lower",
+    "upper": "predicted_return_ci_upper",
+    "price_lower": "price_move_ci_lower",
+    "price_upper": "price_move_ci_upper",
+}
+
 _SUMMARY_REQUIRED: Final[tuple[str, ...]] = ("date", *KEY_COLUMNS, "sensitivity")
 
 #: Two-sided 95% normal quantile; used when the table's intervals do not reveal their own.
@@ -93,9 +132,14 @@ _Z95: Final[float] = 1.959963984540054
 #: Relative tolerance within which recomputed classical standard errors must match the stored
 #: ones before the report draws a confidence band from the recomputed covariance.
 _SE_RTOL: Final[float] = 1e-6
+#: The level of the report's significance markers (two-sided).
+SIGNIFICANCE_LEVEL: Final[float] = 0.05
 
 CHART_DPI: Final[int] = 90
 CHART_SIZE: Final[tuple[float, float]] = (6.2, 4.4)
+#: Above this many tickers per (index, window) the report charts only the ``CHART_LIMIT // 2``
+#: most and least sensitive ones (the overview still lists every ticker).
+CHART_LIMIT: Final[int] = 40
 #: Palette size of the embedded PNGs (see :func:`figure_png`).
 PNG_COLORS: Final[int] = 128
 SPARK_DPI: Final[int] = 100
@@ -108,6 +152,9 @@ _C_QUAD: Final[str] = "#c44e52"
 _C_LINEAR: Final[str] = "#555555"
 _C_TODAY: Final[str] = "#dd8452"
 _C_SENS: Final[str] = "#1f5fa8"
+_C_HUBER: Final[str] = "#2a9d55"
+_C_GAMMA: Final[str] = "#7a4fa0"
+_C_SIGNIFICANT: Final[str] = "#f2c14e"
 
 
 # --------------------------------------------------------------------------------------------
@@ -235,10 +282,12 @@ def _critical_value(row: Mapping[str, Any]) -> float:
 class CharacteristicCurve:
     """The latest fit of one combination, with the sample it was fitted on.
 
-    Returns are decimal fractions.  ``covariance`` is the classical OLS covariance of
-    (alpha, beta, gamma), rebuilt from the sample and the fitted coefficients; it is ``None``
-    (and ``band_note`` says why) unless its standard errors match the stored ones, so a band
-    is only drawn when it is the band of the fit the table reports.
+    Returns are decimal fractions.  ``covariance`` is the covariance of (alpha, beta, gamma)
+    rebuilt from the sample and the fitted coefficients, of the kind (``covariance_kind``:
+    classical OLS, HC1, HC0 or Newey-West HAC) whose standard errors equal the stored ones; it
+    is ``None`` (and ``band_note`` says why) when no kind matches, so a band is only drawn when
+    it is the band of the fit the table reports.  ``huber`` holds the latest row's Huber
+    (alpha, beta, gamma) when the table has them.
     """
 
     index_ticker: str
@@ -262,6 +311,10 @@ class CharacteristicCurve:
     covariance: FloatArray | None
     critical_value: float
     band_note: str
+    covariance_kind: str = ""
+    huber: tuple[float, float, float] | None = None
+    #: Whether the returns are in excess of a risk-free rate (the table's ``risk_free_return``).
+    excess: bool = False
 
     @property
     def has_fit(self) -> bool:
@@ -296,14 +349,11 @@ class CharacteristicCurve:
         return mid - self.critical_value * se, mid + self.critical_value * se
 
 
-def _classical_covariance(x: FloatArray, y: FloatArray, coef: FloatArray) -> FloatArray | None:
-    """``s^2 (X'X)^-1`` for ``X = [1, x, x^2]`` and the given coefficients; ``None`` if singular."""
-    n = x.size
-    if n <= 3:
+def _design_inverse(x: FloatArray) -> tuple[FloatArray, FloatArray] | None:
+    """``X = [1, x, x^2]`` and ``(X'X)^-1``; ``None`` when there are too few points or X is singular."""
+    if x.size <= 3:
         return None
     design = np.column_stack([np.ones_like(x), x, x * x])
-    resid = y - design @ coef
-    s2 = float(resid @ resid) / (n - 3)
     scale = np.linalg.norm(design, axis=0)
     if not np.all(scale > 0):
         return None
@@ -313,31 +363,116 @@ def _classical_covariance(x: FloatArray, y: FloatArray, coef: FloatArray) -> Flo
     if diag.min() <= 1e-12 * diag.max():
         return None
     r_inv = np.linalg.inv(r)
-    xtx_inv = (r_inv @ r_inv.T) / np.outer(scale, scale)
-    return np.asarray(s2 * xtx_inv, dtype=np.float64)
+    return design, np.asarray((r_inv @ r_inv.T) / np.outer(scale, scale), dtype=np.float64)
 
 
-def characteristic_curve(history: pd.DataFrame) -> CharacteristicCurve:
+def _newey_west_lags(n: int) -> tuple[int, ...]:
+    """The usual automatic HAC lag rules for ``n`` observations.
+
+    ``floor(4 (n/100)^(2/9))`` (Newey and West 1994; statsmodels' default), ``floor(n^(1/4))``
+    and ``floor(0.75 n^(1/3))`` (Stock and Watson).
+    """
+    return (
+        math.floor(4.0 * (n / 100.0) ** (2.0 / 9.0)),
+        math.floor(n**0.25),
+        math.floor(0.75 * n ** (1.0 / 3.0)),
+    )
+
+
+def _covariance_candidates(
+    x: FloatArray, y: FloatArray, coef: FloatArray, hac_lags: Sequence[int] = ()
+) -> list[tuple[str, FloatArray]]:
+    """Covariances of (alpha, beta, gamma) the table may have used, as (kind, matrix) pairs.
+
+    Classical ``s^2 (X'X)^-1`` (``s^2 = RSS/(n-3)``); the White sandwiches HC1 (``n/(n-3)``
+    times HC0) and HC0; and Newey-West HAC sandwiches (Bartlett weights ``1 - l/(L+1)``, as
+    statsmodels' ``cov_type="HAC"``) for the lags ``hac_lags`` and the usual automatic rules,
+    each without and with the ``n/(n-3)`` correction.  Empty when the design is singular.
+    """
+    prepared = _design_inverse(x)
+    if prepared is None:
+        return []
+    design, xtx_inv = prepared
+    n, k = design.shape
+    resid = y - design @ coef
+    out: list[tuple[str, FloatArray]] = [("classical OLS", float(resid @ resid) / (n - k) * xtx_inv)]
+    scores = design * resid[:, None]
+    meat0 = scores.T @ scores
+    hc0 = xtx_inv @ meat0 @ xtx_inv
+    out += [("HC1", hc0 * (n / (n - k))), ("HC0", hc0)]
+    lags = sorted({int(v) for v in (*hac_lags, *_newey_west_lags(n)) if 0 < int(v) < n})
+    for lag in lags:
+        meat = meat0.copy()
+        for ell in range(1, lag + 1):
+            s = scores[ell:].T @ scores[:-ell]
+            meat += (1.0 - ell / (lag + 1.0)) * (s + s.T)
+        hac = xtx_inv @ meat @ xtx_inv
+        out += [
+            (f"HAC, Newey-West {lag} lags", hac),
+            (f"HAC, Newey-West {lag} lags, n/(n-3) corrected", hac * (n / (n - k))),
+        ]
+    return [(kind, np.asarray(cov, dtype=np.float64)) for kind, cov in out]
+
+
+#: Names of the table's ``se_type`` values.
+_SE_KINDS: Final[dict[str, str]] = {"classical": "classical OLS", "hc1": "HC1", "hac": "HAC, Newey-West"}
+_COV_COLUMNS: Final[tuple[str, ...]] = ("cov_alpha_beta", "cov_alpha_gamma", "cov_beta_gamma")
+
+
+def _stored_covariance(row: Mapping[str, Any]) -> tuple[str, FloatArray] | None:
+    """The covariance of (alpha, beta, gamma) the table stores for ``row``, with its kind."""
+    se = [_finite(row, c) for c in ("alpha_se", "beta_se", "gamma_se")]
+    off = [_finite(row, c) for c in _COV_COLUMNS]
+    if not all(math.isfinite(v) for v in (*se, *off)):
+        return None
+    cov = np.diag(np.square(np.asarray(se, dtype=np.float64)))
+    for (i, j), value in zip(((0, 1), (0, 2), (1, 2)), off, strict=True):
+        cov[i, j] = cov[j, i] = value
+    raw = row.get("se_type")
+    se_type = raw if isinstance(raw, str) else ""
+    return _SE_KINDS.get(se_type, se_type or "stored"), cov
+
+
+def _finite(row: Mapping[str, Any], column: str) -> float:
+    """``row[column]`` as a float; NaN when the column is absent, null or not a number."""
+    try:
+        v = float(row[column])
+    except (KeyError, TypeError, ValueError):
+        return math.nan
+    return v if math.isfinite(v) else math.nan
+
+
+def characteristic_curve(history: pd.DataFrame, *, hac_lags: Sequence[int] = ()) -> CharacteristicCurve:
     """The latest fit of one combination and the sample of returns it was fitted on.
 
     The sample is the last ``n_obs`` rows with both returns (the stock's returns inside the
     latest window), or every such row for ``window == 0``; when the latest day has no fit,
     the last ``window`` rows (all rows for ``window == 0``) are returned for the scatter.
-    The linear fit is ``numpy.polyfit`` of degree 1 on the same points (its slope equals the
-    table's ``linear_beta``).  The confidence band is rebuilt from the sample as the classical
-    OLS covariance and kept only when its standard errors equal the stored ``alpha_se``,
-    ``beta_se``, ``gamma_se`` (relative tolerance 1e-6); its quantile is the one the table's
+    Where the table has a ``risk_free_return`` column the model was fitted on excess returns,
+    so the sample (and today's point) are ``index_return - risk_free_return`` and
+    ``stock_return - risk_free_return``.  The linear fit is ``numpy.polyfit`` of degree 1 on
+    the same points (its slope equals the table's ``linear_beta``).  The confidence band's
+    covariance is the table's own where it stores the covariances (``cov_alpha_beta``,
+    ``cov_alpha_gamma``, ``cov_beta_gamma`` with the standard errors; ``se_type`` names it);
+    otherwise it is rebuilt from the sample: classical OLS, HC1, HC0 or Newey-West HAC (lags
+    ``hac_lags`` and the usual automatic rules), whichever reproduces the stored ``alpha_se``,
+    ``beta_se``, ``gamma_se`` (relative tolerance 1e-6).  Its quantile is the one the table's
     sensitivity interval used.
     """
     frame = _one_combination(history)
     last = frame.iloc[-1]
+    row = _record(last)
     window = int(last["window"])
+    rf = _floats(frame["risk_free_return"]) if "risk_free_return" in frame.columns else None
+    excess = rf is not None and bool(np.any(np.nan_to_num(rf) != 0.0))
     x_all = _floats(frame["index_return"])
     y_all = _floats(frame["stock_return"])
+    if rf is not None and excess:
+        x_all, y_all = x_all - rf, y_all - rf
     usable = np.flatnonzero(np.isfinite(x_all) & np.isfinite(y_all))
-    coef = np.array([float(last["alpha"]), float(last["beta"]), float(last["gamma"])], dtype=np.float64)
+    coef = np.array([_finite(row, c) for c in ("alpha", "beta", "gamma")], dtype=np.float64)
     fitted = bool(np.all(np.isfinite(coef)))
-    n_obs = float(last["n_obs"])
+    n_obs = _finite(row, "n_obs")
     if window == 0:
         sample = usable
     elif fitted and math.isfinite(n_obs) and n_obs > 0:
@@ -352,23 +487,40 @@ def characteristic_curve(history: pd.DataFrame) -> CharacteristicCurve:
         slope, intercept = (float(v) for v in np.polyfit(x, y, 1))
 
     covariance: FloatArray | None = None
+    kind = ""
     if not fitted:
         note = "no fit on the latest day"
     else:
-        stored = np.array([float(last[c]) for c in ("alpha_se", "beta_se", "gamma_se")], dtype=np.float64)
-        candidate = _classical_covariance(x, y, coef)
-        if candidate is None:
-            note = "confidence band omitted: the sample is too small or singular"
-        elif not np.all(np.isfinite(stored)):
+        stored = np.array([_finite(row, c) for c in ("alpha_se", "beta_se", "gamma_se")], dtype=np.float64)
+        own = _stored_covariance(row)
+        if own is not None:
+            candidates = [own]
+        elif np.all(np.isfinite(stored)):
+            candidates = _covariance_candidates(x, y, coef, hac_lags)
+        else:
+            candidates = []
+        match = next(
+            (
+                (k, c)
+                for k, c in candidates
+                if np.allclose(np.sqrt(np.diag(c)), stored, rtol=_SE_RTOL, atol=0.0)
+            ),
+            None,
+        )
+        if not np.all(np.isfinite(stored)):
             note = "confidence band omitted: the table has no standard errors for this fit"
-        elif np.allclose(np.sqrt(np.diag(candidate)), stored, rtol=_SE_RTOL, atol=0.0):
-            covariance = candidate
+        elif own is None and _design_inverse(x) is None:
+            note = "confidence band omitted: the sample is too small or singular"
+        elif match is not None:
+            kind, covariance = match
             note = ""
         else:
             note = (
-                "confidence band omitted: the stored standard errors are not the classical OLS "
-                "ones of this sample, whose full covariance the report cannot rebuild"
+                "confidence band omitted: the stored standard errors are none of the classical, "
+                "HC or Newey-West ones of this sample, so the report cannot rebuild their covariance"
             )
+    huber_coef = tuple(_finite(row, f"huber_{c}") for c in ("alpha", "beta", "gamma"))
+    huber = (huber_coef[0], huber_coef[1], huber_coef[2]) if all(map(math.isfinite, huber_coef)) else None
     dates = pd.DatetimeIndex(frame["date"].to_numpy()[sample])
     return CharacteristicCurve(
         index_ticker=str(last["index_ticker"]),
@@ -378,17 +530,20 @@ def characteristic_curve(history: pd.DataFrame) -> CharacteristicCurve:
         index_return=x,
         stock_return=y,
         today=_to_date(last["date"]),
-        today_index_return=float(last["index_return"]),
-        today_stock_return=float(last["stock_return"]),
+        today_index_return=float(x_all[-1]),
+        today_stock_return=float(y_all[-1]),
         alpha=float(coef[0]),
         beta=float(coef[1]),
         gamma=float(coef[2]),
-        sensitivity=float(last["sensitivity"]),
+        sensitivity=_finite(row, "sensitivity"),
         linear_slope=slope,
         linear_intercept=intercept,
         covariance=covariance,
-        critical_value=_critical_value(_record(last)),
+        critical_value=_critical_value(row),
         band_note=note,
+        covariance_kind=kind,
+        huber=huber,
+        excess=excess,
     )
 
 
@@ -420,17 +575,22 @@ def _empty_note(ax: Axes, text: str) -> None:
     )
 
 
-def characteristic_curve_figure(history: pd.DataFrame) -> Figure:
+def characteristic_curve_figure(
+    history: pd.DataFrame, *, hac_lags: Sequence[int] = (), curve: CharacteristicCurve | None = None
+) -> Figure:
     """Scatter of the stock's against the index's daily returns over the latest window.
 
     Draws the points of the latest fit's sample, today's point, the fitted quadratic
     (latest alpha, beta, gamma) with its 95% confidence band where :func:`characteristic_curve`
-    could rebuild it, the linear fit of the same points (``numpy.polyfit``, degree 1) and the
+    could rebuild it, the linear fit of the same points (``numpy.polyfit``, degree 1), the
+    Huber fit where the table has ``huber_alpha``, ``huber_beta``, ``huber_gamma``, and the
     tangent at today's index return, whose slope is today's sensitivity.  Axes in percent.
-    Line labels: ``quadratic fit``, ``linear fit``, ``tangent``; the band's label starts with
-    ``95% CI``.
+    Line ids (``gid``): ``quadratic fit``, ``linear fit``, ``huber fit``, ``tangent``; the
+    band's label starts with ``95% CI``.  ``curve``: the :func:`characteristic_curve` of
+    ``history`` when the caller has it already.
     """
-    curve = characteristic_curve(history)
+    if curve is None:
+        curve = characteristic_curve(history, hac_lags=hac_lags)
     fig = Figure(figsize=CHART_SIZE, layout="constrained")
     ax = fig.add_subplot()
     ax.axhline(0.0, color="0.85", lw=0.8, zorder=0)
@@ -440,8 +600,9 @@ def characteristic_curve_figure(history: pd.DataFrame) -> Figure:
     if curve.n:
         span += f", {curve.dates[0].date()} to {curve.dates[-1].date()}"
     ax.set_title(_mpl_text(f"{title}\n{span}"), fontsize=9.5)
-    ax.set_xlabel(_mpl_text(f"{curve.index_ticker} daily return (%)"))
-    ax.set_ylabel(_mpl_text(f"{curve.ticker} daily return (%)"))
+    kind = "daily excess return" if curve.excess else "daily return"
+    ax.set_xlabel(_mpl_text(f"{curve.index_ticker} {kind} (%)"))
+    ax.set_ylabel(_mpl_text(f"{curve.ticker} {kind} (%)"))
     if curve.n == 0:
         _empty_note(ax, "no daily returns in the latest window")
         return fig
@@ -478,7 +639,7 @@ def characteristic_curve_figure(history: pd.DataFrame) -> Figure:
                 color=_C_QUAD,
                 alpha=0.18,
                 lw=0,
-                label="95% CI of the quadratic fit",
+                label=f"95% CI of the quadratic fit ({curve.covariance_kind})",
             )
         ax.plot(
             100 * xs,
@@ -497,6 +658,17 @@ def characteristic_curve_figure(history: pd.DataFrame) -> Figure:
             ls="--",
             label=f"linear fit (polyfit): slope {curve.linear_slope:.2f}",
             gid="linear fit",
+        )
+    if curve.huber is not None:
+        h_alpha, h_beta, h_gamma = curve.huber
+        ax.plot(
+            100 * xs,
+            100 * (h_alpha + h_beta * xs + h_gamma * xs * xs),
+            color=_C_HUBER,
+            lw=1.4,
+            ls=(0, (1, 1.5)),
+            label=f"Huber fit: β = {h_beta:.2f}, γ = {h_gamma:.2f}",
+            gid="huber fit",
         )
     x0 = curve.today_index_return
     if curve.has_fit and math.isfinite(x0) and math.isfinite(curve.sensitivity):
@@ -566,6 +738,165 @@ def sensitivity_history_figure(history: pd.DataFrame) -> Figure:
         [dates[i]], [sens[i]], "o", color=_C_TODAY, ms=5, mec="black", mew=0.6, label=f"latest: {sens[i]:.2f}"
     )
     fig.legend(loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    return fig
+
+
+def _critical_values(frame: pd.DataFrame) -> FloatArray:
+    """Per row, the quantile of the table's sensitivity interval (``_Z95`` where it is unknown)."""
+    se = _floats(frame["sensitivity_se"])
+    width = _floats(frame["sensitivity_ci_upper"]) - _floats(frame["sensitivity_ci_lower"])
+    with np.errstate(divide="ignore", invalid="ignore"):
+        crit = width / (2.0 * se)
+    return np.where(np.isfinite(crit) & (crit > 0), crit, _Z95)
+
+
+def gamma_significant(frame: pd.DataFrame) -> npt.NDArray[np.bool_]:
+    """Per row of a per-day table, whether gamma differs from 0 at the 5% level (two-sided).
+
+    By ``gamma_p < 0.05`` where the table has a ``gamma_p`` column (the p-value of the
+    table's own test, which may use robust standard errors); otherwise by
+    ``|gamma / gamma_se| >= q``, ``q`` the quantile of the row's sensitivity interval.  Rows
+    without a fit are False.
+    """
+    if "gamma_p" in frame.columns:
+        p = _floats(frame["gamma_p"])
+        return np.asarray(np.isfinite(p) & (p < SIGNIFICANCE_LEVEL), dtype=np.bool_)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = _floats(frame["gamma"]) / _floats(frame["gamma_se"])
+    return np.asarray(np.isfinite(t) & (np.abs(t) >= _critical_values(frame)), dtype=np.bool_)
+
+
+def gamma_history_figure(history: pd.DataFrame) -> Figure:
+    """The rolling curvature gamma of one combination through time, with its 95% band.
+
+    The band is ``gamma ± q*gamma_se`` (``q`` the quantile of the day's sensitivity interval);
+    the shaded background marks the days on which gamma is significant at 5%
+    (:func:`gamma_significant`).  Line id (``gid``): ``gamma``; the band's label is ``95% CI``,
+    the shading's starts with ``significant``.
+    """
+    frame = _one_combination(history)
+    last = frame.iloc[-1]
+    ticker, index_ticker, window = str(last["ticker"]), str(last["index_ticker"]), int(last["window"])
+    dates = frame["date"].to_numpy(dtype="datetime64[ns]")
+    gamma = _floats(frame["gamma"])
+    fig = Figure(figsize=CHART_SIZE, layout="constrained")
+    ax = fig.add_subplot()
+    ax.set_title(
+        _mpl_text(f"{ticker} vs {index_ticker}: curvature γ per day ({_window_label(window)})"),
+        fontsize=9.5,
+    )
+    ax.set_ylabel("γ (per unit of decimal index return)")
+    _date_axis(ax)
+    if not np.isfinite(gamma).any():
+        ax.plot(dates, gamma, color=_C_GAMMA, lw=0.9, label="γ", gid="gamma")
+        _empty_note(ax, "no fitted value on any day")
+        return fig
+    ax.axhline(0.0, color="0.55", lw=0.8, zorder=1)
+    significant = gamma_significant(frame)
+    crit = _critical_values(frame)
+    fitted = np.isfinite(gamma)
+    test = "p < 0.05" if "gamma_p" in frame.columns else f"|t| ≥ {float(np.median(crit[fitted])):.2f}"
+    ax.fill_between(
+        dates,
+        0.0,
+        1.0,
+        where=significant,
+        step="mid",
+        transform=ax.get_xaxis_transform(),
+        color=_C_SIGNIFICANT,
+        alpha=0.35,
+        lw=0,
+        label=f"significant at 5% ({test}): {int(significant.sum())} of {int(fitted.sum())} days",
+    )
+    half = crit * _floats(frame["gamma_se"])
+    ax.fill_between(dates, gamma - half, gamma + half, color=_C_GAMMA, alpha=0.2, lw=0, label="95% CI")
+    ax.plot(dates, gamma, color=_C_GAMMA, lw=0.9, label="γ (curvature)", gid="gamma")
+    i = int(np.flatnonzero(np.isfinite(gamma))[-1])
+    latest = f"latest: {gamma[i]:.2f}"
+    ax.plot([dates[i]], [gamma[i]], "o", color=_C_TODAY, ms=5, mec="black", mew=0.6, label=latest)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    return fig
+
+
+def _heatmap_freq(dates: pd.Series) -> str:
+    """Weekly bins for up to two years of data, monthly up to 25 years, quarterly beyond."""
+    span = (dates.max() - dates.min()).days
+    if span <= 2 * 366:
+        return "W"
+    return "M" if span <= 25 * 366 else "Q"
+
+
+_FREQ_WORDS: Final[dict[str, str]] = {"W": "weekly", "M": "monthly", "Q": "quarterly"}
+
+
+def sensitivity_heatmap_figure(
+    sensitivity: pd.DataFrame, *, tickers: Sequence[str] | None = None, freq: str | None = None
+) -> Figure:
+    """Mean sensitivity per ticker (rows) and week, month or quarter (columns), one colour each.
+
+    ``sensitivity`` is a per-day table of one (``index_ticker``, ``window``); ``tickers`` the
+    rows, top to bottom (default: every ticker, by its latest sensitivity, highest first);
+    ``freq`` a pandas period alias (default: weekly up to two years of data, monthly up to
+    25 years, quarterly beyond).  The diverging colour scale is centred at 1 (a stock that
+    moves one for one with the index is white), red above, blue below, symmetric over the 98th
+    percentile of ``|sensitivity - 1|``; bins without a fitted day are grey.  The mesh's
+    ``gid`` is ``heatmap``; its array holds the means, one row per ticker.
+    """
+    frame = _checked_frame(sensitivity, "sensitivity", ("date", "ticker", "sensitivity"))
+    groups = frame[[c for c in ("index_ticker", "window") if c in frame.columns]].drop_duplicates()
+    if len(groups) > 1:
+        raise ValueError(f"sensitivity must hold one (index_ticker, window), got {len(groups)}")
+    days = _timestamps(frame["date"], "sensitivity.date")
+    frame = frame.assign(date=days.to_numpy(), ticker=frame["ticker"].astype(str))
+    if tickers is None:
+        latest = frame.sort_values("date", kind="stable").groupby("ticker", sort=False).tail(1)
+        order = latest.sort_values(
+            ["sensitivity", "ticker"], ascending=[False, True], na_position="last", kind="stable"
+        )["ticker"].tolist()
+    else:
+        order = [str(t) for t in tickers]
+    freq = freq or _heatmap_freq(days)
+    periods = pd.period_range(days.min(), days.max(), freq=freq)
+    means = (
+        frame.assign(_period=days.dt.to_period(freq).to_numpy())
+        .groupby(["ticker", "_period"], sort=False)["sensitivity"]
+        .mean()
+        .unstack("_period")
+        .reindex(index=order, columns=periods)
+    )
+    values = np.ma.masked_invalid(means.to_numpy(dtype="float64", na_value=np.nan))
+    rows = len(order)
+    height = min(1.6 + 0.2 * rows, 14.0)
+    fig = Figure(figsize=(12.0, height), layout="constrained")
+    ax = fig.add_subplot()
+    index_ticker = str(frame["index_ticker"].iloc[0]) if "index_ticker" in frame.columns else "the index"
+    word = _FREQ_WORDS.get(freq, freq)
+    ax.set_title(_mpl_text(f"Sensitivity to {index_ticker} across stocks, {word} means"), fontsize=10)
+    finite = values.compressed()
+    if rows == 0 or finite.size == 0:
+        ax.set_axis_off()
+        _empty_note(ax, "no fitted value on any day")
+        return fig
+    half = float(np.percentile(np.abs(finite - 1.0), 98)) if finite.size else 1.0
+    half = max(half, 0.05)
+    cmap = colormaps["RdBu_r"].with_extremes(bad="#d9dde2")
+    edges = np.append(periods.start_time.to_numpy(), (periods[-1] + 1).start_time.to_datetime64())
+    mesh = ax.pcolormesh(
+        edges,
+        np.arange(rows + 1),
+        values,
+        cmap=cmap,
+        norm=CenteredNorm(vcenter=1.0, halfrange=half),
+        shading="flat",
+    )
+    mesh.set_gid("heatmap")
+    ax.set_ylim(rows, 0)
+    ax.set_yticks(np.arange(rows) + 0.5, labels=[_mpl_text(t) for t in order])
+    ax.tick_params(axis="y", labelsize=max(5.0, min(8.5, 300.0 / max(rows, 1))), length=0)
+    _date_axis(ax)
+    bar = fig.colorbar(mesh, ax=ax, extend="both", pad=0.01, fraction=0.03)
+    bar.set_label("mean sensitivity", fontsize=8)
+    bar.ax.tick_params(labelsize=7)
     return fig
 
 
@@ -671,25 +1002,101 @@ def _img(fig: Figure, kind: ChartKind, alt: str, dpi: int) -> str:
     )
 
 
-def _gamma_t(row: Mapping[str, Any]) -> float:
-    try:
-        t = float(row["gamma"]) / float(row["gamma_se"])
-    except (TypeError, ValueError, ZeroDivisionError):
-        return math.nan
-    return t if math.isfinite(t) else math.nan
+def _pvalue(p: float) -> str:
+    if not math.isfinite(p):
+        return "—"
+    return "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+@dataclass(frozen=True)
+class GammaTest:
+    """The convexity (Treynor-Mazuy) test of one row: is gamma different from 0?
+
+    ``t`` is the table's ``gamma_t`` where it has one, else ``gamma / gamma_se``; ``p`` the
+    table's ``gamma_p`` (NaN where it has none).  Significance at 5% is ``p < 0.05`` where
+    ``p`` is known, else ``|t| >= critical_value`` (the quantile of the row's sensitivity
+    interval).
+    """
+
+    gamma: float
+    t: float
+    p: float
+    critical_value: float
+
+    @property
+    def known(self) -> bool:
+        """Whether the row carries a test at all (a fitted gamma with a t or p)."""
+        return math.isfinite(self.gamma) and (math.isfinite(self.t) or math.isfinite(self.p))
+
+    @property
+    def significant(self) -> bool:
+        """Whether gamma differs from 0 at the 5% level (two-sided)."""
+        if not self.known:
+            return False
+        if math.isfinite(self.p):
+            return self.p < SIGNIFICANCE_LEVEL
+        return abs(self.t) >= self.critical_value
+
+    @property
+    def shape(self) -> str:
+        """``convex``, ``concave``, ``not significant``, or ``—`` without a test."""
+        if not self.known:
+            return "—"
+        if not self.significant:
+            return "not significant"
+        return "convex" if self.gamma > 0 else "concave"
+
+    def describe(self) -> str:
+        """``p 0.003`` where the p-value is known, else ``t 3.1``."""
+        if math.isfinite(self.p):
+            return f"p {_pvalue(self.p)}"
+        return f"t {_tstat(self.t)}"
+
+
+def gamma_test(row: Mapping[str, Any]) -> GammaTest:
+    """The :class:`GammaTest` of one row of the per-day or summary table."""
+    gamma = _finite(row, "gamma")
+    t = _finite(row, "gamma_t")
+    if not math.isfinite(t):
+        se = _finite(row, "gamma_se")
+        t = gamma / se if math.isfinite(se) and se > 0 else math.nan
+    return GammaTest(gamma=gamma, t=t, p=_finite(row, "gamma_p"), critical_value=_critical_value(row))
 
 
 def _curve_label(row: Mapping[str, Any]) -> tuple[str, str]:
-    """Shape of the curve by the t-statistic of gamma: (label, css class)."""
-    t = _gamma_t(row)
-    if not math.isfinite(t):
-        return "—", ""
-    crit = _critical_value(row)
-    if t >= crit:
-        return "convex", "convex"
-    if t <= -crit:
-        return "concave", "concave"
-    return "not significant", "ns"
+    """Shape of the curve by the test of gamma: (label, css class)."""
+    shape = gamma_test(row).shape
+    return shape, {"convex": "convex", "concave": "concave", "not significant": "ns"}.get(shape, "")
+
+
+def _huber_sensitivity(row: Mapping[str, Any]) -> float:
+    """The Huber fit's sensitivity today: ``huber_sensitivity``, else from its beta and gamma."""
+    value = _finite(row, "huber_sensitivity")
+    if math.isfinite(value):
+        return value
+    return _finite(row, "huber_beta") + 2.0 * _finite(row, "huber_gamma") * _finite(row, "index_return")
+
+
+def huber_disagrees(row: Mapping[str, Any]) -> bool | None:
+    """Whether the Huber fit falls outside the OLS fit's 95% intervals (``None``: unknown).
+
+    True when the Huber sensitivity lies outside the OLS sensitivity interval, or the Huber
+    gamma outside ``gamma ± q*gamma_se``: a few large days (an earnings jump) drive the OLS
+    estimate.
+    """
+    huber = _huber_sensitivity(row)
+    lower, upper = _finite(row, "sensitivity_ci_lower"), _finite(row, "sensitivity_ci_upper")
+    if not all(math.isfinite(v) for v in (huber, lower, upper)):
+        return None
+    outside = not lower <= huber <= upper
+    h_gamma, gamma, se = _finite(row, "huber_gamma"), _finite(row, "gamma"), _finite(row, "gamma_se")
+    if all(math.isfinite(v) for v in (h_gamma, gamma, se)):
+        outside = outside or abs(h_gamma - gamma) > _critical_value(row) * se
+    return outside
+
+
+def _has(frame: pd.DataFrame, *columns: str) -> bool:
+    return all(c in frame.columns for c in columns)
 
 
 _CSS: Final[str] = """
@@ -697,30 +1104,47 @@ _CSS: Final[str] = """
 body { font-family: system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif;
   margin: 0 auto; max-width: 1320px; padding: 1rem 1.5rem 3rem; color: #1d232b; line-height: 1.45; }
 h1 { font-size: 1.5rem; margin: 0.2rem 0; }
-h2 { font-size: 1.2rem; margin: 2rem 0 0.6rem; border-bottom: 1px solid #d8dde3; padding-bottom: 0.2rem; }
+h2 { font-size: 1.2rem; margin: 1.6rem 0 0.6rem; border-bottom: 1px solid #d8dde3; padding-bottom: 0.2rem; }
 h3 { font-size: 1.05rem; margin: 0 0 0.3rem; }
 h3 small, .sub { color: #5a6570; font-weight: normal; }
+header .sub { margin: 0.1rem 0 0.4rem; }
+.headline { background: #f3f7fc; border-left: 4px solid #1f5fa8; padding: 0.45rem 0.9rem;
+  margin: 0.4rem 0 0.7rem; font-size: 0.95rem; }
+.headline p { margin: 0.15rem 0; }
 .howto { background: #f5f7fa; border-left: 4px solid #8aa1b8; padding: 0.6rem 0.9rem; font-size: 0.92rem; }
+.howto p { margin: 0.3rem 0; }
 .failures { background: #fdecec; border: 1px solid #d9534f; border-left-width: 6px; padding: 0.5rem 0.9rem;
   margin: 0.8rem 0; }
-.failures h2 { color: #a12622; border: none; margin: 0.2rem 0; font-size: 1.1rem; }
+.failures h2 { color: #a12622; border: none; margin: 0.2rem 0; font-size: 1.05rem; }
+.failures ul, .warnings ul { margin: 0.3rem 0; }
 .warnings { background: #fff8e6; border: 1px solid #e0b040; border-left-width: 6px; padding: 0.4rem 0.9rem;
   margin: 0.8rem 0; font-size: 0.92rem; }
-table { border-collapse: collapse; font-size: 0.88rem; font-variant-numeric: tabular-nums; }
-th, td { padding: 0.25rem 0.55rem; border-bottom: 1px solid #e4e8ec; white-space: nowrap; }
-th { background: #eef1f5; text-align: left; position: sticky; top: 0; }
+.overview { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 0.86rem; font-variant-numeric: tabular-nums; }
+th, td { padding: 0.2rem 0.45rem; border-bottom: 1px solid #e4e8ec; white-space: nowrap; }
+th { background: #eef1f5; text-align: left; position: sticky; top: 0; white-space: normal;
+  vertical-align: bottom; }
+th[title] { text-decoration: underline dotted #8a96a3; cursor: help; }
 td.num, th.num { text-align: right; }
 tbody tr:nth-child(even) { background: #fafbfc; }
 td.convex { color: #1a7f37; font-weight: 600; }
 td.concave { color: #b35900; font-weight: 600; }
 td.ns { color: #6a737d; }
-.stale { color: #a12622; font-size: 0.8rem; }
+.ci { color: #4a545e; }
+.overview td img { display: block; height: 24px; width: auto; }
+.differs { color: #a12622; font-weight: 600; }
+.agrees { color: #6a737d; }
+.stale { color: #a12622; font-size: 0.75rem; }
 .ticker { margin: 1.6rem 0; padding-top: 0.6rem; border-top: 1px solid #e4e8ec; }
 .facts { font-size: 0.9rem; margin: 0.2rem 0 0.5rem; }
-.charts { display: flex; flex-wrap: wrap; gap: 1rem; }
+.charts { display: flex; flex-wrap: wrap; gap: 1rem; align-items: flex-start; }
 figure { margin: 0; max-width: 100%; }
 figure img { max-width: 100%; height: auto; border: 1px solid #eef1f5; }
 figcaption { font-size: 0.8rem; color: #4a545e; max-width: 560px; }
+figure.wide figcaption { max-width: none; }
+table.scenarios caption { caption-side: bottom; text-align: left; font-size: 0.8rem; color: #4a545e;
+  max-width: 560px; white-space: normal; padding-top: 0.3rem; }
+table.scenarios tr.extrapolated td { color: #6a737d; font-style: italic; }
 .note { background: #f5f7fa; padding: 0.5rem 0.8rem; font-size: 0.9rem; }
 pre { background: #f5f7fa; padding: 0.5rem; overflow-x: auto; font-size: 0.8rem; }
 dt { font-weight: 600; margin-top: 0.5rem; }
@@ -728,21 +1152,30 @@ a { color: #1f5fa8; }
 """
 
 
-def _howto(crit: float) -> str:
+def _howto(crit: float, *, has_p: bool) -> str:
+    test = "p &lt; 0.05 (the p-value of γ)" if has_p else f"|t| = |γ / se(γ)| ≥ {crit:.2f}"
     return (
-        '<p class="howto"><strong>How to read this.</strong> For each stock the quadratic market '
-        "model r<sub>stock</sub> = α + β·r<sub>index</sub> + γ·r<sub>index</sub><sup>2</sup> is "
-        "fitted by least squares on daily simple returns over the window. <strong>Sensitivity"
-        "</strong> is the slope of that curve at today's index return, d r<sub>stock</sub> / d "
-        "r<sub>index</sub> = β + 2γ·r<sub>index</sub>: the % move of the stock for a 1% move of the "
-        "index today (1 = moves one for one with the index, above 1 amplifies it, below 1 dampens "
-        "it). γ &gt; 0 means the stock gains more in large up-moves than it loses in large "
-        "down-moves (convex), γ &lt; 0 the reverse (concave); the curve is called convex or concave "
-        f"only when |t| = |γ / se(γ)| ≥ {crit:.2f}, otherwise it is not distinguishable from a "
-        "straight line. <strong>Dollar sensitivity</strong> = 0.01 × sensitivity × previous close: "
-        "the expected price move, in the stock's currency, for a +1% index move today. Brackets "
-        "and bands are 95% confidence intervals; the linear beta is the plain one-factor slope on "
-        "the same window, for comparison.</p>"
+        '<section class="howto" id="howto"><p><strong>How to read this.</strong> For each stock the '
+        "quadratic market model r<sub>stock</sub> = α + β·r<sub>index</sub> + "
+        "γ·r<sub>index</sub><sup>2</sup> is fitted by least squares on daily simple returns over the "
+        "window. <strong>Sensitivity</strong> is the slope of that curve at today's index return, "
+        "d r<sub>stock</sub> / d r<sub>index</sub> = β + 2γ·r<sub>index</sub>: the % move of the stock "
+        "for a 1% move of the index today (1 = moves one for one with the index, above 1 amplifies it, "
+        "below 1 dampens it). The index moves about 1% on a typical day, so sensitivity differs much "
+        "from β only on days of large index moves.</p>"
+        "<p><strong>Curve.</strong> γ &gt; 0: the stock gains more in large index rises than it loses "
+        "in large falls (convex); γ &lt; 0 the reverse (concave). The curve is called convex or "
+        f"concave only when {test}; otherwise it is not distinguishable from a straight line. Where "
+        "shown, ΔAIC = AIC(quadratic) − AIC(linear) on the same window (&lt; 0 favours the curve), "
+        "β up / down are plain slopes on the days the index rose / fell, the secant β + γ·r<sub>index"
+        "</sub> is the average slope from a flat day to today's move (Treynor–Mazuy's reading), and "
+        "a Huber fit, which down-weights a few extreme days, is flagged where it falls outside the "
+        "OLS intervals. For one stock, curvature reflects coskewness or option-like leverage, not "
+        "market timing.</p>"
+        "<p><strong>Price Δ per +1% index</strong> = 0.01 × sensitivity × previous close: the expected "
+        "price move, in the stock's currency, for a +1% index move today. Brackets and bands are 95% "
+        "confidence intervals of the fit (they do not include the day's own noise); the linear β is "
+        "the plain one-factor slope on the same window, for comparison.</p></section>"
     )
 
 
@@ -807,60 +1240,382 @@ def _min_obs(manifest: Mapping[str, Any]) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-_OVERVIEW_HEAD: Final[str] = (
-    "<thead><tr><th>Ticker</th><th>Date</th><th class='num'>Sensitivity</th>"
-    "<th class='num'>95% CI</th><th class='num'>β</th><th class='num'>γ (t)</th><th>Curve</th>"
-    "<th class='num'>Linear β</th><th class='num'>R²</th><th class='num'>n</th>"
-    "<th class='num'>Close</th><th class='num'>Price Δ per +1% index</th><th>Last year</th></tr></thead>"
-)
-
-
-def _overview_row(row: Mapping[str, Any], anchor: str, as_of: dt.date, spark: str) -> str:
-    day = _to_date(row["date"])
-    stale = ' <span class="stale">(no data since)</span>' if day < as_of else ""
-    ci = f"[{_num(row['sensitivity_ci_lower'])}, {_num(row['sensitivity_ci_upper'])}]"
-    t = _gamma_t(row)
-    gamma = _num(row["gamma"]) + (f" ({_tstat(t)})" if math.isfinite(t) else "")
-    shape, shape_cls = _curve_label(row)
-    cells = [
-        f'<td><a href="#{anchor}">{_e(row["ticker"])}</a></td>',
-        f"<td>{_e(day)}{stale}</td>",
-        f'<td class="num"><strong>{_num(row["sensitivity"])}</strong></td>',
-        f'<td class="num">{ci}</td>',
-        f'<td class="num">{_num(row["beta"])}</td>',
-        f'<td class="num">{gamma}</td>',
-        f'<td class="{shape_cls}">{shape}</td>',
-        f'<td class="num">{_num(row["linear_beta"])}</td>',
-        f'<td class="num">{_num(row["r2"])}</td>',
-        f'<td class="num">{_int(row["n_obs"])}</td>',
-        f'<td class="num">{_num(row["close"], ",.2f")}</td>',
-        f'<td class="num">{_num(row["dollar_sensitivity"], ",.4f")}</td>',
-        f"<td>{spark}</td>",
-    ]
-    return f"<tr>{''.join(cells)}</tr>"
-
-
-def _facts(row: Mapping[str, Any]) -> str:
-    t = _gamma_t(row)
-    shape, _ = _curve_label(row)
-    return (
-        f'<p class="facts">Latest day {_e(_to_date(row["date"]))}: sensitivity '
-        f"<strong>{_num(row['sensitivity'])}</strong> "
-        f"[{_num(row['sensitivity_ci_lower'])}, {_num(row['sensitivity_ci_upper'])}] · "
-        f"index return {_percent(row['index_return'])} · β {_num(row['beta'])} · "
-        f"γ {_num(row['gamma'])} (t {_tstat(t)}, {shape}) · linear β {_num(row['linear_beta'])} · "
-        f"R² {_num(row['r2'])} · n {_int(row['n_obs'])} · close {_num(row['close'], ',.2f')} · "
-        f"{_num(row['dollar_sensitivity'], ',.4f')} per +1% index</p>"
+def _hac_lags(manifest: Mapping[str, Any]) -> tuple[int, ...]:
+    """Positive integers under ``config.model`` keys that name a lag (``hac_lags``, ...)."""
+    config = manifest.get("config")
+    model = config.get("model") if isinstance(config, Mapping) else None
+    if not isinstance(model, Mapping):
+        return ()
+    return tuple(
+        v
+        for k, v in model.items()
+        if "lag" in str(k) and isinstance(v, int) and not isinstance(v, bool) and v > 0
     )
 
 
+# --------------------------------------------------------------------------------------------
+# The overview
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Column:
+    """One optional-aware column of the overview table."""
+
+    head: str
+    title: str
+    cell: Callable[[Mapping[str, Any]], str]
+    needs: tuple[str, ...] = ()
+    num: bool = True
+
+
+def _td(text: str, cls: str = "num") -> str:
+    return f'<td class="{cls}">{text}</td>' if cls else f"<td>{text}</td>"
+
+
+def _sens_cell(row: Mapping[str, Any]) -> str:
+    if not math.isfinite(_finite(row, "sensitivity")):
+        return _td("—")
+    ci = f"[{_num(row['sensitivity_ci_lower'])}, {_num(row['sensitivity_ci_upper'])}]"
+    return _td(f'<strong>{_num(row["sensitivity"])}</strong> <span class="ci">{ci}</span>')
+
+
+def _curve_cell(row: Mapping[str, Any]) -> str:
+    shape, cls = _curve_label(row)
+    text = {"convex": "▲ convex", "concave": "▼ concave", "ns": "○ n.s."}.get(cls, shape)
+    return _td(text, cls)
+
+
+def _gamma_text(row: Mapping[str, Any]) -> str:
+    """``40.1 (0.003)``: gamma and its p-value, or its t-statistic where there is no p-value."""
+    test = gamma_test(row)
+    detail = ""
+    if math.isfinite(test.p):
+        detail = f" ({_pvalue(test.p)})"
+    elif math.isfinite(test.t):
+        detail = f" ({_tstat(test.t)})"
+    return f"{_num(row.get('gamma'), '.1f')}{detail}"
+
+
+def _gamma_cell(row: Mapping[str, Any]) -> str:
+    return _td(_gamma_text(row))
+
+
+def _updown_cell(row: Mapping[str, Any]) -> str:
+    return _td(f"{_num(row['up_beta'])} / {_num(row['down_beta'])}")
+
+
+def _huber_cell(row: Mapping[str, Any]) -> str:
+    value = _num(_huber_sensitivity(row))
+    verdict = huber_disagrees(row)
+    if verdict is None:
+        return _td(value)
+    if verdict:
+        return _td(f'{value} <span class="differs" title="outside the OLS 95% intervals">⚠ differs</span>')
+    return _td(f'{value} <span class="agrees">≈</span>')
+
+
+def _overview_columns(table: pd.DataFrame) -> list[_Column]:
+    has_p = _has(table, "gamma_p")
+    test = "p < 0.05" if has_p else "|t| ≥ q (the interval's quantile)"
+    columns = [
+        _Column(
+            "Sensitivity [95% CI]",
+            "Today's slope of the fitted curve, β + 2γ·r_index (stock % per index %), with its 95% "
+            "confidence interval (delta method)",
+            _sens_cell,
+        ),
+        _Column(
+            "Curve",
+            f"Convex (▲) or concave (▼) where γ differs from 0 at 5% ({test}); ○ n.s.: not significant",
+            _curve_cell,
+            num=False,
+        ),
+        _Column(
+            "γ (p)" if has_p else "γ (t)",
+            "Curvature γ and its p-value" if has_p else "Curvature γ and its t-statistic γ / se(γ)",
+            _gamma_cell,
+        ),
+        _Column(
+            "ΔAIC",
+            "AIC(quadratic) − AIC(linear) on the same window: < 0 favours the curve (below −2 some "
+            "support, below −10 strong)",
+            lambda r: _td(_num(r["delta_aic"], ".1f")),
+            needs=("delta_aic",),
+        ),
+        _Column("β", "Slope on a flat index day (r_index = 0)", lambda r: _td(_num(r["beta"]))),
+        _Column(
+            "Secant",
+            "β + γ·r_index: average slope from a flat day to today's index move (Treynor–Mazuy's reading)",
+            lambda r: _td(_num(r["secant_slope"])),
+            needs=("secant_slope",),
+        ),
+        _Column(
+            "β up / down",
+            "Linear slopes fitted on the days the index rose / fell",
+            _updown_cell,
+            needs=("up_beta", "down_beta"),
+        ),
+        _Column(
+            "Huber",
+            "Sensitivity of a Huber (outlier-robust) fit; ⚠ where it falls outside the OLS 95% intervals",
+            _huber_cell,
+            needs=("huber_sensitivity",)
+            if _has(table, "huber_sensitivity")
+            else ("huber_beta", "huber_gamma"),
+        ),
+        _Column(
+            "Linear β", "Plain OLS slope on [1, r_index], same window", lambda r: _td(_num(r["linear_beta"]))
+        ),
+        _Column("R²", "R² of the quadratic fit", lambda r: _td(_num(r["r2"]))),
+        _Column("n", "Stock returns in the window", lambda r: _td(_int(r["n_obs"]))),
+        _Column(
+            "Price Δ / +1% index",
+            "0.01 × sensitivity × previous close, in the stock's currency",
+            lambda r: _td(_num(r["dollar_sensitivity"], ",.4f")),
+        ),
+    ]
+    return [c for c in columns if _has(table, *c.needs)]
+
+
+def _overview_head(columns: Sequence[_Column]) -> str:
+    cells = ["<th>Ticker</th>"]
+    for c in columns:
+        cls = ' class="num"' if c.num else ""
+        cells.append(f'<th{cls} title="{_e(c.title)}">{_e(c.head)}</th>')
+    cells.append("<th>Last year</th>")
+    return f"<thead><tr>{''.join(cells)}</tr></thead>"
+
+
+def _overview_row(
+    row: Mapping[str, Any], columns: Sequence[_Column], anchor: str, as_of: dt.date, spark: str
+) -> str:
+    day = _to_date(row["date"])
+    stale = f'<br><span class="stale">no data since<br>{_e(day)}</span>' if day < as_of else ""
+    cells = [f'<td><a href="#{anchor}">{_e(row["ticker"])}</a>{stale}</td>']
+    cells += [c.cell(row) for c in columns]
+    cells.append(f"<td>{spark}</td>")
+    return f"<tr>{''.join(cells)}</tr>"
+
+
+def _describe(row: Mapping[str, Any], anchor: str) -> str:
+    test = gamma_test(row)
+    curve = f"curve {test.shape}" if test.known else "no test of the curve"
+    if test.known:
+        curve += f" (γ {_num(row['gamma'], '.1f')}, {test.describe()})"
+    return (
+        f'<a href="#{anchor}"><strong>{_e(row["ticker"])}</strong></a> '
+        f"<strong>{_num(row['sensitivity'])}</strong> "
+        f"[{_num(row['sensitivity_ci_lower'])}, {_num(row['sensitivity_ci_upper'])}], {_e(curve)}"
+    )
+
+
+#: From this many tested stocks on, the headline says how many significant curves chance alone
+#: would produce (the 5% test run on every stock).
+_CHANCE_NOTE_MIN: Final[int] = 10
+
+
+def _ranked(rows: Sequence[Mapping[str, Any]], as_of: dt.date) -> list[Mapping[str, Any]]:
+    """The rows with a fitted sensitivity on ``as_of`` (all fitted rows if none is current), in order."""
+    fitted = [r for r in rows if math.isfinite(_finite(r, "sensitivity"))]
+    current = [r for r in fitted if _to_date(r["date"]) >= as_of]
+    return current or fitted
+
+
+def _headline(rows: Sequence[Mapping[str, Any]], anchors: Mapping[str, str], as_of: dt.date) -> str:
+    """The answer to "which stock is most sensitive today, and is its curve significant?"."""
+    fitted = _ranked(rows, as_of)
+    if not fitted:
+        return '<div class="headline"><p>No stock has a fitted sensitivity on its latest day.</p></div>'
+    top = fitted[0]
+    parts = [f"<p><strong>Most sensitive today:</strong> {_describe(top, anchors[str(top['ticker'])])}.</p>"]
+    if len(fitted) > 1:
+        low = fitted[-1]
+        parts.append(
+            f"<p><strong>Least sensitive:</strong> {_describe(low, anchors[str(low['ticker'])])}.</p>"
+        )
+    tests = [gamma_test(r) for r in fitted]
+    known = [t for t in tests if t.known]
+    if known:
+        convex = sum(t.shape == "convex" for t in known)
+        concave = sum(t.shape == "concave" for t in known)
+        chance = (
+            f"; by chance alone about {SIGNIFICANCE_LEVEL * len(known):.0f} would be"
+            if len(known) >= _CHANCE_NOTE_MIN
+            else ""
+        )
+        parts.append(
+            f"<p>The curve is significant at 5% for {convex + concave} of {len(known)} stock(s) "
+            f"({convex} convex, {concave} concave{chance})."
+        )
+    differs = [str(r["ticker"]) for r in fitted if huber_disagrees(r)]
+    if any(huber_disagrees(r) is not None for r in fitted):
+        text = ", ".join(_e(t) for t in differs[:8]) + (" …" if len(differs) > 8 else "")
+        parts[-1] += f" OLS and the outlier-robust Huber fit disagree for {len(differs)}" + (
+            f": {text}." if differs else "."
+        )
+    if known:
+        parts[-1] += "</p>"
+    stale = [r for r in rows if _to_date(r["date"]) < as_of]
+    unfitted = sum(not math.isfinite(_finite(r, "sensitivity")) for r in rows)
+    notes = []
+    if stale:
+        notes.append(f"{len(stale)} stock(s) have no data on {as_of}")
+    if unfitted:
+        notes.append(f"{unfitted} stock(s) have no fit on their latest day")
+    if notes:
+        parts.append(f'<p class="sub">{_e("; ".join(notes))}.</p>')
+    return f'<div class="headline">{"".join(parts)}</div>'
+
+
+def _facts(row: Mapping[str, Any]) -> str:
+    test = gamma_test(row)
+    items = [
+        f"Latest day {_e(_to_date(row['date']))}: sensitivity <strong>{_num(row['sensitivity'])}</strong> "
+        f"[{_num(row['sensitivity_ci_lower'])}, {_num(row['sensitivity_ci_upper'])}]",
+        f"index return {_percent(row['index_return'])}",
+        f"β {_num(row['beta'])}",
+        f"γ {_num(row['gamma'])} ({test.describe()}, {test.shape})"
+        if test.known
+        else f"γ {_num(row['gamma'])}",
+    ]
+    if "delta_aic" in row:
+        items.append(f"ΔAIC {_num(row['delta_aic'], '.1f')}")
+    if "secant_slope" in row:
+        items.append(f"secant {_num(row['secant_slope'])}")
+    if "up_beta" in row and "down_beta" in row:
+        items.append(f"β up {_num(row['up_beta'])} / down {_num(row['down_beta'])}")
+    verdict = huber_disagrees(row)
+    if verdict is not None:
+        items.append(
+            f"Huber sensitivity {_num(_huber_sensitivity(row))}"
+            + (' <span class="differs">(outside the OLS intervals)</span>' if verdict else "")
+        )
+    items += [
+        f"linear β {_num(row['linear_beta'])}",
+        f"R² {_num(row['r2'])}",
+        f"n {_int(row['n_obs'])}",
+        f"close {_num(row['close'], ',.2f')}",
+        f"{_num(row['dollar_sensitivity'], ',.4f')} per +1% index",
+    ]
+    return f'<p class="facts">{" · ".join(items)}</p>'
+
+
+# --------------------------------------------------------------------------------------------
+# Scenarios
+# --------------------------------------------------------------------------------------------
+
+
+def _checked_scenarios(scenarios: object) -> pd.DataFrame:
+    if not isinstance(scenarios, pd.DataFrame):
+        raise TypeError(f"scenarios must be a pandas DataFrame or None, got {type(scenarios).__name__}")
+    aliases = {
+        a: c for a, c in SCENARIO_ALIASES.items() if a in scenarios.columns and c not in scenarios.columns
+    }
+    scenarios = scenarios.rename(columns=aliases)
+    missing = [c for c in SCENARIO_COLUMNS if c not in scenarios.columns]
+    if missing:
+        raise ValueError(f"scenarios lacks column(s) {', '.join(missing)}")
+    return scenarios
+
+
+def _scenario_rows(scenarios: pd.DataFrame | None, key: tuple[str, str, int]) -> pd.DataFrame | None:
+    """The scenario rows of one (index_ticker, ticker, window), by index move; None if none."""
+    if scenarios is None or len(scenarios) == 0:
+        return None
+    index_ticker, ticker, window = key
+    mask = scenarios["ticker"].astype(str) == ticker
+    if "index_ticker" in scenarios.columns:
+        mask &= scenarios["index_ticker"].astype(str) == index_ticker
+    if "window" in scenarios.columns:
+        mask &= pd.to_numeric(scenarios["window"], errors="coerce") == window
+    rows = scenarios.loc[mask.to_numpy()]
+    if len(rows) == 0:
+        return None
+    return rows.sort_values("index_move", kind="stable")
+
+
+def _signed(value: Any, spec: str) -> str:
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return "—"
+    return format(v, "+" + spec) if math.isfinite(v) else "—"
+
+
+def _move(value: Any) -> str:
+    """An index move as a percentage without needless decimals (``-0.05`` -> ``-5%``)."""
+    v = _finite({"v": value}, "v")
+    return f"{100.0 * v:+g}%" if math.isfinite(v) else "—"
+
+
+def _scenario_table(rows: pd.DataFrame, curve: CharacteristicCurve) -> str:
+    has_price_ci = _has(rows, "price_move_ci_lower", "price_move_ci_upper")
+    levels = pd.to_numeric(rows["level"], errors="coerce").dropna() if "level" in rows.columns else None
+    level = f"{100 * float(levels.iloc[0]):g}%" if levels is not None and len(levels) else "95%"
+    head = (
+        "<thead><tr><th class='num'>Index move</th><th class='num'>Expected stock return</th>"
+        f"<th class='num'>{level} interval</th><th class='num'>Price move</th>"
+        + (f"<th class='num'>{level} interval</th>" if has_price_ci else "")
+        + "</tr></thead>"
+    )
+    fits = {str(v) for v in rows["fit"].dropna()} if "fit" in rows.columns else set()
+    estimator = "Huber (outlier-robust) fit" if fits == {"huber"} else "fit"
+    lo = float(curve.index_return.min()) if curve.n else math.nan
+    hi = float(curve.index_return.max()) if curve.n else math.nan
+    body: list[str] = []
+    outside_any = False
+    for _, series in rows.iterrows():
+        r = _record(series)
+        move = _finite(r, "index_move")
+        outside = math.isfinite(lo) and math.isfinite(move) and not lo <= move <= hi
+        outside_any |= outside
+        cells = [
+            _td(_move(r["index_move"]) + (" †" if outside else "")),
+            _td(f"<strong>{_percent(r['predicted_return'])}</strong>"),
+            _td(f"[{_percent(r['predicted_return_ci_lower'])}, {_percent(r['predicted_return_ci_upper'])}]"),
+            _td(_signed(r["price_move"], ",.2f")),
+        ]
+        if has_price_ci:
+            price_ci = (
+                f"[{_signed(r['price_move_ci_lower'], ',.2f')}, {_signed(r['price_move_ci_upper'], ',.2f')}]"
+            )
+            cells.append(_td(price_ci))
+        body.append(f"<tr{' class=extrapolated' if outside else ''}>{''.join(cells)}</tr>")
+    caption = (
+        f"What if the index moves by x today? The expected return of {_e(curve.ticker)} from the "
+        f"latest {estimator} (α + β·x + γ·x²) with the {level} confidence interval of that mean (one "
+        "day's own noise comes on top), and the price move it implies in the stock's currency."
+    )
+    if outside_any:
+        caption += (
+            f" †: beyond the index returns of the fitted window ({100 * lo:+.1f}% to {100 * hi:+.1f}%); "
+            "there the curve is extrapolated and the figures are fragile."
+        )
+    return (
+        f'<table class="scenarios" data-ticker="{_e(curve.ticker)}"><caption>{caption}</caption>'
+        f"{head}<tbody>{''.join(body)}</tbody></table>"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Per ticker and the page
+# --------------------------------------------------------------------------------------------
+
+
 def _ticker_section(
-    row: Mapping[str, Any], anchor: str, history: pd.DataFrame | None, min_obs: int | None
+    row: Mapping[str, Any],
+    anchor: str,
+    history: pd.DataFrame | None,
+    min_obs: int | None,
+    *,
+    scenarios: pd.DataFrame | None = None,
+    hac_lags: Sequence[int] = (),
 ) -> str:
     ticker, index_ticker, window = str(row["ticker"]), str(row["index_ticker"]), int(row["window"])
     head = (
-        f'<section class="ticker" id="{anchor}"><h3>{_e(ticker)} <small>vs {_e(index_ticker)} · '
-        f"{_e(_window_label(window))}</small></h3>"
+        f'<section class="ticker" id="{anchor}" data-ticker="{_e(ticker)}"><h3>{_e(ticker)} <small>vs '
+        f"{_e(index_ticker)} · {_e(_window_label(window))}</small></h3>"
     )
     if history is None:
         return head + '<p class="note">No per-day rows were given for this combination.</p></section>'
@@ -875,9 +1630,9 @@ def _ticker_section(
             "not ended) or every window was singular. There is nothing to chart."
         )
         return head + f'<p class="note">{note}</p></section>'
-    curve = characteristic_curve(history)
+    curve = characteristic_curve(history, hac_lags=hac_lags)
     scatter = _img(
-        characteristic_curve_figure(history),
+        characteristic_curve_figure(history, curve=curve),
         "characteristic",
         f"{ticker} daily returns against {index_ticker} with quadratic and linear fits",
         CHART_DPI,
@@ -890,43 +1645,130 @@ def _ticker_section(
     )
     sample = "every aligned day" if window == 0 else "the latest window"
     band = (
-        f"with its 95% confidence band (classical OLS, ±{curve.critical_value:.2f} standard errors)"
+        f"with its 95% confidence band ({_e(curve.covariance_kind)} covariance, "
+        f"±{curve.critical_value:.2f} standard errors)"
         if curve.covariance is not None
         else f"({_e(curve.band_note)})"
     )
+    huber = " Dotted green: the Huber (outlier-robust) fit of the same window." if curve.huber else ""
     cap_scatter = (
-        f"Daily simple returns of {_e(ticker)} against {_e(index_ticker)} over {sample} "
+        f"Daily simple {'excess ' if curve.excess else ''}returns of {_e(ticker)} against "
+        f"{_e(index_ticker)} over {sample} "
         f"(n = {curve.n}), the points of the latest fit. Solid: the fitted quadratic (latest α, β, γ) "
         f"{band}. Dashed: the linear fit of the same points (numpy.polyfit, degree 1; its slope is "
-        "the linear beta). Orange segment: the tangent at today's index return, whose slope is "
-        "today's sensitivity; the orange dot is today's return."
+        f"the linear beta).{huber} Orange segment: the tangent at today's index return, whose slope "
+        "is today's sensitivity; the orange dot is today's return."
     )
     cap_timeline = (
         "Per-day sensitivity β<sub>t</sub> + 2γ<sub>t</sub>·r<sub>index,t</sub> with its 95% "
         "confidence interval (delta method), and the linear beta of the same window. Gaps are "
         "days without a fit (warm-up or a singular window)."
     )
+    figures = [
+        f"<figure>{scatter}<figcaption>{cap_scatter}</figcaption></figure>",
+        f"<figure>{timeline}<figcaption>{cap_timeline}</figcaption></figure>",
+    ]
+    if window > 0:
+        test = "p &lt; 0.05" if "gamma_p" in history.columns else "|t| ≥ the interval's quantile"
+        gamma_img = _img(
+            gamma_history_figure(history),
+            "gamma",
+            f"{ticker} curvature gamma per day with 95% band and significance",
+            CHART_DPI,
+        )
+        cap_gamma = (
+            "Curvature γ<sub>t</sub> of each day's window with its 95% confidence interval "
+            f"(γ ± q·se(γ)). Shaded: days on which γ differs from 0 at 5% ({test}), i.e. the "
+            "curve is significantly convex (γ &gt; 0) or concave (γ &lt; 0). Single-stock "
+            "estimates of γ are noisy: read the band, not the line."
+        )
+        figures.append(f"<figure>{gamma_img}<figcaption>{cap_gamma}</figcaption></figure>")
+    if scenarios is not None:
+        figures.append(f"<div>{_scenario_table(scenarios, curve)}</div>")
+    return head + _facts(row) + '<div class="charts">' + "".join(figures) + "</div></section>"
+
+
+def _charted(ordered: Sequence[Mapping[str, Any]], limit: int, as_of: dt.date) -> set[str]:
+    """The tickers that get charts: all up to ``limit``, else the most and least sensitive today."""
+    tickers = [str(r["ticker"]) for r in ordered]
+    if len(tickers) <= limit:
+        return set(tickers)
+    fitted = [str(r["ticker"]) for r in _ranked(ordered, as_of)]
+    top = limit // 2
+    return set(fitted[:top]) | set(fitted[len(fitted) - (limit - top) :] if limit > top else [])
+
+
+def _omitted_html(omitted: Sequence[str], anchor: str, total: int, limit: int, index_ticker: str) -> str:
+    names = ", ".join(_e(t) for t in omitted)
     return (
-        head
-        + _facts(row)
-        + '<div class="charts">'
-        + f"<figure>{scatter}<figcaption>{cap_scatter}</figcaption></figure>"
-        + f"<figure>{timeline}<figcaption>{cap_timeline}</figcaption></figure>"
-        + "</div></section>"
+        f'<section class="ticker omitted" id="{anchor}"><h3>Charts omitted for {len(omitted)} '
+        f'ticker(s) <small>vs {_e(index_ticker)}</small></h3><p class="note">This universe has {total} '
+        f"tickers; to keep the page small, charts are drawn for the {limit // 2} most and the "
+        f"{limit - limit // 2} least sensitive today. Every ticker is in the overview table above and "
+        "in <code>reports/sensitivity/</code> and <code>reports/summary/</code>. Without charts, in "
+        f"the overview's order: {names}.</p></section>"
     )
 
 
-def render_report(sensitivity: pd.DataFrame, summary: pd.DataFrame, manifest: Mapping[str, Any]) -> bytes:
+def _heatmap_html(
+    frame: pd.DataFrame, tickers: Sequence[str], total: int, index_ticker: str, n_top: int
+) -> str:
+    """The heatmap of ``tickers``; when they are a subset, a line splits the top ``n_top`` off."""
+    rows = frame.loc[frame["ticker"].isin(list(tickers))]
+    if not tickers or not np.isfinite(_floats(rows["sensitivity"])).any():
+        return '<p class="note">No fitted sensitivity on any day yet: nothing to map.</p>'
+    fig = sensitivity_heatmap_figure(rows, tickers=tickers)
+    subset = ""
+    if len(tickers) < total and 0 < n_top < len(tickers):
+        fig.axes[0].axhline(n_top, color="black", lw=1.5)
+        subset = (
+            f" Shown: the {n_top} most and {len(tickers) - n_top} least sensitive today of {total} "
+            "(a black line between them)."
+        )
+    elif len(tickers) < total:
+        subset = f" Shown: the {len(tickers)} tickers with charts, of {total}."
+    freq = _FREQ_WORDS.get(_heatmap_freq(frame["date"]), "period")
+    img = _img(fig, "heatmap", f"heatmap of {freq} mean sensitivity per ticker to {index_ticker}", CHART_DPI)
+    caption = (
+        f"Mean sensitivity per ticker (rows, in the overview's order) and {freq.removesuffix('ly')} "
+        "(columns). White is 1 (moves one for one with the index), red above, blue below; grey: no "
+        f"fitted day (warm-up, or not trading).{subset}"
+    )
+    return f'<figure class="wide">{img}<figcaption>{caption}</figcaption></figure>'
+
+
+def render_report(
+    sensitivity: pd.DataFrame,
+    summary: pd.DataFrame,
+    manifest: Mapping[str, Any],
+    *,
+    scenarios: pd.DataFrame | None = None,
+    chart_limit: int = CHART_LIMIT,
+) -> bytes:
     """The HTML report of one ``as_of``, as UTF-8 bytes; self-contained (charts embedded).
 
     ``sensitivity`` is the per-day table (the charts' history), ``summary`` the output of
     :func:`summary_table` (rows of other ``as_of`` dates are ignored; the latest is reported),
     ``manifest`` the run's manifest (``failures``: symbol -> reason and ``warnings`` are shown
-    at the top, everything else under "Run details").  The page holds, per (``index_ticker``,
-    ``window``), an overview sorted by today's sensitivity with a sparkline per row, then per
-    ticker the characteristic-curve scatter and the sensitivity through time, or a note when
-    the ticker has no fitted value.  Raises ``ValueError`` for an empty or incomplete frame.
+    at the top, everything else under "Run details"; ``config.model`` keys naming a lag feed
+    the rebuilt HAC band), ``scenarios`` an optional what-if table (columns
+    :data:`SCENARIO_COLUMNS` as in ``reports/scenarios/``, optionally ``index_ticker``,
+    ``window``, ``as_of``, ``level``, ``fit``, ``price_move_ci_lower``/``_upper``; the short
+    names of :data:`SCENARIO_ALIASES` are accepted; rows of another ``as_of`` are ignored).
+
+    The page holds, per (``index_ticker``, ``window``): a headline naming the most and least
+    sensitive stock today and whether their curves are significant, the overview sorted by
+    today's sensitivity with a sparkline per row (columns the table lacks, such as
+    ``gamma_p``, ``delta_aic``, ``up_beta``/``down_beta``, ``secant_slope`` or the Huber fit,
+    are left out), and one heatmap of sensitivity across tickers through time; then per ticker
+    the characteristic curve, the sensitivity through time, the rolling gamma with its
+    significance and the scenario table, or a note when the ticker has no fitted value.  Above
+    ``chart_limit`` tickers per (index, window) only the ``chart_limit // 2`` most and least
+    sensitive get charts (a note lists the others).  Raises ``ValueError`` for an empty or
+    incomplete frame.
     """
+    if isinstance(chart_limit, bool) or not isinstance(chart_limit, int) or chart_limit < 2:
+        raise ValueError(f"chart_limit must be an integer >= 2, got {chart_limit!r}")
     frame = _checked_frame(sensitivity, "sensitivity", SENSITIVITY_COLUMNS)
     table = _checked_frame(summary, "summary", ("as_of", *SENSITIVITY_COLUMNS))
     if not isinstance(manifest, Mapping):
@@ -935,6 +1777,10 @@ def render_report(sensitivity: pd.DataFrame, summary: pd.DataFrame, manifest: Ma
     as_of_days = _timestamps(table["as_of"], "summary.as_of")
     as_of = _to_date(as_of_days.max())
     table = table.loc[(as_of_days == as_of_days.max()).to_numpy()]
+    what_if = None if scenarios is None else _checked_scenarios(scenarios)
+    if what_if is not None and "as_of" in what_if.columns and len(what_if):
+        days = _timestamps(what_if["as_of"], "scenarios.as_of")
+        what_if = what_if.loc[(days.dt.date == as_of).to_numpy()]
     histories: dict[tuple[str, str, int], pd.DataFrame] = {}
     for key, group in frame.groupby(list(KEY_COLUMNS), sort=False):
         key_index, key_ticker, key_window = cast(tuple[Any, Any, Any], key)
@@ -942,6 +1788,7 @@ def render_report(sensitivity: pd.DataFrame, summary: pd.DataFrame, manifest: Ma
             "date", kind="stable"
         ).reset_index(drop=True)
     min_obs = _min_obs(manifest)
+    hac_lags = _hac_lags(manifest)
 
     groups = [
         (str(cast(tuple[Any, Any], key)[0]), int(cast(tuple[Any, Any], key)[1]), group)
@@ -963,20 +1810,39 @@ def render_report(sensitivity: pd.DataFrame, summary: pd.DataFrame, manifest: Ma
             *([] if min_obs is None else [f"min_obs {min_obs} returns"]),
         ]
     )
+    columns = _overview_columns(table)
+    head = _overview_head(columns)
 
     overview: list[str] = []
+    heatmaps: list[str] = []
     sections: list[str] = []
     n_anchor = 0
-    for index_ticker, window, group in groups:
-        ordered = group.sort_values(
-            ["sensitivity", "ticker"], ascending=[False, True], na_position="last", kind="stable"
-        )
+    for n_group, (index_ticker, window, group) in enumerate(groups, start=1):
+        stale = (_timestamps(group["date"], "summary.date").dt.date < as_of).to_numpy()
+        ordered = [
+            _record(s.drop("_stale"))
+            for _, s in group.assign(_stale=stale)
+            .sort_values(
+                ["_stale", "sensitivity", "ticker"],
+                ascending=[True, False, True],
+                na_position="last",
+                kind="stable",
+            )
+            .iterrows()
+        ]
+        charted = _charted(ordered, chart_limit, as_of)
+        omitted_anchor = f"g{n_group}-omitted"
+        anchors: dict[str, str] = {}
+        for row in ordered:
+            if str(row["ticker"]) in charted:
+                n_anchor += 1
+                anchors[str(row["ticker"])] = f"t{n_anchor}"
+            else:
+                anchors[str(row["ticker"])] = omitted_anchor
         body: list[str] = []
-        for _, series in ordered.iterrows():
-            row = _record(series)
-            n_anchor += 1
-            anchor = f"t{n_anchor}"
-            history = histories.get((str(row["index_ticker"]), str(row["ticker"]), int(row["window"])))
+        for row in ordered:
+            ticker = str(row["ticker"])
+            history = histories.get((index_ticker, ticker, window))
             spark = "—"
             if history is not None:
                 cutoff = history["date"].iloc[-1] - pd.Timedelta(days=SPARK_DAYS)
@@ -985,17 +1851,40 @@ def render_report(sensitivity: pd.DataFrame, summary: pd.DataFrame, manifest: Ma
                     spark = _img(
                         sparkline_figure(history),
                         "sparkline",
-                        f"{row['ticker']} sensitivity over the last year",
+                        f"{ticker} sensitivity over the last year",
                         SPARK_DPI,
                     )
-            body.append(_overview_row(row, anchor, as_of, spark))
-            sections.append(_ticker_section(row, anchor, history, min_obs))
+            body.append(_overview_row(row, columns, anchors[ticker], as_of, spark))
+            if ticker in charted:
+                sections.append(
+                    _ticker_section(
+                        row,
+                        anchors[ticker],
+                        history,
+                        min_obs,
+                        scenarios=_scenario_rows(what_if, (index_ticker, ticker, window)),
+                        hac_lags=hac_lags,
+                    )
+                )
+        omitted = [str(r["ticker"]) for r in ordered if str(r["ticker"]) not in charted]
+        if omitted:
+            sections.append(_omitted_html(omitted, omitted_anchor, len(ordered), chart_limit, index_ticker))
+        test = "p &lt; 0.05" if _has(table, "gamma_p") else "|t| significant"
         overview.append(
+            f'<section class="overview-group" id="overview-{n_group}">'
             f"<h2>Overview: vs {_e(index_ticker)}, {_e(_window_label(window))}</h2>"
-            f'<div class="overview"><table>{_OVERVIEW_HEAD}<tbody>{"".join(body)}</tbody></table></div>'
-            '<p class="sub">Sorted by today\'s sensitivity. γ (t): the curvature and its t-statistic; '
-            "Curve: convex / concave where |t| is significant at 5%. Click a ticker for its charts.</p>"
+            + _headline(ordered, anchors, as_of)
+            + f'<div class="overview"><table>{head}<tbody>{"".join(body)}</tbody></table></div>'
+            + '<p class="sub">Sorted by today\'s sensitivity (stocks without data today last). Curve: '
+            f"▲ convex / ▼ concave where γ differs from 0 at 5% ({test}), ○ n.s.: not significant. "
+            "Hover a column header for its definition; click a ticker for its charts.</p></section>"
         )
+        shown = [str(r["ticker"]) for r in ordered if str(r["ticker"]) in charted]
+        in_group = frame.loc[
+            (frame["index_ticker"].astype(str) == index_ticker) & (frame["window"] == window)
+        ]
+        n_top = chart_limit // 2 if len(shown) == chart_limit else len(shown)
+        heatmaps.append(_heatmap_html(in_group, shown, len(ordered), index_ticker, n_top))
 
     page = [
         "<!DOCTYPE html>",
@@ -1005,11 +1894,79 @@ def render_report(sensitivity: pd.DataFrame, summary: pd.DataFrame, manifest: Ma
         f'<header><h1>{_e(title)}</h1><p class="sub">{_e(subtitle)}</p></header>',
         _failures_html(manifest.get("failures")),
         _warnings_html(manifest.get("warnings")),
-        _howto(crit),
         *overview,
+        '<section id="heatmap"><h2>Sensitivity across stocks through time</h2>',
+        *heatmaps,
+        "</section>",
+        _howto(crit, has_p=_has(table, "gamma_p")),
         "<h2>Per ticker</h2>",
         *sections,
         _manifest_html(manifest),
         "</body></html>",
     ]
     return "\n".join(p for p in page if p).encode("utf-8")
+
+
+# --------------------------------------------------------------------------------------------
+# Markdown (the Prefect artifact)
+# --------------------------------------------------------------------------------------------
+
+
+def _md(value: object) -> str:
+    """``value`` as one Markdown table cell (pipes escaped, no line breaks)."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def overview_markdown(summary: pd.DataFrame | Sequence[Mapping[str, Any]], *, limit: int = 20) -> str:
+    """The top of the overview as a Markdown table, for a Prefect markdown artifact.
+
+    ``summary`` is the summary table (or its rows as mappings); it needs ``ticker`` and
+    ``sensitivity``, and uses ``sensitivity_ci_lower``/``_upper`` (else ``sensitivity_se``,
+    with a normal 95% quantile, flagged ``≈``), ``gamma`` with ``gamma_p`` (else ``gamma_t`` or
+    ``gamma / gamma_se``) and ``r2`` where present.  Rows are sorted by sensitivity, highest
+    first (missing values last); the first ``limit`` are shown, and a line says how many more
+    there are.  Returns an empty string for no rows.
+    """
+    if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+        raise ValueError(f"limit must be an integer >= 1, got {limit!r}")
+    frame = summary if isinstance(summary, pd.DataFrame) else pd.DataFrame(list(summary))
+    if len(frame) == 0:
+        return ""
+    missing = [c for c in ("ticker", "sensitivity") if c not in frame.columns]
+    if missing:
+        raise ValueError(f"summary lacks column(s) {', '.join(missing)}")
+    key = pd.to_numeric(frame["sensitivity"], errors="coerce")
+    ordered = frame.assign(_key=key.to_numpy()).sort_values(
+        ["_key", "ticker"], ascending=[False, True], na_position="last", kind="stable"
+    )
+    has_p = "gamma_p" in frame.columns
+    has_test = has_p or _has(frame, "gamma_t") or _has(frame, "gamma_se")
+    gamma_head = "γ (p)" if has_p else "γ (t)" if has_test else "γ"
+    approx = False
+    lines = [
+        f"| Ticker | Sensitivity [95% CI] | {gamma_head} |{' Curve |' if has_test else ''} R² |",
+        f"|---|---:|---:|{'---|' if has_test else ''}---:|",
+    ]
+    for _, series in ordered.head(limit).iterrows():
+        row = _record(series)
+        sens = _finite(row, "sensitivity")
+        lower, upper = _finite(row, "sensitivity_ci_lower"), _finite(row, "sensitivity_ci_upper")
+        mark = ""
+        if not (math.isfinite(lower) and math.isfinite(upper)):
+            se = _finite(row, "sensitivity_se")
+            lower, upper = sens - _Z95 * se, sens + _Z95 * se
+            mark = "≈" if math.isfinite(se) else ""
+            approx = approx or bool(mark)
+        ci = f" {mark}[{_num(lower)}, {_num(upper)}]" if math.isfinite(lower) else ""
+        curve = f" {gamma_test(row).shape} |" if has_test else ""
+        r2 = _num(row.get("r2"))
+        lines.append(f"| {_md(row['ticker'])} | **{_num(sens)}**{ci} | {_gamma_text(row)} |{curve} {r2} |")
+    notes = []
+    if len(ordered) > limit:
+        notes.append(f"{len(ordered) - limit} more ticker(s) in the table artifact and the report.")
+    if approx:
+        notes.append("≈: interval from the standard error with the normal quantile 1.96.")
+    notes.append("Sensitivity: today's slope β + 2γ·r_index (stock % per index %).")
+    if has_test:
+        notes.append("Curve: convex / concave where γ differs from 0 at 5%.")
+    return "\n".join([*lines, "", *notes])
