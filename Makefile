@@ -3,7 +3,9 @@
 #   make run     create .venv, install, run the whole pipeline on the bundled sample (offline)
 #   make test    install the dev extras and run the test suite
 #   make lint    ruff (lint + format check) and mypy
-#   make bench   the kernel benchmark against statsmodels RollingOLS
+#   make bench   the kernel against statsmodels RollingOLS, a numpy lstsq loop and the memory floor
+#                (quick grid, a few minutes); make bench-full: the whole grid; make bench-pipeline:
+#                the flow end to end (500 symbols x 20 years, backfill then the next day)
 #
 # torch is installed first, pinned to the CPU build (TORCH_SPEC), so that resolving the
 # project's own `torch>=2.4,<3` range never pulls a multi-GB CUDA build.  Elsewhere,
@@ -17,7 +19,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 CONFIG ?= config/sample.toml
 
-.PHONY: run test lint bench clean venv install install-dev
+.PHONY: run test lint bench bench-full bench-pipeline clean venv install install-dev
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +53,12 @@ lint: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_kernel.py
+
+bench-full: $(VENV)/.installed-dev
+	$(PY) benchmarks/bench_kernel.py --full
+
+bench-pipeline: $(VENV)/.installed
+	$(PY) benchmarks/bench_pipeline.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data/prices data/reports data/.lock

@@ -15,7 +15,13 @@ from typing import Any, Literal
 
 import cloudpickle
 from prefect import flow, get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.cache_policies import NONE as NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import FlowRunContext
@@ -27,7 +33,13 @@ from prefect.utilities.annotations import unmapped
 
 from sensitivity import progress
 from sensitivity.config import Config, load_config
-from sensitivity.errors import PartialRunError, SourceError
+from sensitivity.errors import (
+    PartialRunError,
+    SensitivityError,
+    SourceError,
+    StoreError,
+    StoreLockedError,
+)
 from sensitivity.pipeline import FetchOutcome, fetch_symbol, fit_universe, write_run_report
 
 DEFAULT_CONFIG = "config/default.toml"
@@ -38,10 +50,13 @@ cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 
 def _retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry network errors and rate limits; never a symbol that does not exist or bad data."""
+    """Retry network errors, timeouts, server errors and rate limits (HTTP 429); never a symbol
+    that does not exist, a range without prices, bad data or a store problem."""
     exc = state.result(raise_on_failure=False)
     if isinstance(exc, SourceError):
         return exc.retryable
+    if isinstance(exc, SensitivityError):  # bad data, the store: trying again cannot help
+        return False
     return isinstance(exc, OSError | TimeoutError)
 
 
@@ -49,24 +64,46 @@ def _retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[An
     name="fetch-prices",
     task_run_name="fetch-{symbol}",
     retries=3,
-    retry_delay_seconds=exponential_backoff(backoff_factor=2),
+    retry_delay_seconds=exponential_backoff(backoff_factor=5),
     retry_jitter_factor=0.5,
     retry_condition_fn=_retry_if_transient,
     cache_policy=NO_CACHE,
 )
 def fetch_prices(config: Config, symbol: str) -> dict[str, Any]:
-    """Fetch one symbol into the price store."""
+    """Fetch one symbol into the price store (only what is new, unless the history was restated).
+
+    Retries and their delays come from ``[source]`` (``retries``, ``retry_delay_s``, with
+    exponential backoff and jitter; see :func:`fetch_options`).
+    """
+    logger = get_run_logger()
     outcome = fetch_symbol(config, symbol)
-    get_run_logger().info(
-        "%s: %d rows fetched from %s (%d new, %d changed, %d stored)",
-        symbol,
-        outcome.rows_fetched,
-        outcome.source,
-        outcome.rows_added,
-        outcome.rows_changed,
-        outcome.rows_stored,
-    )
+    logger.info("%s", outcome.describe())
+    if outcome.restated:
+        logger.warning(
+            "%s: the source restated its history (%s); refetched %s to %s and replaced the stored history",
+            outcome.symbol,
+            outcome.restatement,
+            outcome.fetch_start,
+            outcome.fetch_end,
+        )
+    for row in outcome.dropped_rows:
+        logger.warning("%s: dropped the row of %s: %s", outcome.symbol, row["date"], row["reason"])
+    for row in outcome.repaired_rows:
+        logger.info("%s: %s: %s", outcome.symbol, row["date"], row["reason"])
+    for row in outcome.quality_warnings:
+        logger.warning("%s: %s: %s", outcome.symbol, row["date"], row["reason"])
     return outcome.to_dict()
+
+
+def fetch_options(config: Config) -> dict[str, Any]:
+    """The fetch task's retry options from ``[source]``: ``retries`` attempts more, waiting about
+    ``retry_delay_s * 2**(n-1)`` seconds before retry n (randomised by Prefect's jitter, at most
+    1.5 times that)."""
+    return {
+        "retries": config.source.retries,
+        "retry_delay_seconds": exponential_backoff(backoff_factor=config.source.retry_delay_s),
+        "retry_jitter_factor": 0.5,
+    }
 
 
 @task(name="fit-sensitivity", cache_policy=NO_CACHE)
@@ -114,26 +151,94 @@ def task_runner_for(config: Config) -> Any:
 
 @flow(name="fetch-universe", validate_parameters=False)
 def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]]:
-    """Fetch every symbol (index and tickers); a failed symbol never stops the others."""
-    fetch = fetch_prices.with_options(retries=config.source.retries)
-    symbols = list(config.universe.symbols)
+    """Fetch every symbol (index and tickers); a failed symbol never stops the others.
+
+    A store error (another run holds the lock, a full disk, a damaged or newer stored file)
+    is no fault of the symbol's data: once every fetch has finished, it is raised so that the
+    run stops with the store's exit status (5 locked, else 4).
+
+    At most ``source.concurrency`` fetches run at once (the task runner's workers).  The
+    progress artifact ``fetch-progress`` follows the symbols as they complete; the CLI's
+    progress bar gets a ``fetch`` event per symbol.  Returns the outcomes of the fetched
+    symbols (in the configured order) and a one-line reason per failed symbol.
+    """
+    fetch = fetch_prices.with_options(**fetch_options(config))
+    symbols = list(config.fetch_symbols)
+    tracker = _ProgressArtifact(len(symbols))
     futures = fetch.map(config=unmapped(config), symbol=symbols)
     symbol_of = dict(zip(futures, symbols, strict=True))
     outcomes: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
+    store_errors: list[StoreError] = []
     for future in as_completed(list(futures)):
         symbol = symbol_of[future]
         result = future.result(raise_on_failure=False)
+        extra: dict[str, Any] = {}
         if isinstance(result, dict):
             outcomes[symbol] = result
+            extra = {"mode": result.get("mode"), "restated": bool(result.get("restated"))}
         else:
             failures[symbol] = _reason(symbol, result)
-        progress.emit(progress.ProgressEvent("fetch", symbol=symbol, ok=symbol not in failures))
+            if isinstance(result, StoreError):
+                store_errors.append(result)
+        tracker.advance(failed=len(failures))
+        progress.emit(progress.ProgressEvent("fetch", symbol=symbol, ok=symbol not in failures, extra=extra))
+    if store_errors:
+        raise next((e for e in store_errors if isinstance(e, StoreLockedError)), store_errors[0])
     return [outcomes[s] for s in symbols if s in outcomes], failures
 
 
+class _ProgressArtifact:
+    """The ``fetch-progress`` Prefect progress artifact of one fetch-universe run.
+
+    A failure to create or update it is logged once and never fails the run: it only shows
+    progress.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = max(1, total)
+        self.done = 0
+        self.id: Any = None
+        self._broken = False
+        self._call(
+            lambda: create_progress_artifact(
+                progress=0.0, key="fetch-progress", description=f"Fetching {total} symbol(s)"
+            )
+        )
+
+    def advance(self, *, failed: int) -> None:
+        """One more symbol completed (fetched or failed)."""
+        self.done += 1
+        if self.id is None:
+            return
+        note = f", {failed} failed" if failed else ""
+        self._call(
+            lambda: update_progress_artifact(
+                artifact_id=self.id,
+                progress=round(100.0 * self.done / self.total, 2),
+                description=f"{self.done} of {self.total} symbol(s) done{note}",
+            )
+        )
+
+    def _call(self, action: Any) -> None:
+        if self._broken:
+            return
+        try:
+            result = action()
+        except Exception as exc:  # a display problem never fails the run
+            self._broken = True
+            get_run_logger().warning("cannot update the fetch-progress artifact: %s", exc)
+            return
+        if self.id is None:
+            self.id = result
+
+
 def _reason(symbol: str, exc: object) -> str:
-    text = str(exc) if isinstance(exc, BaseException) else "fetch did not complete"
+    """The failure's message as one line, without the leading ``SYMBOL: ``."""
+    if isinstance(exc, BaseException):
+        text = " ".join(str(exc).split()) or type(exc).__name__
+    else:
+        text = "the fetch did not complete"
     prefix = f"{symbol}: "
     return text[len(prefix) :] if text.startswith(prefix) else text
 
@@ -141,25 +246,52 @@ def _reason(symbol: str, exc: object) -> str:
 def _publish(
     summary: dict[str, Any], fit: dict[str, Any], failures: dict[str, str], paths: dict[str, str]
 ) -> None:
+    """The run's Prefect artifacts: the summary table, the overview in Markdown, a link to the report."""
+    from pathlib import Path
+
+    from sensitivity.report import overview_markdown
+
+    rows = list(summary.get("rows", []))
     create_table_artifact(
         key="sensitivity-summary",
-        table=list(summary.get("rows", [])),
+        table=rows,
         description=(
             f"Per-ticker sensitivity as of {fit['as_of']} against {fit['index']} (window {fit['window']})."
         ),
     )
+    n_tickers = len(fit["rows_by_ticker"])
     lines = [
         f"# stock-sensitivity as of {fit['as_of']}",
         "",
         f"Index **{fit['index']}**, window {fit['window']}, {fit['rows']} rows for "
-        f"{len(fit['rows_by_ticker'])} tickers, {fit['first_date']} to {fit['last_date']}.",
+        f"{n_tickers} tickers, {fit['first_date']} to {fit['last_date']}.",
         "",
     ]
+    overview = overview_markdown(rows, limit=_OVERVIEW_ROWS)
+    if overview:
+        shown = min(_OVERVIEW_ROWS, len(rows))
+        lines += [f"## Most sensitive today ({shown} of {len(rows)})", "", overview, ""]
     if failures:
-        lines += ["## Failed symbols", "", *[f"- **{s}**: {r}" for s, r in sorted(failures.items())], ""]
-    lines += [f"Report: `{paths['report']}`", f"Manifest: `{paths['manifest']}`"]
-    create_markdown_artifact(key="sensitivity-run", markdown="\n".join(lines))
-    create_link_artifact(key="sensitivity-report", link=f"file://{paths['report']}", link_text="HTML report")
+        lines += [
+            f"## Failed symbols ({len(failures)})",
+            "",
+            *[f"- **{s}**: {' '.join(str(r).split())}" for s, r in sorted(failures.items())],
+            "",
+        ]
+    report = Path(paths["report"]).resolve()
+    lines += [f"Report: `{report}`", "", f"Manifest: `{Path(paths['manifest']).resolve()}`"]
+    create_markdown_artifact(
+        key="sensitivity-run",
+        markdown="\n".join(lines),
+        description=f"Most sensitive stocks as of {fit['as_of']}, with the significance of their curves.",
+    )
+    create_link_artifact(
+        key="sensitivity-report", link=report.as_uri(), link_text=f"HTML report as of {fit['as_of']}"
+    )
+
+
+#: Rows of the overview in the markdown artifact (the table artifact holds every ticker).
+_OVERVIEW_ROWS = 20
 
 
 @flow(name="stock-sensitivity", validate_parameters=True, log_prints=False)
@@ -209,10 +341,16 @@ def stock_sensitivity(
         cfg.model.min_obs,
         cfg.output.data_dir,
     )
-    progress.emit(progress.ProgressEvent("start", total=len(u.symbols)))
+    progress.emit(progress.ProgressEvent("start", total=len(cfg.fetch_symbols)))
     fetches, failures = fetch_universe.with_options(task_runner=task_runner_for(cfg))(cfg)
     if u.index in failures:
         raise SourceError(f"{u.index}: the index could not be fetched: {failures[u.index]}", symbol=u.index)
+    rate = cfg.model.risk_free_symbol
+    if rate is not None and rate in failures:
+        raise SourceError(
+            f"{rate}: the risk-free rate (model.risk_free_symbol) could not be fetched: {failures[rate]}",
+            symbol=rate,
+        )
     ok = [t for t in u.tickers if t not in failures]
     if not ok:
         raise PartialRunError(failures)

@@ -23,6 +23,9 @@ from yahoo_stub import YahooStub
 
 _LOOPBACK = frozenset({"127.0.0.1", "::1", "localhost"})
 
+#: The request rate tests against the local stub run at (the default, 2/s, is for Yahoo).
+STUB_REQUESTS_PER_SECOND = 1000.0
+
 
 @pytest.fixture
 def yahoo_stub() -> Iterator[YahooStub]:
@@ -67,15 +70,21 @@ def network_guard(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def yahoo_env(
     yahoo_stub: YahooStub, network_guard: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[YahooStub]:
-    """yfinance pointed at the stub (through the environment) with its caches in ``tmp_path``."""
+    """yfinance pointed at the stub (through the environment) with its caches in ``tmp_path``,
+    and the process-wide request rate raised to :data:`STUB_REQUESTS_PER_SECOND` (a source
+    built from a config sets its own rate; the previous rate is restored afterwards)."""
+    from sensitivity.sources.ratelimit import request_bucket, set_request_rate
     from sensitivity.sources.yahoo import BASE_URL_ENV, set_yfinance_cache_dir, yfinance_cache_dir
 
     monkeypatch.setenv(BASE_URL_ENV, yahoo_stub.base_url)
     previous = yfinance_cache_dir()
+    previous_rate = request_bucket().rate
     set_yfinance_cache_dir(tmp_path / "yfinance-cache")
+    set_request_rate(STUB_REQUESTS_PER_SECOND)
     try:
         yield yahoo_stub
     finally:
+        set_request_rate(previous_rate)
         set_yfinance_cache_dir(previous)
 
 

@@ -21,7 +21,11 @@ SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample"
 EXPECTED_COLUMNS = [
     "date", "ticker", "window", "n_obs", "index_return", "stock_return", "alpha", "beta", "gamma",
     "sensitivity", "sensitivity_se", "sensitivity_ci_lower", "sensitivity_ci_upper", "alpha_se",
-    "beta_se", "gamma_se", "linear_beta", "r2",
+    "beta_se", "gamma_se", "linear_beta", "r2", "se_type", "risk_free_return", "cov_alpha_beta",
+    "cov_alpha_gamma", "cov_beta_gamma", "gamma_t", "gamma_p", "aic_linear", "aic_quadratic",
+    "delta_aic", "secant_slope", "up_beta", "down_beta", "huber_alpha", "huber_beta", "huber_gamma",
+    "huber_alpha_se", "huber_beta_se", "huber_gamma_se", "huber_cov_alpha_beta",
+    "huber_cov_alpha_gamma", "huber_cov_beta_gamma", "huber_sensitivity", "huber_sensitivity_se",
 ]  # fmt: skip
 
 
@@ -52,6 +56,8 @@ def test_quadratic_sensitivity_columns_dtypes_and_order():
     assert out["ticker"].dtype == pd.Series(["x"]).dtype  # the default str dtype
     assert out["window"].dtype == np.int64
     assert out["n_obs"].dtype == np.int64
+    assert out["se_type"].dtype == pd.Series(["x"]).dtype
+    assert (out["se_type"] == "classical").all()
     for c in FLOAT_COLUMNS:
         assert out[c].dtype == np.float64, c
     # Ticker in input column order (not alphabetical), then date.
@@ -317,3 +323,171 @@ def test_quadratic_sensitivity_on_bundled_sample_matches_statsmodels():
         g = np.array([0.0, 1.0, 2.0 * x[t]])
         assert got["sensitivity_se"] == pytest.approx(math.sqrt(g @ res.cov_params() @ g), rel=1e-8)
     assert 0.5 < out["beta"].median() < 2.0  # AAPL moves with the market
+
+
+# ------------------------------------------------------------------------ issue 5 options
+
+
+def window_slice(stocks: pd.DataFrame, k: int, window: int) -> pd.DatetimeIndex:
+    return stocks.index[max(0, k - window + 1) : k + 1]
+
+
+@pytest.mark.parametrize("se", ["hc1", "hac"])
+def test_quadratic_sensitivity_robust_se_feeds_every_uncertainty_column(se):
+    stocks, market = returns(seed=12)
+    out = quadratic_sensitivity(stocks, market, window=60, min_obs=30, se=se).set_index(["ticker", "date"])
+    assert (out["se_type"] == se).all()
+    z = 1.959963984540054
+    for t in stocks.columns:
+        for k in (80, 140, 199):
+            day = stocks.index[k]
+            if (t, day) not in out.index:
+                continue
+            rows = window_slice(stocks, k, 60)
+            x, y = market[rows].to_numpy(), stocks.loc[rows, t].to_numpy()
+            ok = np.isfinite(x) & np.isfinite(y)
+            row = out.loc[(t, day)]
+            if ok.sum() < 30:
+                assert math.isnan(row["beta_se"])
+                continue
+            design = np.column_stack([np.ones(ok.sum()), x[ok], x[ok] ** 2])
+            kwds = {"maxlags": math.floor(4 * (ok.sum() / 100) ** (2 / 9))} if se == "hac" else None
+            res = sm.OLS(y[ok], design).fit(cov_type=se.upper(), cov_kwds=kwds)
+            cov = res.cov_params()
+            for j, name in enumerate(("alpha", "beta", "gamma")):
+                assert row[f"{name}_se"] == pytest.approx(res.bse[j], rel=1e-8)
+            assert row["cov_alpha_beta"] == pytest.approx(cov[0, 1], rel=1e-8)
+            assert row["cov_alpha_gamma"] == pytest.approx(cov[0, 2], rel=1e-8)
+            assert row["cov_beta_gamma"] == pytest.approx(cov[1, 2], rel=1e-8)
+            g = np.array([0.0, 1.0, 2.0 * market[day]])
+            se_s = math.sqrt(g @ cov @ g)
+            assert row["sensitivity_se"] == pytest.approx(se_s, rel=1e-8)
+            assert row["sensitivity_ci_upper"] - row["sensitivity"] == pytest.approx(z * se_s, rel=1e-8)
+            assert row["gamma_t"] == pytest.approx(res.tvalues[2], rel=1e-8)
+            assert row["gamma_p"] == pytest.approx(res.pvalues[2], rel=1e-8)
+
+
+def test_quadratic_sensitivity_curve_tests_up_down_betas_and_secant():
+    stocks, market = returns(seed=13)
+    out = quadratic_sensitivity(stocks, market, window=80, min_obs=40).set_index(["ticker", "date"])
+    checked = 0
+    for t in stocks.columns:
+        for k in (100, 150, 199):
+            day = stocks.index[k]
+            if (t, day) not in out.index:
+                continue
+            rows = window_slice(stocks, k, 80)
+            x, y = market[rows].to_numpy(), stocks.loc[rows, t].to_numpy()
+            ok = np.isfinite(x) & np.isfinite(y)
+            row = out.loc[(t, day)]
+            if ok.sum() < 40:
+                assert math.isnan(row["gamma_p"])
+                continue
+            quad = ols_row(x, y)
+            lin = sm.OLS(y[ok], np.column_stack([np.ones(ok.sum()), x[ok]])).fit()
+            assert row["gamma_t"] == pytest.approx(quad.tvalues[2], rel=1e-8)
+            assert row["gamma_p"] == pytest.approx(quad.pvalues[2], rel=1e-8)
+            assert row["aic_quadratic"] == pytest.approx(quad.aic, rel=1e-10)
+            assert row["aic_linear"] == pytest.approx(lin.aic, rel=1e-10)
+            assert row["delta_aic"] == pytest.approx(quad.aic - lin.aic, rel=1e-7, abs=1e-9)
+            for side, keep in (("up_beta", x > 0), ("down_beta", x < 0)):
+                sel = ok & keep
+                res = sm.OLS(y[sel], np.column_stack([np.ones(sel.sum()), x[sel]])).fit()
+                assert row[side] == pytest.approx(res.params[1], rel=1e-8, abs=1e-8 * res.bse[1]), side
+            r_m = market[day]
+            assert row["secant_slope"] == pytest.approx(row["beta"] + row["gamma"] * r_m, rel=1e-12)
+            checked += 1
+    assert checked >= 6
+
+
+def test_quadratic_sensitivity_up_down_betas_need_enough_days_of_that_sign():
+    stocks, market = returns(seed=14, t_rows=120)
+    market = market.abs() + 0.001  # the index never falls
+    out = quadratic_sensitivity(stocks, market, window=60, min_obs=30)
+    fitted = out["beta"].notna()
+    assert out.loc[fitted, "up_beta"].notna().all()
+    assert out["down_beta"].isna().all()
+    assert api.up_down_min_obs(126) == 31
+    assert api.up_down_min_obs(8) == 4
+
+
+def test_quadratic_sensitivity_on_excess_returns():
+    stocks, market = returns(seed=15)
+    rf = pd.Series(np.linspace(0.0001, 0.0003, len(stocks)), index=stocks.index)
+    rf.iloc[30] = np.nan  # no rate that day: the day is dropped
+    out = quadratic_sensitivity(stocks, market, window=50, min_obs=25, risk_free=rf)
+    # The oracle: excess returns fitted directly; a per-stock index frame keeps every date on
+    # the calendar (the rate-less day is an index trading day without an observation).
+    index_excess = pd.DataFrame({t: market - rf for t in stocks.columns})
+    excess = quadratic_sensitivity(stocks.sub(rf, axis=0), index_excess, window=50, min_obs=25)
+    assert not (out["date"] == stocks.index[30]).any()
+    assert len(out) == len(excess)
+    for c in ("alpha", "beta", "gamma", "sensitivity", "sensitivity_se", "gamma_p", "huber_beta"):
+        np.testing.assert_allclose(out[c], excess[c], rtol=1e-12, err_msg=c)
+    # Up and down days are the days the index itself rose or fell (not its excess return).
+    rows = stocks.index[-50:]
+    x, y = (market - rf)[rows].to_numpy(), (stocks["KO"] - rf)[rows].to_numpy()
+    up = np.isfinite(x) & np.isfinite(y) & (market[rows].to_numpy() > 0)
+    res = sm.OLS(y[up], np.column_stack([np.ones(up.sum()), x[up]])).fit()
+    assert out["up_beta"].iloc[-1] == pytest.approx(res.params[1], rel=1e-8)
+    # The table keeps the raw returns and shows the risk-free return beside them.
+    keep = out.set_index(["ticker", "date"])
+    raw = stocks.stack().rename_axis(["date", "ticker"]).swaplevel()
+    np.testing.assert_array_equal(keep["stock_return"], raw.loc[keep.index])
+    np.testing.assert_array_equal(keep["risk_free_return"], rf.loc[keep.index.get_level_values("date")])
+    x_excess = keep["index_return"] - keep["risk_free_return"]
+    np.testing.assert_allclose(keep["sensitivity"], keep["beta"] + 2 * keep["gamma"] * x_excess, rtol=1e-10)
+    plain = quadratic_sensitivity(stocks, market, window=50, min_obs=25)
+    assert (plain["risk_free_return"] == 0.0).all()
+
+
+def test_quadratic_sensitivity_huber_columns_latest_window_or_every_window():
+    stocks, market = returns(seed=16)
+    stocks.iloc[150, 0] += 0.15  # an earnings-day jump
+    latest = quadratic_sensitivity(stocks, market, window=60, min_obs=30)
+    every = quadratic_sensitivity(stocks, market, window=60, min_obs=30, fit="huber")
+    for t in stocks.columns:
+        a = latest[latest["ticker"] == t]
+        b = every[every["ticker"] == t]
+        assert a["huber_beta"].iloc[:-1].isna().all()  # only the latest window by default
+        assert a["huber_beta"].iloc[-1] == b["huber_beta"].iloc[-1]
+        assert b.loc[b["beta"].notna(), "huber_beta"].notna().all()
+        rows = stocks.index[-60:]
+        x, y = market[rows].to_numpy(), stocks.loc[rows, t].to_numpy()
+        ok = np.isfinite(x) & np.isfinite(y)
+        design = np.column_stack([np.ones(ok.sum()), x[ok], x[ok] ** 2])
+        res = sm.RLM(y[ok], design, M=sm.robust.norms.HuberT()).fit()
+        last = a.iloc[-1]
+        for j, name in enumerate(("alpha", "beta", "gamma")):
+            assert last[f"huber_{name}"] == pytest.approx(res.params[j], rel=1e-8, abs=1e-8 * res.bse[j])
+            assert last[f"huber_{name}_se"] == pytest.approx(res.bse[j], rel=1e-8)
+        assert last["huber_cov_beta_gamma"] == pytest.approx(res.cov_params()[1, 2], rel=1e-8)
+        g = np.array([0.0, 1.0, 2.0 * last["index_return"]])
+        assert last["huber_sensitivity"] == pytest.approx(g @ res.params, rel=1e-8, abs=1e-8)
+        assert last["huber_sensitivity_se"] == pytest.approx(math.sqrt(g @ res.cov_params() @ g), rel=1e-8)
+    full = quadratic_sensitivity(stocks, market, window=0, min_obs=30)
+    for _, g in full.groupby("ticker", sort=False):
+        assert g["huber_beta"].notna().all()
+        assert g["huber_beta"].nunique() == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"se": "hc3"}, r"se must be one of 'classical', 'hc1', 'hac', got 'hc3'"),
+        ({"se": "hac", "hac_lags": -1}, "hac_lags must be >= 0, got -1"),
+        ({"fit": "lad"}, "fit must be one of 'ols', 'huber', got 'lad'"),
+    ],
+)
+def test_quadratic_sensitivity_rejects_bad_inference_options(kwargs, message):
+    stocks, market = returns(t_rows=60)
+    with pytest.raises(ConfigError, match=message):
+        quadratic_sensitivity(stocks, market, window=40, min_obs=20, **kwargs)
+
+
+def test_quadratic_sensitivity_rejects_a_misaligned_risk_free_series():
+    stocks, market = returns(t_rows=60)
+    with pytest.raises(DataValidationError, match="risk_free must have the same dates as stock_returns"):
+        quadratic_sensitivity(stocks, market, window=40, min_obs=20, risk_free=market.iloc[1:])
+    with pytest.raises(DataValidationError, match="risk_free must be a pandas Series"):
+        quadratic_sensitivity(stocks, market, window=40, min_obs=20, risk_free=0.01)  # type: ignore[arg-type]

@@ -188,3 +188,60 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     cfg = load_config(write(tmp_path, GOOD))
     with pytest.raises(Exception, match="frozen"):
         cfg.model.window = 5  # type: ignore[misc]
+
+
+# ------------------------------------------------------------------ model: inference options
+
+MODEL = "window = 252\nmin_obs = 126"
+
+
+def test_model_inference_options_defaults_and_values(tmp_path: Path) -> None:
+    m = load_config(write(tmp_path, GOOD)).model
+    assert (m.se, m.hac_lags, m.fit, m.risk_free, m.risk_free_symbol) == ("classical", None, "ols", 0.0, None)
+    assert m.scenarios == (-0.10, -0.05, -0.02, -0.01, 0.01, 0.02, 0.05, 0.10)
+    text = GOOD.replace(
+        MODEL,
+        MODEL
+        + '\nse = "hac"\nhac_lags = 5\nfit = "huber"\nscenarios = [-0.2, 0, 1]\nrisk_free_symbol = "^irx"',
+    )
+    cfg = load_config(write(tmp_path, text))
+    assert (cfg.model.se, cfg.model.hac_lags, cfg.model.fit) == ("hac", 5, "huber")
+    assert cfg.model.scenarios == (-0.2, 0.0, 1.0)
+    assert cfg.model.risk_free_symbol == "^IRX"
+    assert cfg.fetch_symbols == ("^GSPC", "AAPL", "MSFT", "BRK-B", "^IRX")
+    constant = load_config(write(tmp_path, GOOD.replace(MODEL, MODEL + "\nrisk_free = 0.04")))
+    assert constant.model.risk_free == 0.04
+    assert constant.fetch_symbols == constant.universe.symbols
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        pytest.param(
+            'se = "hc3"', r"model\.se must be one of 'classical', 'hc1' or 'hac', got 'hc3'", id="se"
+        ),
+        pytest.param(
+            'se = "hac"\nhac_lags = -1', r"model\.hac_lags must be >= 0, got -1", id="lags-negative"
+        ),
+        pytest.param("hac_lags = 4", r"model\.hac_lags applies to se = 'hac' only", id="lags-without-hac"),
+        pytest.param('fit = "lad"', r"model\.fit must be one of 'ols' or 'huber', got 'lad'", id="fit"),
+        pytest.param("scenarios = []", r"model\.scenarios must have at least 1 item", id="no-scenarios"),
+        pytest.param("scenarios = [0.1, 0.1]", r"model\.scenarios must not repeat a move", id="dup-move"),
+        pytest.param("scenarios = [-1.0]", r"index moves in \(-1, 1\].*got -1\.0", id="move-minus-100%"),
+        pytest.param("scenarios = [5]", r"index moves in \(-1, 1\].*got 5\.0", id="move-in-percent"),
+        pytest.param("risk_free = 4", r"model\.risk_free must be <= 1\.0, got 4\.0", id="rate-in-percent"),
+        pytest.param(
+            'risk_free = 0.02\nrisk_free_symbol = "^IRX"',
+            r"risk_free .* and model\.risk_free_symbol",
+            id="both-rates",
+        ),
+        pytest.param(
+            'risk_free_symbol = "../x"',
+            r"model\.risk_free_symbol '\.\./x' is not a plausible",
+            id="bad-symbol",
+        ),
+    ],
+)
+def test_model_inference_options_are_validated(tmp_path: Path, extra: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, GOOD.replace(MODEL, MODEL + "\n" + extra)))

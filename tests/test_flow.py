@@ -82,6 +82,11 @@ def test_flow_sample_writes_every_output(flow, tmp_path: Path) -> None:  # type:
     summary = pd.read_parquet(tmp_path / "reports" / "summary")
     assert len(summary) == 3
     assert set(summary["as_of"].astype(str)) == {"2016-12-30"}
+    assert set(summary["fit"]) == {"ols"}
+    assert summary["huber_beta"].notna().all()  # the latest window's Huber fit, always
+    scenarios = pd.read_parquet(tmp_path / "reports" / "scenarios")
+    assert len(scenarios) == 3 * 8  # the default index moves
+    assert set(scenarios["as_of"].astype(str)) == {"2016-12-30"}
 
     report = tmp_path / "reports" / "daily" / "2016-12-30" / "report.html"
     manifest = json.loads((report.parent / "manifest.json").read_text())
@@ -192,3 +197,39 @@ def test_flow_files_source_late_listing_and_no_adj_close(flow, tmp_path: Path) -
     close = pd.read_parquet(SAMPLE / "SPY.parquet").set_index("date")["close"]
     expected = (close / close.shift(1) - 1).reindex(spy.index)
     np.testing.assert_allclose(spy.to_numpy(), expected.to_numpy(), rtol=1e-14)  # Close, not Adj Close
+
+
+def test_flow_excess_returns_robust_errors_and_huber(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """[model] options from the config file: a rate symbol fetched with the others, HAC, Huber."""
+    src = tmp_path / "csv"
+    src.mkdir()
+    for sym in ("^GSPC", "KO", "SPY"):
+        _write_csv(pd.read_parquet(SAMPLE / f"{sym}.parquet"), src / f"{sym}.csv")
+    rate = pd.read_parquet(SAMPLE / "^GSPC.parquet")
+    for c in ("open", "high", "low", "close", "adj_close"):
+        rate[c] = 1.25  # percent per year
+    _write_csv(rate, src / "^IRX.csv")
+    config = tmp_path / "c.toml"
+    text = (ROOT / "config" / "sample.toml").read_text()
+    text = text.replace(
+        "min_obs = 126", 'min_obs = 126\nse = "hac"\nfit = "huber"\nrisk_free_symbol = "^IRX"'
+    )
+    config.write_text(text)
+    data = tmp_path / "data"
+    result = run(flow, data, tickers=["KO", "SPY"], source="files", source_path=str(src), config=str(config))
+    assert result["failures"] == {}
+    table = pd.read_parquet(data / "reports" / "sensitivity")
+    assert set(table["se_type"]) == {"hac"}
+    np.testing.assert_allclose(table["risk_free_return"], 1.0125 ** (1 / 252) - 1, rtol=1e-11)
+    assert table.dropna(subset=["beta"])["huber_beta"].notna().all()
+    assert set(pd.read_parquet(data / "reports" / "summary")["fit"]) == {"huber"}
+    assert set(pd.read_parquet(data / "reports" / "scenarios")["fit"]) == {"huber"}
+    manifest = json.loads((Path(result["paths"]["manifest"])).read_text())
+    assert "^IRX" in {f["symbol"] for f in manifest["fetches"]}
+    # Without its rate series the run stops before fitting, naming the symbol.
+    (src / "^IRX.csv").unlink()
+    with pytest.raises(Exception, match=r"\^IRX: the risk-free rate"):
+        run(
+            flow, tmp_path / "data2", tickers=["KO"], source="files", source_path=str(src), config=str(config)
+        )
+    assert not (tmp_path / "data2" / "reports").exists()

@@ -17,7 +17,7 @@ import torch
 from statsmodels.regression.rolling import RollingOLS
 
 from sensitivity.errors import ConfigError, DataValidationError
-from sensitivity.model import COV_ENTRIES, QuadraticFit, default_chunk_size, quadratic_fit
+from sensitivity.model import COV_ENTRIES, QuadraticFit, default_chunk_size, quadratic_fit, resolve_device
 
 RTOL = 1e-8
 
@@ -367,3 +367,33 @@ def test_quadratic_fit_on_cuda_matches_cpu(panel):
         torch.testing.assert_close(
             getattr(gpu, name).cpu(), getattr(cpu, name), rtol=1e-10, atol=0, equal_nan=True
         )
+
+
+@pytest.mark.parametrize(
+    ("device", "expected"),
+    [(None, "cpu"), ("cpu", "cpu"), ("auto", "cuda" if torch.cuda.is_available() else "cpu")],
+    ids=["none", "cpu", "auto"],
+)
+def test_resolve_device_auto_is_cuda_only_when_torch_sees_one(device, expected):
+    assert resolve_device(device).type == expected
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_resolve_device_refuses_cuda_without_a_cuda_device():
+    with pytest.raises(ConfigError, match=r"device 'cuda' was asked for but torch sees no CUDA device"):
+        resolve_device("cuda")
+
+
+def test_resolve_device_refuses_an_unknown_device():
+    with pytest.raises(ConfigError, match=r"device must be \"auto\", \"cpu\" or \"cuda\".*'gpu'"):
+        resolve_device("gpu")
+
+
+def test_quadratic_fit_device_auto_gives_the_cpu_results_without_cuda(panel):
+    x, y = panel
+    ref = quadratic_fit(torch.from_numpy(x), torch.from_numpy(y), window=60, min_obs=25)
+    auto = quadratic_fit(torch.from_numpy(x), torch.from_numpy(y), window=60, min_obs=25, device="auto")
+    if auto.beta.device.type == "cpu":
+        torch.testing.assert_close(auto.cov_unique, ref.cov_unique, rtol=0, atol=0, equal_nan=True)
+    else:
+        torch.testing.assert_close(auto.beta.cpu(), ref.beta, rtol=1e-9, atol=0, equal_nan=True)

@@ -291,3 +291,39 @@ def test_aligned_returns_never_fill_a_value(case: tuple[pd.DataFrame, dict[str, 
             assert m[cur] == idx_p[cur] / idx_p[prev] - 1
             assert out.prev_close[ticker][cur] == f["close"][prev]
         assert set(r.dropna().index) == set(common[1:])
+
+
+# ------------------------------------------------------------------------ risk-free returns
+
+
+def test_daily_risk_free_from_a_constant_and_from_a_percent_series():
+    from sensitivity.returns import daily_risk_free
+
+    cal = pd.DatetimeIndex(DAYS[1:], name="date")
+    const = daily_risk_free(0.05, cal)
+    np.testing.assert_allclose(const, (1.05) ** (1 / 252) - 1, rtol=1e-12)
+    quotes = pd.Series([5.0, 4.0, NAN, 3.0], index=DAYS[[1, 2, 3, 5]])  # percent per year
+    daily = daily_risk_free(quotes, cal)
+    expected = [1.05 ** (1 / 252) - 1, 1.04 ** (1 / 252) - 1, NAN, NAN, 1.03 ** (1 / 252) - 1, NAN, NAN]
+    np.testing.assert_allclose(daily.to_numpy(), expected, rtol=1e-12)  # missing quotes stay missing
+    with pytest.raises(DataValidationError, match=r"risk-free rate of -150\.0% on 2021-01-05"):
+        daily_risk_free(pd.Series([-150.0], index=DAYS[[1]]), cal)
+
+
+def test_period_risk_free_compounds_over_the_days_a_return_spans():
+    from sensitivity.returns import period_risk_free
+
+    index = frame(DAYS, [100, 101, 102, 103, 104, 105, 106, 107])
+    # The stock misses Jan 6 and 7: its return on Jan 8 spans three index days.
+    stock = frame(DAYS[[0, 1, 4, 5, 6, 7]], [10, 11, 12, 13, 14, 15])
+    aligned = aligned_returns(index, {"S": stock})
+    assert aligned.span_days is not None
+    np.testing.assert_array_equal(aligned.span_days["S"].to_numpy(), [1, NAN, NAN, 3, 1, 1, 1])
+    daily = pd.Series([0.001, 0.002, 0.003, 0.004, NAN, 0.006, 0.007], index=aligned.calendar)
+    rf = period_risk_free(aligned, daily)["S"].to_numpy()
+    assert rf[0] == pytest.approx(0.001, rel=1e-14)
+    assert rf[3] == pytest.approx(1.002 * 1.003 * 1.004 - 1, rel=1e-14)
+    assert np.isnan(rf[1])  # no return on those days
+    assert np.isnan(rf[2])
+    assert np.isnan(rf[4])  # no rate that day: no excess return (never filled)
+    assert rf[6] == pytest.approx(0.007, rel=1e-14)

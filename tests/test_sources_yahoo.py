@@ -42,6 +42,7 @@ from sensitivity.errors import (
 from sensitivity.prices import PRICE_COLUMNS, check_price_frame
 from sensitivity.sources import PriceSource, make_source
 from sensitivity.sources.files import FilesSource
+from sensitivity.sources.quality import REASON_DUPLICATE
 from sensitivity.sources.sample import DEFAULT_SAMPLE_DIR, SampleSource
 from sensitivity.sources.yahoo import (
     BASE_URL_ENV,
@@ -52,6 +53,7 @@ from sensitivity.sources.yahoo import (
     redirect_url,
     yahoo_error,
     yahoo_price_frame,
+    yahoo_prices,
     yfinance_cache_dir,
 )
 
@@ -69,7 +71,7 @@ HISTORY_SWITCHES: dict[str, Any] = {
     "actions": True,
     "repair": False,
     "prepost": False,
-    "keepna": False,
+    "keepna": True,
     "rounding": False,
 }
 D = dt.date
@@ -195,10 +197,13 @@ def test_yahoo_price_frame_converts_utc_stamps_to_exchange_dates() -> None:
     assert frame["volume"].tolist() == [100.0, 101.0]
 
 
-def test_yahoo_price_frame_duplicate_date_is_an_error() -> None:
-    idx = pd.DatetimeIndex(["2021-03-01 00:00", "2021-03-01 09:30"]).tz_localize("America/New_York")
-    with pytest.raises(DataValidationError, match=r"X: Yahoo returned the date 2021-03-01 twice"):
-        yahoo_price_frame(raw_frame(idx, [1.0, 2.0]), "X", D(2021, 3, 1), D(2021, 3, 2))
+def test_yahoo_prices_duplicate_date_keeps_the_first_and_records_it() -> None:
+    idx = pd.DatetimeIndex(["2021-03-01 09:30", "2021-03-01 00:00", "2021-03-02"]).tz_localize(
+        "America/New_York"
+    )
+    got = yahoo_prices(raw_frame(idx, [2.0, 1.0, 3.0]), "X", D(2021, 3, 1), D(2021, 3, 2))
+    assert got.frame["close"].tolist() == [1.0, 3.0]  # the earliest bar of the date
+    assert [i.to_dict() for i in got.quality.dropped] == [{"date": "2021-03-01", "reason": REASON_DUPLICATE}]
 
 
 @pytest.mark.parametrize(
@@ -585,6 +590,8 @@ def test_yahoo_sources_in_threads_keep_their_symbols_and_errors_apart(
 
     with ThreadPoolExecutor(max_workers=4) as pool:
         results = dict(zip(symbols, pool.map(fetch, symbols), strict=True))
+    for symbol in ["G0", "G1", "G2", "MSFT"]:
+        assert isinstance(results[symbol], pd.DataFrame), f"{symbol}: {results[symbol]!r}"
     for symbol in ["G0", "G1", "G2"]:
         pd.testing.assert_frame_equal(results[symbol], frames[symbol])
     pd.testing.assert_frame_equal(results["MSFT"], transform_recorded("MSFT", D(2021, 2, 1), D(2021, 3, 26)))

@@ -36,6 +36,7 @@ from sensitivity.prices import PRICE_COLUMNS
 from sensitivity.store import (
     PRICE_SCHEMA,
     SCHEMA_VERSION,
+    SCHEMA_VERSIONS,
     SENSITIVITY_COLUMNS,
     SENSITIVITY_SCHEMA,
     SUMMARY_COLUMNS,
@@ -90,6 +91,7 @@ def sens_frame(index: str, ticker: str, window: int, dates: list[str], seed: int
     }
     for c in SENSITIVITY_COLUMNS[5:]:
         data[c] = rng.normal(size=n) * 10.0 ** rng.integers(-12, 12, n)
+    data["se_type"] = ["hac"] * n
     data["alpha"][0] = np.nan  # a null fitted value
     return pd.DataFrame(data).loc[:, list(SENSITIVITY_COLUMNS)]
 
@@ -99,6 +101,7 @@ def summary_frame(as_of: str, rows: list[tuple[str, str, int]], seed: int = 0) -
     for k, (index, ticker, window) in enumerate(rows):
         part = sens_frame(index, ticker, window, [as_of], seed=seed + k)
         part.insert(0, "as_of", pd.Timestamp(as_of))
+        part["fit"] = "ols"
         parts.append(part)
     return pd.concat(parts, ignore_index=True)
 
@@ -120,25 +123,38 @@ def test_schemas_have_the_documented_columns_types_and_version() -> None:
         "alpha", "beta", "gamma", "sensitivity", "sensitivity_se", "sensitivity_ci_lower",
         "sensitivity_ci_upper", "alpha_se", "beta_se", "gamma_se", "linear_beta", "r2", "close",
         "prev_close", "dollar_sensitivity",
+        # schema version 2
+        "se_type", "risk_free_return", "cov_alpha_beta", "cov_alpha_gamma", "cov_beta_gamma",
+        "gamma_t", "gamma_p", "aic_linear", "aic_quadratic", "delta_aic", "secant_slope",
+        "up_beta", "down_beta", "huber_alpha", "huber_beta", "huber_gamma", "huber_alpha_se",
+        "huber_beta_se", "huber_gamma_se", "huber_cov_alpha_beta", "huber_cov_alpha_gamma",
+        "huber_cov_beta_gamma", "huber_sensitivity", "huber_sensitivity_se",
     )  # fmt: skip
-    assert ("as_of", *SENSITIVITY_COLUMNS) == SUMMARY_COLUMNS
+    assert ("as_of", *SENSITIVITY_COLUMNS, "fit") == SUMMARY_COLUMNS
     assert SENSITIVITY_SCHEMA.field("date").type == pa.date32()
     assert SENSITIVITY_SCHEMA.field("window").type == pa.int64()
     assert SENSITIVITY_SCHEMA.field("n_obs").type == pa.int64()
     assert SENSITIVITY_SCHEMA.field("ticker").type == pa.string()
-    assert all(SENSITIVITY_SCHEMA.field(c).type == pa.float64() for c in SENSITIVITY_COLUMNS[5:])
+    assert SENSITIVITY_SCHEMA.field("se_type").type == pa.string()
+    assert not SENSITIVITY_SCHEMA.field("se_type").nullable
+    floats = [c for c in SENSITIVITY_COLUMNS[5:] if c != "se_type"]
+    assert all(SENSITIVITY_SCHEMA.field(c).type == pa.float64() for c in floats)
     assert SUMMARY_SCHEMA.field("as_of").type == pa.date32()
+    assert SUMMARY_SCHEMA.field("fit").type == pa.string()
     assert PRICE_SCHEMA.names == ["date", *PRICE_COLUMNS, "fetched_at", "source"]
     assert all(PRICE_SCHEMA.field(c).type == pa.float64() for c in PRICE_COLUMNS)
     assert PRICE_SCHEMA.field("fetched_at").type == pa.timestamp("us", tz="UTC")
     assert not PRICE_SCHEMA.field("date").nullable
+    assert SCHEMA_VERSIONS == {"prices": 1, "sensitivity": 2, "summary": 2, "scenarios": 1}
+    assert max(SCHEMA_VERSIONS.values()) == SCHEMA_VERSION
     for schema, kind in (
-        (PRICE_SCHEMA, b"prices"),
-        (SENSITIVITY_SCHEMA, b"sensitivity"),
-        (SUMMARY_SCHEMA, b"summary"),
+        (PRICE_SCHEMA, "prices"),
+        (SENSITIVITY_SCHEMA, "sensitivity"),
+        (SUMMARY_SCHEMA, "summary"),
+        (store_mod.SCENARIO_SCHEMA, "scenarios"),
     ):
-        assert schema.metadata[b"sensitivity.schema_version"] == str(SCHEMA_VERSION).encode()
-        assert schema.metadata[b"sensitivity.kind"] == kind
+        assert schema.metadata[b"sensitivity.schema_version"] == str(SCHEMA_VERSIONS[kind]).encode()
+        assert schema.metadata[b"sensitivity.kind"] == kind.encode()
 
 
 def test_price_file_carries_schema_and_version_metadata(tmp_path: Path) -> None:
@@ -441,7 +457,7 @@ def _write_with_metadata(path: Path, version: bytes | None, kind: bytes = b"pric
 
 def test_newer_schema_is_refused_with_upgrade_advice(tmp_path: Path) -> None:
     store = PriceStore(tmp_path)
-    _write_with_metadata(store.path_for("AAPL"), str(SCHEMA_VERSION + 1).encode())
+    _write_with_metadata(store.path_for("AAPL"), str(SCHEMA_VERSIONS["prices"] + 1).encode())
     msg = r"AAPL.parquet was written by a newer version of stock-sensitivity \(schema 2 > 1\); upgrade"
     with pytest.raises(StoreError, match=msg):
         store.read("AAPL")
@@ -643,9 +659,12 @@ def test_write_sensitivity_writes_one_file_per_combination(tmp_path: Path) -> No
     assert back["n_obs"].dtype == np.int64
     assert back["window"].dtype == np.int64
     for c in SENSITIVITY_COLUMNS[5:]:
-        assert back[c].dtype == np.float64
+        assert back[c].dtype == (np.float64 if c != "se_type" else pd.Series(["x"]).dtype)
     expected = frame.sort_values(["index_ticker", "ticker", "window", "date"]).reset_index(drop=True)
     for c in SENSITIVITY_COLUMNS[5:]:
+        if c == "se_type":
+            assert back[c].tolist() == expected[c].tolist()
+            continue
         np.testing.assert_array_equal(bits(back[c].to_numpy()), bits(expected[c].to_numpy()))
     assert pq.read_table(paths[0]).column("alpha").null_count == 1  # NaN stored as null
 
@@ -995,3 +1014,106 @@ def test_batch_write_failure_keeps_each_file_whole(tmp_path: Path, monkeypatch: 
         "MSFT": dt.date(2024, 1, 3),
         "PG": dt.date(2024, 1, 3),
     }
+
+
+# ------------------------------------------------------------------------------ schema 2
+
+
+def _as_version_1(frame: pd.DataFrame, kind: str) -> pa.Table:
+    """A table exactly as version 1 of the store wrote it (the columns of that version only)."""
+    schema = SUMMARY_SCHEMA if kind == "summary" else SENSITIVITY_SCHEMA
+    v1 = [n for n in schema.names if n not in store_mod._V2_ADDED and n != "fit"]
+    table = store_mod.table_from_frame(frame, schema, kind).select(v1)
+    meta = {b"sensitivity.schema_version": b"1", b"sensitivity.kind": kind.encode()}
+    return table.replace_schema_metadata(meta)
+
+
+def test_version_1_report_files_are_read_with_the_new_columns_filled(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    old = sens_frame("^GSPC", "AAPL", 252, ["2024-01-02", "2024-01-03"], seed=5)
+    path = rs.sensitivity_path("^GSPC", "AAPL", 252)
+    path.parent.mkdir(parents=True)
+    pq.write_table(_as_version_1(old, "sensitivity"), path)
+    rs.write_sensitivity(sens_frame("^GSPC", "MSFT", 252, ["2024-01-03"], seed=6))  # a version-2 file
+    back = rs.read_sensitivity()
+    assert list(back.columns) == list(SENSITIVITY_COLUMNS)
+    aapl = back[back["ticker"] == "AAPL"]
+    assert (aapl["se_type"] == "classical").all()  # version 1 was always classical OLS ...
+    assert (aapl["risk_free_return"] == 0.0).all()  # ... on raw returns
+    assert aapl["gamma_p"].isna().all()
+    assert aapl["huber_beta"].isna().all()
+    np.testing.assert_array_equal(aapl["beta"], old["beta"])
+    assert (back.loc[back["ticker"] == "MSFT", "se_type"] == "hac").all()
+
+    summary = summary_frame("2024-01-03", [("^GSPC", "AAPL", 252)], seed=7)
+    spath = rs.summary_path("2024-01-03")
+    spath.parent.mkdir(parents=True)
+    pq.write_table(_as_version_1(summary, "summary"), spath)
+    got = rs.read_summary()
+    assert list(got.columns) == list(SUMMARY_COLUMNS)
+    assert got["fit"].tolist() == ["ols"]
+    assert got["se_type"].tolist() == ["classical"]
+    # A rerun for that as_of keeps the old file's other rows, now in version 2.
+    rs.write_summary(summary_frame("2024-01-03", [("^GSPC", "KO", 0)], seed=8))
+    assert rs.read_summary()["ticker"].tolist() == ["AAPL", "KO"]
+    assert pq.read_schema(spath).metadata[b"sensitivity.schema_version"] == b"2"
+
+
+def test_a_version_1_file_lacking_an_old_column_is_still_refused(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    path = rs.sensitivity_path("^GSPC", "AAPL", 252)
+    path.parent.mkdir(parents=True)
+    table = _as_version_1(sens_frame("^GSPC", "AAPL", 252, ["2024-01-02"]), "sensitivity")
+    pq.write_table(table.drop_columns(["beta"]), path)
+    with pytest.raises(StoreError, match="lacks column"):
+        rs.read_sensitivity()
+
+
+def scenario_frame(
+    as_of: str, rows: list[tuple[str, str, int]], moves=(-0.05, 0.05), seed: int = 0
+) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    records = []
+    for index, ticker, window in rows:
+        for m in moves:
+            rec: dict[str, Any] = {
+                "as_of": pd.Timestamp(as_of),
+                "index_ticker": index,
+                "ticker": ticker,
+                "window": window,
+                "date": pd.Timestamp(as_of),
+                "n_obs": 252,
+                "fit": "ols",
+                "se_type": "classical",
+                "level": 0.95,
+                "index_move": m,
+            }
+            for c in store_mod.SCENARIO_COLUMNS[10:]:
+                rec[c] = float(rng.normal())
+            records.append(rec)
+    return pd.DataFrame(records)
+
+
+def test_scenarios_are_upserted_per_as_of_like_the_summary(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    rs.write_scenarios(scenario_frame("2024-01-02", [("^GSPC", "AAPL", 252), ("^GSPC", "MSFT", 252)], seed=1))
+    day1 = rs.scenarios_path("2024-01-02")
+    assert day1 == tmp_path / "reports" / "scenarios" / "scenarios-2024-01-02.parquet"
+    before = day1.read_bytes()
+    rs.write_scenarios(scenario_frame("2024-01-03", [("^GSPC", "AAPL", 252)], seed=2))
+    assert day1.read_bytes() == before
+    rerun = scenario_frame("2024-01-02", [("^GSPC", "AAPL", 252)], moves=(0.1,), seed=3)
+    rs.write_scenarios(rerun)
+    day = rs.read_scenarios(as_of="2024-01-02")
+    assert day[["ticker", "index_move"]].values.tolist() == [["AAPL", 0.1], ["MSFT", -0.05], ["MSFT", 0.05]]
+    assert day["predicted_return"].iloc[0] == rerun["predicted_return"].iloc[0]
+    everything = pd.read_parquet(tmp_path / "reports" / "scenarios")
+    assert len(everything) == 5
+    assert list(everything.columns) == list(store_mod.SCENARIO_COLUMNS)
+    assert pq.read_schema(day1).metadata[b"sensitivity.kind"] == b"scenarios"
+    with pytest.raises(
+        DataValidationError,
+        match=r"AAPL against \^GSPC \(window 252, index_move 0\.1\) appears more than once",
+    ):
+        rs.write_scenarios(pd.concat([rerun, rerun]))
+    assert rs.read_scenarios(as_of="2030-01-01").empty

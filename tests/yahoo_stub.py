@@ -15,9 +15,13 @@ what yfinance 1.7 asks when ``YahooSource(base_url=stub.base_url)`` (or the envi
   Yahoo's body for unknown symbols); anything else: 404 with Yahoo's generic error body.
 
 Every request is recorded (:attr:`YahooStub.requests`: method, path, query, the Yahoo host it
-was meant for from ``X-Forwarded-Host``, and the ``Host`` it reached).  Faults are scripted per
-symbol and per call with :meth:`YahooStub.inject`: each chart request for the symbol consumes
-the next matching :class:`Fault` (a status code, a delay, a replaced or truncated body).
+was meant for from ``X-Forwarded-Host``, the ``Host`` it reached and when it arrived).  Faults
+are scripted per symbol and per call with :meth:`YahooStub.inject`: each chart request for the
+symbol consumes the next matching :class:`Fault` (a status code, a delay, a replaced, edited or
+truncated body, a reset connection).  Edits for :attr:`Fault.edit`: :func:`answer_as` (a body
+for another symbol), :func:`duplicate_bar`, :func:`null_bar`, :func:`scale_bar` (a 100x unit
+mix-up).  :func:`with_dividend` restates a frame the way Yahoo does when a dividend arrives
+(every earlier adjusted close scaled down), for "the history changed between two runs".
 
 Generated bodies follow the recorded ones: ``meta`` with ``exchangeTimezoneName``
 (America/New_York), ``gmtoffset``, ``timezone``, ...; ``timestamp`` at the 09:30 New York open of
@@ -31,8 +35,11 @@ from __future__ import annotations
 
 import copy
 import json
+import socket
+import struct
 import threading
-from collections.abc import Iterator, Mapping
+import time
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -247,6 +254,7 @@ class StubRequest:
     query: dict[str, str]
     yahoo_host: str | None  #: the Yahoo host yfinance meant (``X-Forwarded-Host``)
     host: str  #: the ``Host`` header: where it really went
+    at: float = 0.0  #: ``time.monotonic()`` when it arrived
 
     @property
     def chart_symbol(self) -> str | None:
@@ -263,6 +271,10 @@ class StubRequest:
         return "history" if "period1" in self.query else "probe"
 
 
+#: Rewrites a chart body (a deep copy) for one answer.
+BodyEdit = Callable[[dict[str, Any]], dict[str, Any]]
+
+
 @dataclass(frozen=True)
 class Fault:
     """What to do instead of a normal answer to one chart request.
@@ -270,18 +282,112 @@ class Fault:
     ``status``: answer with this HTTP status (body: ``body``, else Yahoo-like text for 429 and
     a chart error body otherwise); ``delay_s``: wait this long first (past the client's timeout
     it becomes a timeout); ``truncate_at``: send only the first bytes of the body (a well-formed
-    HTTP answer with broken JSON); ``on``: which chart requests it applies to (``chart``: any,
-    ``history``: the price request, ``probe``: yfinance's timezone lookup).
+    HTTP answer with broken JSON); ``body``: send these bytes instead (e.g. an HTML error page
+    with status 200); ``edit``: rewrite the normal chart body (see :func:`answer_as`,
+    :func:`duplicate_bar`, :func:`null_bar`, :func:`scale_bar`); ``reset``: close the
+    connection with a TCP reset instead of answering; ``on``: which chart requests it applies
+    to (``chart``: any, ``history``: the price request, ``probe``: yfinance's timezone lookup).
     """
 
     status: int | None = None
     delay_s: float = 0.0
     truncate_at: int | None = None
     body: bytes | None = None
+    edit: BodyEdit | None = None
+    reset: bool = False
     on: Literal["chart", "history", "probe"] = "chart"
 
     def applies_to(self, kind: ChartKind) -> bool:
         return self.on == "chart" or self.on == kind
+
+
+def answer_as(symbol: str) -> BodyEdit:
+    """An edit that relabels the body as another symbol's (``meta.symbol``), as Yahoo does for a
+    renamed ticker."""
+
+    def edit(body: dict[str, Any]) -> dict[str, Any]:
+        body["chart"]["result"][0]["meta"]["symbol"] = symbol
+        return body
+
+    return edit
+
+
+def _bars(body: dict[str, Any]) -> tuple[dict[str, Any], list[int]]:
+    result = body["chart"]["result"][0]
+    return result, list(result.get("timestamp") or [])
+
+
+def duplicate_bar(i: int, *, close_factor: float = 1.0, seconds_later: int = 3600) -> BodyEdit:
+    """An edit that sends bar ``i`` twice: the copy ``seconds_later`` (same trading date), with
+    its prices times ``close_factor``."""
+
+    def edit(body: dict[str, Any]) -> dict[str, Any]:
+        result, stamps = _bars(body)
+        j = i % len(stamps)
+        result["timestamp"] = [*stamps[: j + 1], stamps[j] + seconds_later, *stamps[j + 1 :]]
+        quote = result["indicators"]["quote"][0]
+        for name, values in quote.items():
+            v = values[j]
+            scaled = v * close_factor if v is not None and name != "volume" else v
+            quote[name] = [*values[: j + 1], scaled, *values[j + 1 :]]
+        for adj in result["indicators"].get("adjclose") or []:
+            v = adj["adjclose"][j]
+            adj["adjclose"] = [
+                *adj["adjclose"][: j + 1],
+                v * close_factor if v is not None else v,
+                *adj["adjclose"][j + 1 :],
+            ]
+        return body
+
+    return edit
+
+
+def null_bar(i: int) -> BodyEdit:
+    """An edit that empties bar ``i`` (every price and the volume null), as Yahoo sometimes does."""
+
+    def edit(body: dict[str, Any]) -> dict[str, Any]:
+        result, stamps = _bars(body)
+        j = i % len(stamps)
+        for values in result["indicators"]["quote"][0].values():
+            values[j] = None
+        for adj in result["indicators"].get("adjclose") or []:
+            adj["adjclose"][j] = None
+        return body
+
+    return edit
+
+
+def scale_bar(i: int, factor: float = 100.0) -> BodyEdit:
+    """An edit that multiplies every price of bar ``i`` by ``factor`` (a 100x unit mix-up)."""
+
+    def edit(body: dict[str, Any]) -> dict[str, Any]:
+        result, stamps = _bars(body)
+        j = i % len(stamps)
+        for name, values in result["indicators"]["quote"][0].items():
+            if name != "volume" and values[j] is not None:
+                values[j] = values[j] * factor
+        for adj in result["indicators"].get("adjclose") or []:
+            if adj["adjclose"][j] is not None:
+                adj["adjclose"][j] = adj["adjclose"][j] * factor
+        return body
+
+    return edit
+
+
+def with_dividend(frame: pd.DataFrame, ex_date: str | pd.Timestamp, amount: float) -> pd.DataFrame:
+    """``frame`` after Yahoo learns of a cash dividend ``amount`` going ex on ``ex_date``.
+
+    The row of ``ex_date`` gets the dividend, and every adjusted close before it is multiplied
+    by ``1 - amount / close`` of the day before, as Yahoo's adjusted history is (close,
+    open, high, low and the adjusted closes from ``ex_date`` on are unchanged).
+    """
+    out = frame.copy()
+    day = pd.Timestamp(ex_date)
+    before = out.index < day
+    prev_close = float(out.loc[before, "close"].iloc[-1])
+    out.loc[day, "dividends"] = amount
+    out.loc[before, "adj_close"] = out.loc[before, "adj_close"] * (1.0 - amount / prev_close)
+    return out
 
 
 @dataclass
@@ -435,6 +541,7 @@ class _Handler(BaseHTTPRequestHandler):
             query=dict(parse_qsl(parts.query, keep_blank_values=True)),
             yahoo_host=self.headers.get("X-Forwarded-Host"),
             host=self.headers.get("Host", ""),
+            at=time.monotonic(),
         )
         with self.state.lock:
             self.state.requests.append(request)
@@ -443,6 +550,13 @@ class _Handler(BaseHTTPRequestHandler):
         if fault is not None:
             if fault.delay_s and self.stopping.wait(fault.delay_s):
                 return
+            if fault.reset:
+                # SO_LINGER with a zero timeout: close() sends a TCP reset, not a FIN.
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.close_connection = True
+                return
+            if fault.edit is not None and status == 200:
+                body = _dumps(fault.edit(json.loads(body)))
             if fault.status is not None:
                 status = fault.status
                 if fault.body is None:

@@ -18,8 +18,10 @@ are then NaN -- ordered by ticker (in input column order) and then date, with th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
-from typing import Any, cast
+from dataclasses import replace
+from typing import Any, Literal, cast
 
 import numpy as np
 import pandas as pd
@@ -27,14 +29,49 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from sensitivity.errors import DataValidationError
-from sensitivity.model import check_window, quadratic_fit
+from sensitivity.errors import ConfigError, DataValidationError
+from sensitivity.inference import (
+    check_hac_lags,
+    check_se_type,
+    coefficient_tests,
+    information_criteria,
+    robust_covariance,
+)
+from sensitivity.model import DeviceLike, QuadraticFit, check_window, quadratic_fit, resolve_device
+from sensitivity.robust import huber_rolling
 from sensitivity.sensitivity import daily_sensitivity
 
-__all__ = ["FLOAT_COLUMNS", "OUTPUT_COLUMNS", "quadratic_sensitivity", "sensitivity_frame"]
+__all__ = [
+    "FITS",
+    "FLOAT_COLUMNS",
+    "HUBER_COLUMNS",
+    "OUTPUT_COLUMNS",
+    "quadratic_sensitivity",
+    "sensitivity_frame",
+    "up_down_min_obs",
+]
+
+#: The Huber fit's columns (``huber_`` + the OLS column of the same meaning).
+HUBER_COLUMNS: tuple[str, ...] = (
+    "huber_alpha",
+    "huber_beta",
+    "huber_gamma",
+    "huber_alpha_se",
+    "huber_beta_se",
+    "huber_gamma_se",
+    "huber_cov_alpha_beta",
+    "huber_cov_alpha_gamma",
+    "huber_cov_beta_gamma",
+    "huber_sensitivity",
+    "huber_sensitivity_se",
+)
+
+#: The model's ``fit`` option: which estimator the headline scenarios use, and with
+#: ``"huber"`` a Huber fit of every rolling window (see :func:`quadratic_sensitivity`).
+FITS: tuple[str, ...] = ("ols", "huber")
 
 #: Columns of the per-day table, in order.  ``date`` is datetime64[ns] (tz-naive), ``ticker``
-#: str, ``window`` and ``n_obs`` int64, every other column float64.
+#: and ``se_type`` str, ``window`` and ``n_obs`` int64, every other column float64.
 OUTPUT_COLUMNS: tuple[str, ...] = (
     "date",
     "ticker",
@@ -54,10 +91,29 @@ OUTPUT_COLUMNS: tuple[str, ...] = (
     "gamma_se",
     "linear_beta",
     "r2",
+    "se_type",
+    "risk_free_return",
+    "cov_alpha_beta",
+    "cov_alpha_gamma",
+    "cov_beta_gamma",
+    "gamma_t",
+    "gamma_p",
+    "aic_linear",
+    "aic_quadratic",
+    "delta_aic",
+    "secant_slope",
+    "up_beta",
+    "down_beta",
+    *HUBER_COLUMNS,
 )
 
 #: The float64 columns of :data:`OUTPUT_COLUMNS`.
-FLOAT_COLUMNS: tuple[str, ...] = OUTPUT_COLUMNS[4:]
+FLOAT_COLUMNS: tuple[str, ...] = tuple(
+    c for c in OUTPUT_COLUMNS if c not in ("date", "ticker", "window", "n_obs", "se_type")
+)
+
+#: Huber fits: where :func:`sensitivity_frame` computes them (see its ``huber`` argument).
+HuberMode = Literal["latest", "all", "none"]
 
 ArrayLike = np.ndarray[Any, Any] | Tensor
 
@@ -72,6 +128,11 @@ def quadratic_sensitivity(
     *,
     window: int = 252,
     min_obs: int = 126,
+    se: str = "classical",
+    hac_lags: int | None = None,
+    fit: str = "ols",
+    risk_free: pd.Series | pd.DataFrame | None = None,
+    device: DeviceLike = None,
 ) -> pd.DataFrame:
     """Per-day sensitivity of each stock to the index from a rolling quadratic market model.
 
@@ -93,6 +154,24 @@ def quadratic_sensitivity(
         Rolling window in trading days (``>= 0``); 0 fits once over the whole range.
     min_obs
         Fewest stock returns a day's fit needs (``>= 4``; ``<= window`` when ``window > 0``).
+    se
+        The covariance behind every standard error, interval and test: ``"classical"``
+        (``s^2 (X'X)^-1``), ``"hc1"`` (White, ``n/(n-3)`` scaled) or ``"hac"`` (Newey-West,
+        Bartlett weights); see :mod:`sensitivity.inference`.
+    hac_lags
+        For ``se="hac"``: the maximum lag; None (default) uses ``floor(4*(n/100)**(2/9))``
+        of each window's ``n_obs``.
+    fit
+        ``"ols"`` (default): the ``huber_*`` columns hold the Huber fit of each ticker's latest
+        window only (every row for ``window=0``); ``"huber"``: of every fitted window.
+    risk_free
+        Risk-free returns over each row's period (decimal fractions), a Series on the same
+        dates or a DataFrame like ``stock_returns``; both returns are taken in excess of it
+        before the fit.  NaN drops the day (it has no excess return).  Default: none (0).
+    device
+        Where the kernels run: ``"cpu"`` (default, also None), ``"cuda"`` or ``"auto"`` (CUDA
+        when torch sees one); results agree across devices to 1e-9 relative.  Asking for
+        ``"cuda"`` without one raises :class:`~sensitivity.errors.ConfigError`.
 
     Returns
     -------
@@ -104,14 +183,43 @@ def quadratic_sensitivity(
     Raises
     ------
     ConfigError
-        For ``window`` or ``min_obs`` out of range.
+        For ``window``, ``min_obs``, ``se``, ``hac_lags`` or ``fit`` out of range.
     DataValidationError
         For inputs that break the contract; the message names the argument, the ticker and
         the date where one applies.
     """
     w, m = check_window(window, min_obs)
+    check_se_type(se)
+    check_hac_lags(hac_lags)
+    huber = _huber_mode(fit)
     dates, tickers, y, x = _validated_panels(stock_returns, index_returns)
-    return sensitivity_frame(y, x, dates=dates, tickers=tickers, window=w, min_obs=m)
+    rf = _validated_risk_free(risk_free, stock_returns, dates, tickers)
+    return sensitivity_frame(
+        y,
+        x,
+        dates=dates,
+        tickers=tickers,
+        window=w,
+        min_obs=m,
+        se=se,
+        hac_lags=hac_lags,
+        huber=huber,
+        risk_free=rf,
+        device=resolve_device(device),
+    )
+
+
+def _huber_mode(fit: object) -> HuberMode:
+    if fit == "ols":
+        return "latest"
+    if fit == "huber":
+        return "all"
+    raise ConfigError(f"fit must be one of {', '.join(repr(f) for f in FITS)}, got {fit!r}")
+
+
+def up_down_min_obs(min_obs: int) -> int:
+    """Fewest up (or down) days a window needs for ``up_beta`` (``down_beta``): ``max(4, min_obs // 4)``."""
+    return max(4, min_obs // 4)
 
 
 def sensitivity_frame(
@@ -124,6 +232,10 @@ def sensitivity_frame(
     min_obs: int,
     level: float = 0.95,
     device: torch.device | str | None = None,
+    se: str = "classical",
+    hac_lags: int | None = None,
+    huber: HuberMode = "latest",
+    risk_free: ArrayLike | None = None,
 ) -> pd.DataFrame:
     """The per-day table from unlabelled panels (the pipeline's entry point).
 
@@ -144,7 +256,15 @@ def sensitivity_frame(
     level
         Confidence level of ``sensitivity_ci_lower`` / ``sensitivity_ci_upper``.
     device
-        Torch device for the fit (default CPU).
+        Torch device for the kernels: ``"cpu"`` (default, also None), ``"cuda"`` or ``"auto"``
+        (see :func:`~sensitivity.model.resolve_device`).
+    se, hac_lags
+        As in :func:`quadratic_sensitivity`.
+    huber
+        Which windows get a Huber fit: ``"latest"`` (each ticker's last row; every row when
+        ``window == 0``), ``"all"`` (every fitted row) or ``"none"``.
+    risk_free
+        ``[T]`` or ``[T, N]`` risk-free returns per row (NaN drops the day), or None.
 
     Returns
     -------
@@ -152,6 +272,10 @@ def sensitivity_frame(
         As :func:`quadratic_sensitivity`.
     """
     w, m = check_window(window, min_obs)
+    se_type = check_se_type(se)
+    lags = check_hac_lags(hac_lags)
+    if huber not in ("latest", "all", "none"):
+        raise ConfigError(f"huber must be 'latest', 'all' or 'none', got {huber!r}")
     y = _as_float64(stock_returns, "stock_returns")
     x = _as_float64(index_returns, "index_returns")
     if y.ndim != 2:
@@ -161,6 +285,12 @@ def sensitivity_frame(
         raise DataValidationError(
             f"index_returns must have shape ({t_rows},) or ({t_rows}, {n_cols}) to match "
             f"stock_returns, got {x.shape}"
+        )
+    rf = None if risk_free is None else _as_float64(risk_free, "risk_free")
+    if rf is not None and rf.shape not in ((t_rows,), (t_rows, n_cols)):
+        raise DataValidationError(
+            f"risk_free must have shape ({t_rows},) or ({t_rows}, {n_cols}) to match "
+            f"stock_returns, got {rf.shape}"
         )
     date_index = _as_dates(dates, "dates")
     if len(date_index) != t_rows:
@@ -177,49 +307,66 @@ def sensitivity_frame(
         if not present.all():
             # Drop the rows, keeping the stock panel ticker-major (column-major [T, N]).
             x, y, date_index = x[present], y.T[:, present].T, date_index[present]
+            if rf is not None:
+                rf = rf[present] if rf.ndim == 1 else rf.T[:, present].T
             t_rows = int(present.sum())
-        x_panel = torch.from_numpy(x)[:, None].expand(t_rows, n_cols)
+    # [N, T] views of the raw returns (the table's columns) and the risk-free returns.
+    x_nt = np.broadcast_to(x[None, :], (n_cols, t_rows)) if x.ndim == 1 else x.T
+    y_nt = y.T
+    if rf is None:
+        rf_nt: np.ndarray[Any, Any] = np.zeros((1, 1))
+        xe_nt, ye_nt = x_nt, y_nt
     else:
-        x_panel = torch.from_numpy(x)
-    y_panel = torch.from_numpy(y)
+        rf_nt = np.broadcast_to(rf[None, :], (n_cols, t_rows)) if rf.ndim == 1 else rf.T
+        # Excess returns, ticker-major; a missing rate drops the day (NaN).
+        xe_nt = np.ascontiguousarray(x_nt - rf_nt)
+        ye_nt = np.ascontiguousarray(y_nt - rf_nt)
+    x_panel = torch.from_numpy(np.asarray(xe_nt)).T if rf is not None or x.ndim == 2 else None
+    if x_panel is None:
+        x_panel = torch.from_numpy(x)[:, None].expand(t_rows, n_cols)
+    y_panel = torch.from_numpy(np.asarray(ye_nt)).T
+    # Up and down days are those the index itself rose or fell (raw returns).
+    x_sign = torch.from_numpy(np.array(x_nt, dtype=np.float64, order="C")).T
 
-    # Rows: (ticker, date) with both returns, ticker-major.  Work on [N, T] views.
-    keep = np.isfinite(y.T) & (np.isfinite(x)[None, :] if x.ndim == 1 else np.isfinite(x.T))
+    # Rows: (ticker, date) with both (excess) returns, ticker-major.
+    keep = np.isfinite(ye_nt) & np.isfinite(xe_nt)
     counts = keep.sum(axis=1)
     offsets = np.concatenate(([0], np.cumsum(counts)))
     n_rows = int(offsets[-1])
     block = np.empty((len(FLOAT_COLUMNS), n_rows), dtype=np.float64)
     n_obs = np.empty(n_rows, dtype=np.int64)
-    x_nt = np.broadcast_to(x[None, :], (n_cols, t_rows)) if x.ndim == 1 else x.T
+    # Each ticker's last row with a return: its latest fit (-1: none).
+    last_row = (
+        np.where(counts > 0, t_rows - 1 - np.argmax(keep[:, ::-1], axis=1), -1)
+        if t_rows
+        else np.full(n_cols, -1, dtype=np.int64)
+    )
     # Groups of tickers bound the memory of the per-day [T, N] results (the kernels chunk
     # further, for the cache); the table is filled group by group.
     group = max(1, _GROUP_CELLS // max(t_rows, 1))
     for g0 in range(0, n_cols, group):
         g1 = min(n_cols, g0 + group)
         lo, hi, k = int(offsets[g0]), int(offsets[g1]), keep[g0:g1]
-        xg = x_panel[:, g0:g1]
-        fit = quadratic_fit(xg, y_panel[:, g0:g1], window=w, min_obs=m, device=device)
-        sens = daily_sensitivity(fit, xg.to(fit.beta.device), level=level)
-        sources: dict[str, Any] = {
-            "index_return": x_nt[g0:g1],
-            "stock_return": y.T[g0:g1],
-            "alpha": fit.alpha,
-            "beta": fit.beta,
-            "gamma": fit.gamma,
-            "sensitivity": sens.sensitivity,
-            "sensitivity_se": sens.sensitivity_se,
-            "sensitivity_ci_lower": sens.sensitivity_ci_lower,
-            "sensitivity_ci_upper": sens.sensitivity_ci_upper,
-            "alpha_se": fit.alpha_se,
-            "beta_se": fit.beta_se,
-            "gamma_se": fit.gamma_se,
-            "linear_beta": fit.linear_beta,
-            "r2": fit.r2,
-        }
+        columns = _group_columns(
+            x_panel[:, g0:g1],
+            y_panel[:, g0:g1],
+            x_sign[:, g0:g1],
+            window=w,
+            min_obs=m,
+            level=level,
+            device=device,
+            se=se_type,
+            hac_lags=lags,
+            huber=huber,
+            last_row=torch.from_numpy(last_row[g0:g1].copy()),
+        )
+        columns["index_return"] = x_nt[g0:g1]
+        columns["stock_return"] = y_nt[g0:g1]
+        columns["risk_free_return"] = np.zeros((g1 - g0, t_rows)) if rf is None else rf_nt[g0:g1]
         for i, name in enumerate(FLOAT_COLUMNS):
-            block[i, lo:hi] = _ticker_major_numpy(sources[name])[k]
-        n_obs[lo:hi] = _ticker_major_numpy(fit.n_obs)[k]
-        del fit, sens, sources
+            block[i, lo:hi] = _ticker_major_numpy(columns[name])[k]
+        n_obs[lo:hi] = _ticker_major_numpy(columns["n_obs"])[k]
+        del columns
 
     frame = pd.DataFrame(block.T, columns=list(FLOAT_COLUMNS), copy=False)
     frame.insert(0, "n_obs", n_obs)
@@ -229,7 +376,105 @@ def sensitivity_frame(
     frame.insert(0, "ticker", pd.Series(ticker_col, dtype="str"))
     date_values = date_index.to_numpy(dtype="datetime64[ns]")
     frame.insert(0, "date", np.broadcast_to(date_values[None, :], (n_cols, t_rows))[keep])
+    frame.insert(
+        OUTPUT_COLUMNS.index("se_type"), "se_type", pd.Series(se_type, index=frame.index, dtype="str")
+    )
     return frame
+
+
+def _group_columns(
+    xg: Tensor,
+    yg: Tensor,
+    x_sign: Tensor,
+    *,
+    window: int,
+    min_obs: int,
+    level: float,
+    device: torch.device | str | None,
+    se: str,
+    hac_lags: int | None,
+    huber: HuberMode,
+    last_row: Tensor,
+) -> dict[str, Any]:
+    """Every fitted ``[T, n]`` column of one group of tickers (``xg``, ``yg``: excess returns)."""
+    fit = quadratic_fit(xg, yg, window=window, min_obs=min_obs, device=device)
+    dev = fit.beta.device
+    xd = xg.to(dev)
+    inference = robust_covariance(xd, yg.to(dev), fit, se=se, hac_lags=hac_lags)
+    sens = daily_sensitivity(fit, xd, level=level, inference=inference)
+    tests = coefficient_tests(fit, inference)
+    crit = information_criteria(fit)
+    nan = torch.tensor(math.nan, dtype=torch.float64, device=dev)
+    # Up / down betas: the plain linear slope over the window's days the index rose / fell.
+    side_min = up_down_min_obs(min_obs)
+    signs = x_sign.to(dev)
+    up = quadratic_fit(torch.where(signs > 0, xd, nan), yg, window=window, min_obs=side_min, device=dev)
+    down = quadratic_fit(torch.where(signs < 0, xd, nan), yg, window=window, min_obs=side_min, device=dev)
+    cov = inference.cov_unique
+    out: dict[str, Any] = {
+        "n_obs": fit.n_obs,
+        "alpha": fit.alpha,
+        "beta": fit.beta,
+        "gamma": fit.gamma,
+        "sensitivity": sens.sensitivity,
+        "sensitivity_se": sens.sensitivity_se,
+        "sensitivity_ci_lower": sens.sensitivity_ci_lower,
+        "sensitivity_ci_upper": sens.sensitivity_ci_upper,
+        "alpha_se": inference.alpha_se,
+        "beta_se": inference.beta_se,
+        "gamma_se": inference.gamma_se,
+        "linear_beta": fit.linear_beta,
+        "r2": fit.r2,
+        "cov_alpha_beta": cov[..., 1],
+        "cov_alpha_gamma": cov[..., 2],
+        "cov_beta_gamma": cov[..., 4],
+        "gamma_t": tests.gamma_t,
+        "gamma_p": tests.gamma_p,
+        "aic_linear": crit.aic_linear,
+        "aic_quadratic": crit.aic_quadratic,
+        "delta_aic": crit.delta_aic,
+        "secant_slope": fit.beta + fit.gamma * xd,
+        "up_beta": torch.where(fit.valid, up.linear_beta, nan),
+        "down_beta": torch.where(fit.valid, down.linear_beta, nan),
+    }
+    out.update(_huber_columns(xd, yg.to(dev), fit, huber=huber, last_row=last_row, level=level))
+    return out
+
+
+def _huber_columns(
+    x: Tensor, y: Tensor, fit: QuadraticFit, *, huber: HuberMode, last_row: Tensor, level: float
+) -> dict[str, Any]:
+    """The ``huber_*`` columns: Huber fits of the chosen windows, NaN elsewhere."""
+    t_rows, n_cols = fit.shape
+    if huber == "none" or t_rows == 0 or n_cols == 0:
+        empty = torch.full(fit.shape, math.nan, dtype=torch.float64)
+        return dict.fromkeys(HUBER_COLUMNS, empty)
+    rows = None if huber == "all" else last_row
+    alpha, beta, gamma, cov = huber_rolling(x, y, fit, rows=rows)
+    hfit = replace(
+        fit,
+        alpha=alpha,
+        beta=beta,
+        gamma=gamma,
+        cov_unique=cov,
+        alpha_se=cov[..., 0].clamp(min=0.0).sqrt(),
+        beta_se=cov[..., 3].clamp(min=0.0).sqrt(),
+        gamma_se=cov[..., 5].clamp(min=0.0).sqrt(),
+    )
+    sens = daily_sensitivity(hfit, x, level=level)
+    return {
+        "huber_alpha": alpha,
+        "huber_beta": beta,
+        "huber_gamma": gamma,
+        "huber_alpha_se": hfit.alpha_se,
+        "huber_beta_se": hfit.beta_se,
+        "huber_gamma_se": hfit.gamma_se,
+        "huber_cov_alpha_beta": cov[..., 1],
+        "huber_cov_alpha_gamma": cov[..., 2],
+        "huber_cov_beta_gamma": cov[..., 4],
+        "huber_sensitivity": sens.sensitivity,
+        "huber_sensitivity_se": sens.sensitivity_se,
+    }
 
 
 def _ticker_major_numpy(v: Any) -> np.ndarray[Any, Any]:
@@ -343,15 +588,39 @@ def _dated(obj: pd.Series | pd.DataFrame, name: str) -> Any:
     return out
 
 
-def _date_mismatch(a: pd.DatetimeIndex, b: pd.DatetimeIndex) -> str:
+def _date_mismatch(a: pd.DatetimeIndex, b: pd.DatetimeIndex, other: str = "index_returns") -> str:
     only_a = a.difference(b)
     only_b = b.difference(a)
     parts = []
     if len(only_a):
         parts.append(f"{len(only_a)} date(s) only in stock_returns (first {only_a[0].date()})")
     if len(only_b):
-        parts.append(f"{len(only_b)} date(s) only in index_returns (first {only_b[0].date()})")
-    return "index_returns must have the same dates as stock_returns: " + "; ".join(parts)
+        parts.append(f"{len(only_b)} date(s) only in {other} (first {only_b[0].date()})")
+    return f"{other} must have the same dates as stock_returns: " + "; ".join(parts)
+
+
+def _validated_risk_free(
+    risk_free: object, stock_returns: pd.DataFrame, dates: pd.DatetimeIndex, tickers: list[str]
+) -> np.ndarray[Any, Any] | None:
+    """The risk-free returns as ``[T]`` or ``[T, N]`` float64 on ``dates`` (None if not given)."""
+    if risk_free is None:
+        return None
+    if not isinstance(risk_free, pd.Series | pd.DataFrame):
+        raise DataValidationError(
+            "risk_free must be a pandas Series (or a DataFrame with the stock columns) of "
+            f"risk-free returns, got {type(risk_free).__name__}"
+        )
+    rf = _dated(risk_free, "risk_free")
+    if not rf.index.equals(dates):
+        raise DataValidationError(_date_mismatch(dates, pd.DatetimeIndex(rf.index), "risk_free"))
+    if isinstance(rf, pd.DataFrame):
+        cols = _tickers(rf, "risk_free")
+        if set(cols) != set(tickers):
+            raise DataValidationError(
+                "risk_free (a DataFrame) must have the same ticker columns as stock_returns"
+            )
+        rf = rf[tickers]
+    return _numeric(rf, "risk_free")
 
 
 def _numeric(obj: pd.Series | pd.DataFrame, name: str) -> np.ndarray[Any, Any]:

@@ -93,20 +93,30 @@ def _fail(exc: BaseException, debug: bool) -> None:
 
 
 class _RichReporter:
-    """Shows the progress events of a run as a rich progress bar on stderr."""
+    """Shows the progress events of a run as a rich progress bar on stderr.
+
+    While fetching, the description counts failed symbols and restated histories (refetched
+    in full) and names the symbol that just completed.
+    """
 
     def __init__(self, bar: Progress) -> None:
         self.bar = bar
         self.task = bar.add_task("starting Prefect", total=None)
         self.failed = 0
+        self.restated = 0
 
     def __call__(self, event: progress.ProgressEvent) -> None:
         if event.stage == "start":
             self.bar.update(self.task, description="fetching prices", total=event.total, completed=0)
         elif event.stage == "fetch":
             self.failed += 0 if event.ok else 1
-            note = f" ({self.failed} failed)" if self.failed else ""
-            self.bar.update(self.task, advance=1, description=f"fetching prices{note}: {event.symbol}")
+            self.restated += 1 if event.extra.get("restated") else 0
+            notes = [f"{self.failed} failed"] if self.failed else []
+            notes += [f"{self.restated} restated"] if self.restated else []
+            note = f" ({', '.join(notes)})" if notes else ""
+            mode = event.extra.get("mode")
+            how = f" [{mode}]" if event.ok and isinstance(mode, str) else "" if event.ok else " [failed]"
+            self.bar.update(self.task, advance=1, description=f"fetching prices{note}: {event.symbol}{how}")
         elif event.stage == "fit":
             self.bar.update(self.task, description=f"fitted {event.detail}")
         elif event.stage == "report":
@@ -156,14 +166,16 @@ def run(
     start: Annotated[str | None, typer.Option(help="First price date, YYYY-MM-DD (inclusive).")] = None,
     end: Annotated[str | None, typer.Option(help="Last price date, YYYY-MM-DD (inclusive).")] = None,
     source: Annotated[SourceKind | None, typer.Option(help="Price source.")] = None,
+    # Plain strings, not Path: Path("") is ".", which would turn an empty value into the
+    # current folder instead of the refusal the config gives it.
     source_path: Annotated[
-        Path | None, typer.Option(help="Folder of <SYMBOL>.csv/.parquet for --source files.")
+        str | None, typer.Option(help="Folder of <SYMBOL>.csv/.parquet for --source files.")
     ] = None,
     window: Annotated[
         int | None, typer.Option(help="Rolling window in trading days; 0 = full sample.")
     ] = None,
     min_obs: Annotated[int | None, typer.Option(help="Fewest returns a fit needs.")] = None,
-    data_dir: Annotated[Path | None, typer.Option(help="Folder of the price store and the reports.")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="Folder of the price store and the reports.")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Prefect's logs.")] = False,
 ) -> None:
@@ -174,13 +186,17 @@ def run(
         "start": start,
         "end": end,
         "source": source,
-        "source_path": str(source_path) if source_path else None,
+        "source_path": source_path,
         "window": window,
         "min_obs": min_obs,
-        "data_dir": str(data_dir) if data_dir else None,
+        "data_dir": data_dir,
     }
     try:
         cfg = load_config(config, overrides)  # refuse bad input before Prefect starts
+        if cfg.source.kind == "files":
+            from sensitivity.sources.base import make_source
+
+            make_source(cfg.source)  # a source.path that is not a folder: refused here, exit 2
     except SensitivityError as exc:
         _fail(exc, debug)
     # Prefect's logs still reach its API (the UI); the console shows them only with --verbose,

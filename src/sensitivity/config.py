@@ -112,13 +112,47 @@ class SourceConfig(_Section):
     concurrency: int = Field(4, ge=1, le=64, description="Symbols fetched at once.")
     timeout_s: float = Field(30.0, gt=0, le=600, description="Timeout of one request, seconds.")
     retries: int = Field(3, ge=0, le=10, description="Retries of a fetch that failed transiently.")
+    retry_delay_s: float = Field(
+        5.0,
+        ge=0,
+        le=600,
+        description=(
+            "Base delay of the exponential backoff between retries, seconds: retry n waits about "
+            "retry_delay_s * 2**(n-1), randomised (jitter, at most 1.5 times that)."
+        ),
+    )
+    requests_per_second: float = Field(
+        2.0,
+        gt=0,
+        le=1000,
+        description=(
+            "Most requests per second to Yahoo from one process (a token bucket; bursts of one "
+            "second's worth)."
+        ),
+    )
+    overlap_days: int = Field(
+        5,
+        ge=1,
+        le=250,
+        description=(
+            "Stored trading days an update fetches again and compares with the store, to detect "
+            "a restated (re-adjusted) history."
+        ),
+    )
+    repair: bool = Field(
+        False, description="Ask yfinance to repair Yahoo's prices (history(repair=True)); yahoo only."
+    )
 
     @field_validator("path", mode="before")
     @classmethod
     def _path(cls, v: Any) -> Any:
-        return Path(v) if isinstance(v, str) else v
+        if isinstance(v, str):
+            if not v.strip():  # Path("") would be the current folder
+                raise ValueError("must not be empty (name a folder)")
+            return Path(v)
+        return v
 
-    @field_validator("timeout_s", mode="before")
+    @field_validator("timeout_s", "retry_delay_s", "requests_per_second", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
@@ -138,6 +172,68 @@ class ModelConfig(_Section):
 
     window: int = Field(252, ge=0, le=100_000, description="Rolling window in trading days; 0 = full sample.")
     min_obs: int = Field(126, ge=4, le=100_000, description="Fewest stock returns a fit needs.")
+    se: Literal["classical", "hc1", "hac"] = Field(
+        "classical",
+        description=(
+            "Covariance behind every standard error, interval and test: classical OLS, hc1 "
+            "(White, n/(n-3) scaled) or hac (Newey-West, Bartlett weights)."
+        ),
+    )
+    hac_lags: int | None = Field(
+        None,
+        ge=0,
+        le=1000,
+        description=(
+            "Maximum lag of the HAC covariance (se = 'hac'); unset: floor(4*(n/100)**(2/9)) of "
+            "each window's n_obs (Newey-West 1994)."
+        ),
+    )
+    fit: Literal["ols", "huber"] = Field(
+        "ols",
+        description=(
+            "Estimator of the scenarios: ols, or huber (then also a Huber fit of every rolling "
+            "window in the huber_* columns; the latest window's is always computed)."
+        ),
+    )
+    scenarios: tuple[float, ...] = Field(
+        (-0.10, -0.05, -0.02, -0.01, 0.01, 0.02, 0.05, 0.10),
+        min_length=1,
+        max_length=50,
+        description="Index moves of the scenario table, decimal fractions (-0.05 = -5%), each in (-1, 1].",
+    )
+    risk_free: float = Field(
+        0.0,
+        ge=-0.5,
+        le=1.0,
+        description=(
+            "Constant annual risk-free rate, decimal (0.04 = 4%), subtracted from both returns "
+            "before the fit, compounded daily over 252 trading days; 0 = raw returns."
+        ),
+    )
+    risk_free_symbol: str | None = Field(
+        None,
+        description=(
+            "Symbol of a rate series quoted in percent per year (e.g. ^IRX), fetched with the "
+            "other symbols; its daily rate (1 + r/100)**(1/252) - 1 is subtracted from both returns."
+        ),
+    )
+
+    @field_validator("scenarios", mode="before")
+    @classmethod
+    def _moves(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            return tuple(float(m) if isinstance(m, int) and not isinstance(m, bool) else m for m in v)
+        return v
+
+    @field_validator("risk_free", mode="before")
+    @classmethod
+    def _rate(cls, v: Any) -> Any:
+        return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("risk_free_symbol", mode="before")
+    @classmethod
+    def _rate_symbol(cls, v: Any) -> Any:
+        return None if v is None else normalize_symbol(v, what="model.risk_free_symbol")
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -146,6 +242,21 @@ class ModelConfig(_Section):
                 f"model.min_obs must be <= model.window when the window is rolling, got "
                 f"min_obs={self.min_obs} > window={self.window}"
             )
+        for move in self.scenarios:
+            if not -1.0 < move <= 1.0:
+                raise ValueError(
+                    f"model.scenarios must hold index moves in (-1, 1] as decimal fractions "
+                    f"(-0.05 = -5%), got {move!r}"
+                )
+        if len(set(self.scenarios)) != len(self.scenarios):
+            raise ValueError(f"model.scenarios must not repeat a move, got {list(self.scenarios)!r}")
+        if self.risk_free_symbol is not None and self.risk_free != 0.0:
+            raise ValueError(
+                f"model.risk_free ({self.risk_free!r}) and model.risk_free_symbol "
+                f"({self.risk_free_symbol!r}) are exclusive; set one of them"
+            )
+        if self.hac_lags is not None and self.se != "hac":
+            raise ValueError(f"model.hac_lags applies to se = 'hac' only, got se = {self.se!r}")
         return self
 
 
@@ -159,7 +270,7 @@ class OutputConfig(_Section):
     def _path(cls, v: Any) -> Any:
         if isinstance(v, str):
             if not v.strip():
-                raise ValueError("must name a folder, got an empty string")
+                raise ValueError("must not be empty (name a folder)")
             return Path(v)
         return v
 
@@ -196,6 +307,13 @@ class Config(_Section):
     output: OutputConfig = OutputConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
+    @property
+    def fetch_symbols(self) -> tuple[str, ...]:
+        """Every symbol a run fetches: the index, the tickers, then the risk-free rate symbol."""
+        rate = self.model.risk_free_symbol
+        symbols = self.universe.symbols
+        return symbols if rate is None or rate in symbols else (*symbols, rate)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-friendly dict (for the manifest)."""
         return self.model_dump(mode="json")
@@ -224,6 +342,7 @@ def _describe(error: Mapping[str, Any]) -> str:
         "literal_error": "must be one of {expected}",
         "tuple_type": "must be a list",
         "path_type": "must be a folder path",
+        "model_type": "must be a table ([section] of keys)",
     }
     if kind in templates:
         what = templates[kind].format(**{k: v for k, v in ctx.items()})

@@ -51,6 +51,8 @@ Accuracy
 from __future__ import annotations
 
 import math
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -64,10 +66,12 @@ __all__ = [
     "COV_ENTRIES",
     "RCOND_MIN",
     "VARIANCE_RATIO_MIN",
+    "DeviceLike",
     "QuadraticFit",
     "check_window",
     "default_chunk_size",
     "quadratic_fit",
+    "resolve_device",
 ]
 
 #: Smallest reciprocal condition number of the standardised centred design accepted.
@@ -75,20 +79,27 @@ __all__ = [
 #: With ``z = (x - mean x) / sd(x)`` over the window, the design ``(1, z, z**2 - 1)`` has the
 #: moment matrix ``[[1, 0, 0], [0, 1, skew], [0, skew, kurt - 1]]``, whose determinant
 #: ``kurt - 1 - skew**2`` is 0 exactly when ``x`` takes fewer than three distinct values (then
-#: ``1, x, x**2`` are collinear).  Its reciprocal condition number ``rcond`` (smallest over
-#: largest eigenvalue, ``det / lambda_max**2`` here) does not depend on the units or the level
-#: of ``x``.  A window is singular when ``rcond < RCOND_MIN * (mean((x - c)**2) / var(x))**2``
+#: ``1, x, x**2`` are collinear).  Its reciprocal condition number (smallest over largest
+#: eigenvalue) does not depend on the units or the level of ``x``; the kernel estimates it as
+#: ``rcond = det / trace**2`` (``trace = kurt``), which is within a factor of 4 of it and never
+#: above.  A window is singular when ``rcond < RCOND_MIN * (mean((x - c)**2) / var(x))**2``
 #: (``c`` as in :data:`VARIANCE_RATIO_MIN`): the factor is the growth of the rounding error of
-#: the centred fourth moment, about 1 for returns.  The rounding noise of ``rcond`` measured on
-#: exactly two-valued windows stays below ``3e-11`` times that factor, so the test separates
-#: collinear windows from merely ill-conditioned ones with a wide margin; a window passing it
-#: keeps at least about eight significant digits in its coefficients.
-RCOND_MIN: float = 1e-8
-
-#: Smallest ratio ``var(x) / mean((x - c)**2)`` accepted in a window, ``c`` being the window's
-#: shift of step 2 (the mean of the surrounding two blocks).
+#: the centred moments, about 1 for returns.
 #:
-#: Central moments are formed from shifted raw moments; when ``x`` is nearly constant within the
+#: The threshold is set by accuracy, not only by singularity.  Moment sums lose digits in
+#: proportion to ``1 / rcond``: measured over windows down to ``rcond = 1e-8``, the coefficient
+#: error relative to ``max(|value|, its se)`` stayed below ``1.3e-15 / rcond``.  At ``1e-5``
+#: every window that is reported keeps 1e-9 relative (about 1.3e-10 at worst), and the rest are
+#: NaN, never inexact.  Real index returns are far above it: a window with a crash of 80
+#: standard deviations still has ``rcond`` about 2e-4; only an index that sits within 0.1% of
+#: two values for a whole window comes near.  Exactly two-valued windows give ``rcond`` of
+#: rounding size (below 3e-11 times the factor), so collinearity is always caught.
+RCOND_MIN: float = 1e-5
+
+#: Smallest ratio ``var(x) / mean((x - c)**2)`` accepted in a window, ``c`` being the column's
+#: mean over the whole panel (the point the kernel centres each column on).
+#:
+#: Central moments are formed from moments about ``c``; when ``x`` is nearly constant within the
 #: window compared with its distance from ``c`` that conversion cancels digits (the fourth
 #: moment loses about ``2*log10(1/ratio)`` of them).  A window below the threshold -- in
 #: practice an index that (nearly) did not move for the whole window -- is reported as
@@ -106,17 +117,22 @@ COV_ENTRIES: tuple[str, ...] = (
 )
 
 #: ``y`` counts as constant in a window (R^2 undefined: NaN) when its variance is below this
-#: fraction of its mean square about the window's shift.
+#: fraction of its mean square about the column's mean.
 _TSS_RATIO_MIN: float = 1e-12
 
-#: Cells (tickers x rows) per chunk on the CPU: the chunk's working set then stays in cache.
-_CPU_CHUNK_CELLS: int = 1 << 17
+#: Cells (tickers x rows) per chunk on the CPU: torch's parallel grain, so that every
+#: operation on a chunk's plane runs on the calling thread (see :func:`_chunk_workers`), and
+#: the working set of a chunk (about 40 such planes, 10 MiB) stays in the last-level cache.
+_CPU_CHUNK_CELLS: int = 1 << 15
 
-#: Peak number of ``[tickers, rows]`` float64 temporaries of one chunk (an upper estimate).
-_TEMPORARIES_PER_CELL: int = 64
+#: Float64 planes of one chunk's size held at once by the kernel (its workspace).
+_WORKSPACE_PLANES: int = 28
 
-#: Budget for one chunk's temporaries on an accelerator, bytes.
+#: Budget for one chunk's workspace on an accelerator, bytes.
 _DEVICE_BUDGET_BYTES: int = 1 << 30
+
+#: What ``device`` may be, besides a :class:`torch.device`.
+DeviceLike = torch.device | str | None
 
 _COV_INDEX = ((0, 1, 2), (1, 3, 4), (2, 4, 5))
 
@@ -186,13 +202,39 @@ class QuadraticFit:
         return int(t), int(n)
 
 
-def default_chunk_size(n_rows: int, device: torch.device | str | None = None) -> int:
-    """Columns fitted at once: a cache-sized chunk on the CPU, about 1 GiB of temporaries elsewhere."""
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+def default_chunk_size(n_rows: int, device: DeviceLike = None) -> int:
+    """Columns fitted at once: a cache-sized chunk on the CPU, about 1 GiB of workspace elsewhere."""
+    dev = resolve_device(device)
     rows = max(1, n_rows)
     if dev.type == "cpu":
         return max(1, _CPU_CHUNK_CELLS // rows)
-    return max(1, _DEVICE_BUDGET_BYTES // (rows * _TEMPORARIES_PER_CELL * 8))
+    return max(1, _DEVICE_BUDGET_BYTES // (rows * _WORKSPACE_PLANES * 8))
+
+
+def resolve_device(device: DeviceLike) -> torch.device:
+    """The torch device for ``device``: ``"auto"`` is CUDA when available, else the CPU.
+
+    None means the CPU.  ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a :class:`torch.device` are
+    taken as they are, except that asking for CUDA where torch sees no CUDA device raises
+    :class:`~sensitivity.errors.ConfigError` (the results would otherwise silently come from
+    elsewhere).
+    """
+    if device is None:
+        return torch.device("cpu")
+    if isinstance(device, str) and device.strip().lower() == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise ConfigError(
+            f'device must be "auto", "cpu" or "cuda" (or a torch device), got {device!r}'
+        ) from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(
+            f"device {str(device)!r} was asked for but torch sees no CUDA device "
+            f'(torch {torch.__version__}); use device "auto" or "cpu", or install a CUDA build of torch'
+        )
+    return dev
 
 
 def check_window(window: object, min_obs: object) -> tuple[int, int]:
@@ -239,7 +281,7 @@ def quadratic_fit(
     window: int,
     min_obs: int,
     chunk_size: int | None = None,
-    device: torch.device | str | None = None,
+    device: DeviceLike = None,
 ) -> QuadraticFit:
     """Fit ``y = alpha + beta*x + gamma*x**2 + e`` by OLS on every row's window, for every column.
 
@@ -248,7 +290,7 @@ def quadratic_fit(
     x, y
         ``[T, N]`` real tensors: index returns (regressor) and stock returns (response).  Rows
         are the index's trading calendar, oldest first; NaN (any non-finite value) marks a
-        missing observation.  Computed in float64 (float32 input is converted).
+        missing observation.  Computed in float64 (float32 input is converted exactly).
     window
         Rows per window (``>= 0``); 0 fits once per column over all rows.
     min_obs
@@ -257,7 +299,9 @@ def quadratic_fit(
         Columns processed at once; default: :func:`default_chunk_size`.  Results do not depend
         on it.
     device
-        Where to compute (default: CPU); the results stay there.
+        Where to compute: ``"cpu"`` (the default, also for None), ``"cuda"`` (or any torch
+        device) or ``"auto"`` (CUDA when available); see :func:`resolve_device`.  The results
+        stay there.
 
     Returns
     -------
@@ -268,7 +312,7 @@ def quadratic_fit(
     Raises
     ------
     ConfigError
-        For ``window``, ``min_obs`` or ``chunk_size`` out of range.
+        For ``window``, ``min_obs``, ``chunk_size`` or ``device`` out of range.
     DataValidationError
         For ``x`` or ``y`` of the wrong type, shape or dtype.
     """
@@ -279,25 +323,50 @@ def quadratic_fit(
             f"x and y must have the same shape [T, N], got {tuple(xt.shape)} and {tuple(yt.shape)}"
         )
     w, m = check_window(window, min_obs)
-    dev = torch.device(device) if device is not None else torch.device("cpu")
+    dev = resolve_device(device)
     t_rows, n_cols = (int(s) for s in xt.shape)
     chunk = default_chunk_size(t_rows, dev) if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
+    chunk = min(chunk, max(n_cols, 1))
 
     f64 = torch.float64
-    # Storage is ticker-major, rows padded to whole blocks, so the kernel writes in place.
+    # Rows are cut into blocks of `span` rows (the window); storage is ticker-major with the
+    # rows padded to whole blocks, so the kernel writes its results in place.
     span = w if 0 < w < t_rows else max(t_rows, 1)
-    r_store = 1 if w == 0 else -(-t_rows // span) * span
-    store = _empty((len(_PLANES) + 6, n_cols, r_store), f64, dev)
-    n_store = _empty((n_cols, r_store), torch.int64, dev)
-    with torch.no_grad():
+    r_pad = -(-t_rows // span) * span
+    r_out = 1 if w == 0 else r_pad
+    store = _empty((len(_PLANES) + len(COV_ENTRIES), n_cols, r_out), f64, dev)
+    n_store = _empty((n_cols, r_out), torch.int64, dev)
+    if t_rows and n_cols:
         # Ticker-major input rows, so each chunk is a contiguous slice (no-op when already so).
         xT = _ticker_major(xt)
         yT = _ticker_major(yt)
-        for c0 in range(0, n_cols if t_rows else 0, chunk):
+        local = threading.local()
+
+        def fit_columns(c0: int) -> None:
+            ws = getattr(local, "workspace", None)
+            if ws is None:
+                ws = local.workspace = _Workspace(chunk, r_pad, span, r_out, dev)
             c1 = min(n_cols, c0 + chunk)
-            xc = xT[c0:c1].to(device=dev, dtype=f64).contiguous()
-            yc = yT[c0:c1].to(device=dev, dtype=f64).contiguous()
-            _fit_chunk(xc, yc, w, m, store[:, c0:c1], n_store[c0:c1])
+            with torch.no_grad():
+                _fit_chunk(
+                    _chunk_input(xT[c0:c1], dev),
+                    _chunk_input(yT[c0:c1], dev),
+                    w,
+                    m,
+                    ws,
+                    store[:, c0:c1],
+                    n_store[c0:c1],
+                )
+
+        starts = range(0, n_cols, chunk)
+        workers = _chunk_workers(dev, chunk * r_pad, len(starts))
+        if workers > 1:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quadratic-fit") as pool:
+                for _ in pool.map(fit_columns, starts):
+                    pass
+        else:
+            for c0 in starts:
+                fit_columns(c0)
     if w == 0:
         store = store.expand(-1, -1, t_rows)
         n_store = n_store.expand(-1, t_rows)
@@ -314,15 +383,35 @@ def quadratic_fit(
     )
 
 
+def _chunk_workers(device: torch.device, plane_cells: int, chunks: int) -> int:
+    """Threads that fit chunks side by side: torch's intra-op thread count on the CPU, else 1.
+
+    On the CPU a chunk's planes are kept below torch's parallel grain (2^15 elements), so
+    each operation runs on the thread that calls it and the chunks run in parallel on a
+    thread pool instead (torch releases the GIL inside operations).  That avoids one
+    OpenMP fork-join per operation -- thousands per fit -- which stalls badly whenever the
+    machine's cores are shared with other work.  Planes larger than the grain (very long
+    series) keep torch's own threading and one chunk at a time.
+    """
+    if device.type != "cpu" or plane_cells > _CPU_CHUNK_CELLS:
+        return 1
+    return max(1, min(torch.get_num_threads(), chunks))
+
+
 def _ticker_major(v: Tensor) -> Tensor:
     """``[T, N]`` -> ``[N, T]`` with contiguous rows (a view when it already is one).
 
-    A column broadcast along tickers (stride 0) stays a view; chunks materialise it.
+    A column broadcast along tickers (stride 0) stays a view; chunks read it as it is.
     """
     vt = v.T
     if vt.shape[-1] > 1 and vt.stride(-1) != 1 and vt.stride(0) != 0:
         vt = vt.contiguous()
     return vt
+
+
+def _chunk_input(v: Tensor, device: torch.device) -> Tensor:
+    """A chunk's ``[n, T]`` input on ``device`` in float64 (a view when it already is)."""
+    return v.to(device=device, dtype=torch.float64)
 
 
 #: Order of the float planes in the kernel's output storage (the covariance entries follow).
@@ -339,88 +428,38 @@ _PLANES: tuple[str, ...] = (
     "dof",
 )
 
+#: Scratch planes of the solve (see :func:`_solve`).
+_SCRATCH_PLANES: int = 9
 
-def _column_scale(v: Tensor, count: Tensor) -> Tensor:
-    """``[n, 1]`` powers of two near the standard deviation of each row's non-NaN entries.
 
-    1 where that is undefined or 0.  Scaling by a power of two is exact: it only guards the
-    fourth powers against overflow and underflow and changes no rounding.
+class _Workspace:
+    """Buffers of one chunk, allocated once per :func:`quadratic_fit` call and reused.
+
+    Every step of the kernel writes into these (``out=`` and in-place operations) instead of
+    allocating fresh temporaries: on the CPU a fresh buffer of a chunk's size costs page
+    faults on first touch, which took longer than the arithmetic itself (measured: 100
+    fused multiply-adds on 2^17 float64 cells, 12 ms into fresh tensors, 5 ms into reused ones).
+    A chunk of ``n <= chunk`` columns uses the first ``n`` columns of each plane.
     """
-    safe = count.clamp(min=1.0)
-    mean = torch.nansum(v, -1, keepdim=True) / safe
-    dev = v - mean
-    std = torch.sqrt(torch.nansum(dev * dev, -1, keepdim=True) / safe)
-    ok = torch.isfinite(std) & (std > 0)
-    return torch.exp2(torch.round(torch.log2(torch.where(ok, std, 1.0))))
+
+    def __init__(self, chunk: int, rows: int, span: int, rows_out: int, device: torch.device) -> None:
+        f64 = torch.float64
+        self.rows = rows
+        self.span = span
+        blocks = rows // span
+        #: The nine moment planes of the data, then their windowed sums (in place).
+        self.moments = torch.empty((9, chunk, rows), dtype=f64, device=device)
+        #: Suffix sums of the previous block, for windows that start there.
+        self.suffix = torch.empty((9, chunk, rows - span), dtype=f64, device=device)
+        #: Scratch planes of the solve (``rows_out`` is 1 for a full-sample fit).
+        self.scratch = torch.empty((_SCRATCH_PLANES, chunk, rows_out), dtype=f64, device=device)
+        self.flags = torch.empty((3, chunk, rows_out), dtype=torch.bool, device=device)
+        self.blocks = blocks
 
 
-def _moment_sums(xb: Tensor, yb: Tensor, cx: Tensor, cy: Tensor, mask: Tensor, total: bool) -> Tensor:
-    """Prefix sums (or totals) along the last axis of ``1, x, x^2, x^3, x^4, y, xy, x^2 y, y^2``.
-
-    ``xb``, ``yb``: ``[n, k, L]`` blocks, NaN where there is no observation; they are shifted
-    by ``cx``, ``cy`` (``[n, k, 1]``) first.  Returns ``[9, n, k, L]`` (``[9, n, k, 1]`` when
-    ``total``).
-    """
-    v = torch.empty((9, *xb.shape), dtype=xb.dtype, device=xb.device)
-    v[0] = mask
-    torch.sub(xb, cx, out=v[1]).nan_to_num_(0.0)
-    torch.sub(yb, cy, out=v[5]).nan_to_num_(0.0)
-    torch.mul(v[1], v[1], out=v[2])
-    torch.mul(v[1:3], v[2], out=v[3:5])  # x^3, x^4
-    torch.mul(v[1:3], v[5], out=v[6:8])  # xy, x^2 y
-    torch.mul(v[5], v[5], out=v[8])
-    if total:
-        return v.sum(-1, keepdim=True)
-    return v.cumsum_(-1)
-
-
-def _windowed_sums(xm: Tensor, ym: Tensor, mask: Tensor, window: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Windowed moment sums ``[9, n, k, L]`` of the locally shifted data, and the shifts.
-
-    ``xm``, ``ym``: ``[n, T]``, NaN where ``mask`` (an observation exists) is false.  Rows are
-    cut into ``k`` blocks of ``L`` rows (``L = window``, or ``T`` when the window covers
-    everything; the last block is NaN-padded).  Returns ``(sums, cx, cy)`` with the shifts
-    ``[n, k, 1]`` used for the windows ending in each block; ``L = 1`` for ``window == 0``
-    (the full-sample sums).
-    """
-    n, t_rows = xm.shape
-    span = window if 0 < window < t_rows else t_rows
-    kb = -(-t_rows // span)
-    rows = kb * span
-
-    def blocks(v: Tensor, fill: float | bool) -> Tensor:
-        if rows == t_rows:
-            return v.view(n, kb, span)
-        out = torch.full((n, rows), fill, dtype=v.dtype, device=v.device)
-        out[:, :t_rows] = v
-        return out.view(n, kb, span)
-
-    mb = blocks(mask, False)
-    xb = blocks(xm, math.nan)
-    yb = blocks(ym, math.nan)
-    # Shift for the windows ending in block k: the mean over blocks k-1 and k.
-    cnt = mb.sum(-1, keepdim=True, dtype=xm.dtype)
-    sx = torch.nansum(xb, -1, keepdim=True)
-    sy = torch.nansum(yb, -1, keepdim=True)
-    if kb > 1:
-        cnt[:, 1:] += cnt[:, :-1].clone()
-        sx[:, 1:] += sx[:, :-1].clone()
-        sy[:, 1:] += sy[:, :-1].clone()
-    cnt.clamp_(min=1.0)
-    cx = sx.div_(cnt)
-    cy = sy.div_(cnt)
-    # Prefix sums of block k, shifted by its windows' shift ...
-    sums = _moment_sums(xb, yb, cx, cy, mb, total=window == 0)
-    if kb > 1:
-        # ... plus the part of block k-1 after row j (its total minus its prefix), same shift.
-        prev = _moment_sums(xb[:, :-1], yb[:, :-1], cx[:, 1:], cy[:, 1:], mb[:, :-1], total=False)
-        tail = sums[:, :, 1:]
-        tail += prev[..., -1:]
-        tail -= prev
-    return sums, cx, cy
-
-
-def _fit_chunk(x: Tensor, y: Tensor, window: int, min_obs: int, out: Tensor, n_out: Tensor) -> None:
+def _fit_chunk(
+    x: Tensor, y: Tensor, window: int, min_obs: int, ws: _Workspace, out: Tensor, n_out: Tensor
+) -> None:
     """The kernel on one chunk of ``n`` columns, stored ticker-major.
 
     ``x``, ``y``: ``[n, T]`` float64.  Writes ``out`` (``[16, n, R]``: the planes of
@@ -428,103 +467,193 @@ def _fit_chunk(x: Tensor, y: Tensor, window: int, min_obs: int, out: Tensor, n_o
     (``[n, R]`` int64); ``R = 1`` when ``window == 0``, else ``T`` rounded up to whole blocks
     (the padding rows hold whatever the arithmetic gives; callers slice them off).
     """
-    mask = (x - x == 0) & (y - y == 0)  # both finite
-    xm = torch.where(mask, x, math.nan)
-    ym = torch.where(mask, y, math.nan)
-    count = mask.sum(-1, keepdim=True, dtype=x.dtype)
-    kx = _column_scale(xm, count)  # [n, 1]
-    ky = _column_scale(ym, count)
-    xm.div_(kx)
-    ym.div_(ky)
-    s, cx, cy = _windowed_sums(xm, ym, mask, window)
-    del xm, ym, mask
-    kx = kx.unsqueeze(-1)  # [n, 1, 1] to broadcast over [n, k, L]
-    ky = ky.unsqueeze(-1)
+    n, t_rows = x.shape
+    mom = ws.moments[:, :n]
+    sums, kx, ky, cx, cy = _moment_planes(x, y, mom, t_rows)
+    # Every operation below works on one plane at a time (see _chunk_workers).
+    if window == 0:
+        sums = torch.empty((9, n, 1), dtype=mom.dtype, device=mom.device)
+        for p, total in zip(mom, sums, strict=True):
+            torch.sum(p, -1, keepdim=True, out=total)  # the full-sample sums
+    elif ws.blocks > 1:
+        # Window sums from prefix sums restarted at every block of `window` rows: a window
+        # ending on row j of block k = prefix of block k through j + the rows of block k-1
+        # after j (its total minus its prefix through j).  No sum spans more than two blocks.
+        suffixes = ws.suffix[:, :n]
+        for p, suffix in zip(mom, suffixes, strict=True):
+            blocked = p.view(n, ws.blocks, ws.span)
+            blocked.cumsum_(-1)
+            tail = suffix.view(n, ws.blocks - 1, ws.span)
+            torch.sub(blocked[:, :-1, -1:], blocked[:, :-1], out=tail)
+            blocked[:, 1:] += tail
+    else:
+        for p in mom:
+            p.cumsum_(-1)
+    _solve(sums, kx, ky, cx, cy, min_obs, ws.scratch[:, :n], ws.flags[:, :n], out, n_out)
 
-    # Raw moments of each window (shifted, scaled units).
+
+def _moment_planes(
+    x: Tensor, y: Tensor, mom: Tensor, t_rows: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Fill ``mom`` (``[9, n, R]``) with ``1, u, u^2, u^3, u^4, v, uv, u^2 v, v^2`` per cell.
+
+    ``u = (x - cx) / kx`` and ``v = (y - cy) / ky`` where both are finite, 0 elsewhere and on
+    the padding rows: ``cx``, ``cy`` are each column's mean over its valid cells, ``kx``,
+    ``ky`` powers of two near its standard deviation (exact scaling: it only keeps fourth
+    powers away from overflow and underflow).  Centring on the column's mean removes any
+    constant level (returns plus an offset) before powers are taken.  Returns
+    ``(mom, kx, ky, cx, cy)``, the last four ``[n, 1]``.
+    """
+    valid = torch.isfinite(x)
+    valid &= torch.isfinite(y)
+    one, u, u2, u3, u4, v, uv, u2v, v2 = mom.unbind(0)
+    if mom.shape[-1] > t_rows:  # padding rows: no observation
+        for p in mom:
+            p[:, t_rows:] = 0.0
+    count = valid.sum(-1, keepdim=True, dtype=torch.float64).clamp_(min=1.0)
+    zero = mom.new_zeros(())
+    stats = []
+    for raw, dst, sq in ((x, u, u2), (y, v, v2)):
+        d = dst[:, :t_rows]
+        s = sq[:, :t_rows]
+        torch.where(valid, raw, zero, out=d)
+        centre = d.sum(-1, keepdim=True).div_(count)
+        torch.sub(raw, centre, out=d)
+        torch.where(valid, d, zero, out=d)
+        torch.mul(d, d, out=s)
+        var = s.sum(-1, keepdim=True).div_(count)
+        ok = torch.isfinite(var) & (var > 0)
+        scale = torch.exp2(torch.round(0.5 * torch.log2(torch.where(ok, var, 1.0))))
+        d.div_(scale)
+        s.div_(scale * scale)
+        stats.append((scale, centre))
+    one[:, :t_rows].copy_(valid)
+    torch.mul(u2, u, out=u3)
+    torch.mul(u2, u2, out=u4)
+    torch.mul(u, v, out=uv)
+    torch.mul(u2, v, out=u2v)
+    (kx, cx), (ky, cy) = stats
+    return mom, kx, ky, cx, cy
+
+
+def _solve(
+    sums: Tensor,
+    kx: Tensor,
+    ky: Tensor,
+    cx: Tensor,
+    cy: Tensor,
+    min_obs: int,
+    scratch: Tensor,
+    flags: Tensor,
+    out: Tensor,
+    n_out: Tensor,
+) -> None:
+    """Per-window OLS from the windowed moment sums ``[9, n, R]`` (overwritten).
+
+    The sums are of the centred, scaled data of :func:`_moment_planes`.  They become raw
+    moments, then central moments of ``x`` about the window's own mean and cross moments
+    with ``y``; the normal equations are solved in the centred, orthogonalised basis
+    ``(1, u, u^2 - m2)`` (the intercept separates; one Gram-Schmidt step solves the rest in
+    closed form), and a closed-form linear map takes coefficients and covariance back to the
+    raw ``(1, x, x^2)`` parametrisation and units.  Every step writes into ``scratch``,
+    ``flags``, ``out`` or the sums themselves.
+    """
+    shape = sums.shape[1:]
+    s = sums
     nn = s[0]
-    a = s[1:] * nn.clamp(min=1.0).reciprocal_()
-    del s
-    mx, a2, a3, a4, my, axy, ax2y, ayy = a.unbind(0)
-    # Central moments of x (u = x - mx) and cross moments with y.
-    mx2 = mx * mx
-    m2 = a2 - mx2
-    m3 = torch.addcmul(a3, mx, torch.sub(a2, mx2, alpha=2.0 / 3.0), value=-3.0)
-    m4 = torch.addcmul(a4, mx, a3, value=-4.0).addcmul_(mx2, torch.sub(a2, mx2, alpha=0.5), value=6.0)
-    cuy = torch.addcmul(axy, mx, my, value=-1.0)  # mean of u (y - my)
-    cqy = torch.addcmul(ax2y, my, a2, value=-1.0).addcmul_(mx, cuy, value=-2.0)  # mean of u^2 (y - my)
-    cyy = torch.addcmul(ayy, my, my, value=-1.0).clamp_(min=0.0)
-    # Basis (1, u, q) with q = u^2 - m2: 1 is orthogonal to u and q; residualise q on u.
-    k4 = torch.addcmul(m4, m2, m2, value=-1.0)  # mean of q^2
-    del m4
-    proj = m3 / m2  # slope of q on u
-    vqq = torch.addcmul(k4, proj, m3, value=-1.0)  # mean of (q - proj u)^2
-    # Standardised design (1, z, z^2 - 1): det = kurt - 1 - skew^2 = vqq / m2^2,
-    # trace of the 2x2 block = 1 + kurt - 1; rcond = det / lambda_max^2.
-    inv_m2sq = (m2 * m2).reciprocal_()
-    det = vqq * inv_m2sq
-    trace = torch.addcmul(torch.ones_like(k4), k4, inv_m2sq)
-    lam_max = torch.addcmul(trace * trace, det, torch.full_like(det, -4.0)).clamp_(min=0.0).sqrt_()
-    lam_max.add_(trace).mul_(0.5)
-    valid = nn >= min_obs
-    valid &= m2 > VARIANCE_RATIO_MIN * a2
-    growth = a2 / m2  # rounding growth of the centred moments (1 for a well-centred window)
-    valid &= det >= (RCOND_MIN * growth * growth) * (lam_max * lam_max)
-    del inv_m2sq, det, trace, lam_max, growth
-    tss_ok = cyy > _TSS_RATIO_MIN * ayy
-    del a3, a4, axy, ax2y, a2, ayy, a
-    # NaN-poison the two pivots where there is no fit: every fitted value inherits the NaN.
-    m2 = torch.where(valid, m2, math.nan)
-    vqq = torch.where(valid, vqq, math.nan)
-    eqy = torch.addcmul(cqy, proj, cuy, value=-1.0)
-    del cqy, proj
-    gam = eqy / vqq  # coefficient of q after u
-    lin = cuy / m2  # slope of the plain linear fit
-    bet = torch.addcmul(cuy, m3, gam, value=-1.0).div_(m2)  # coefficient of u
-    rss_n = torch.addcmul(cyy, cuy, lin, value=-1.0).addcmul_(eqy, gam, value=-1.0).clamp_(min=0.0)
-    del eqy, cuy
-    shape = nn.shape
+    t0, t1, t2, t3, t4, t5, t6, t7, t8 = (p.view(shape) for p in scratch.unbind(0))
+    valid, bad_tss, invalid = (p.view(shape) for p in flags.unbind(0))
 
     def dst(name: str) -> Tensor:
         return out[_PLANES.index(name)].view(shape)
 
-    nan = nn.new_tensor(math.nan)
-    torch.where(valid, nn - 3.0, nan, out=dst("dof"))
-    del valid
-    s2_n = rss_n / dst("dof")  # s^2 / n, s^2 = RSS / (n - 3)
-    torch.where(tss_ok, 1.0 - rss_n / cyy, nan, out=dst("r2"))
-    torch.mul(rss_n.mul_(nn), ky * ky, out=dst("rss"))
+    aa, ab, ag, bb, bg, gg = (out[len(_PLANES) + i].view(shape) for i in range(len(COV_ENTRIES)))
+
+    # Raw moments of each window (sums / n).
+    torch.clamp(nn, min=1.0, out=t0).reciprocal_()
+    for p in s[1:]:
+        p *= t0
+    mx, a2, a3, a4, my, axy, ax2y, ayy = s[1:].unbind(0)
+    # Central moments of x (u = x - mx) and cross moments with y, in place of the raw ones.
+    mx2 = torch.mul(mx, mx, out=t0)
+    torch.sub(a2, mx2, alpha=0.5, out=t2)
+    a4.addcmul_(mx, a3, value=-4.0).addcmul_(mx2, t2, value=6.0)  # m4
+    torch.sub(a2, mx2, alpha=2.0 / 3.0, out=t2)
+    a3.addcmul_(mx, t2, value=-3.0)  # m3
+    m3, m4 = a3, a4
+    axy.addcmul_(mx, my, value=-1.0)  # cuy: mean of u (y - my)
+    cuy = axy
+    ax2y.addcmul_(my, a2, value=-1.0).addcmul_(mx, cuy, value=-2.0)  # cqy: mean of u^2 (y - my)
+    cqy = ax2y
+    torch.mul(ayy, _TSS_RATIO_MIN, out=t2)
+    ayy.addcmul_(my, my, value=-1.0).clamp_(min=0.0)  # cyy
+    cyy = ayy
+    torch.le(cyy, t2, out=bad_tss)  # y (nearly) constant: R^2 undefined
+    m2 = torch.sub(a2, mx2, out=t1)
+    # Validity: enough observations, x not (nearly) constant ...
+    torch.mul(a2, VARIANCE_RATIO_MIN, out=t2)
+    torch.gt(m2, t2, out=valid)
+    torch.ge(nn, min_obs, out=invalid)
+    valid &= invalid
+    torch.mul(a2, m4, out=t2)  # (for the conditioning test below)
+    # Basis (1, u, q) with q = u^2 - m2: 1 is orthogonal to u and q; residualise q on u.
+    k4 = m4.addcmul_(m2, m2, value=-1.0)  # mean of q^2
+    proj = torch.div(m3, m2, out=a2)  # slope of q on u
+    vqq = torch.addcmul(k4, proj, m3, value=-1.0, out=t3)  # mean of (q - proj u)^2
+    # ... and a well-conditioned design: rcond >= RCOND_MIN * growth^2, with rcond estimated
+    # as det / trace^2 of the standardised 2x2 block (see RCOND_MIN); multiplied out, that is
+    # a2 * m4 * sqrt(RCOND_MIN) <= m2^2 * sqrt(vqq) (False where vqq < 0 or anything is NaN).
+    t2.mul_(math.sqrt(RCOND_MIN))
+    torch.mul(m2, m2, out=t4)
+    torch.sqrt(vqq, out=t5)
+    t4.mul_(t5)
+    torch.le(t2, t4, out=invalid)
+    valid &= invalid
+    torch.logical_not(valid, out=invalid)
+    # NaN-poison the two pivots where there is no fit: every fitted value inherits the NaN.
+    m2.masked_fill_(invalid, math.nan)
+    vqq.masked_fill_(invalid, math.nan)
+    eqy = cqy.addcmul_(proj, cuy, value=-1.0)  # mean of (q - proj u)(y - my)
+    gam = torch.div(eqy, vqq, out=t4)  # coefficient of q after u
+    lin = torch.div(cuy, m2, out=t5)  # slope of the plain linear fit
+    bet = torch.addcmul(cuy, m3, gam, value=-1.0, out=t6).div_(m2)  # coefficient of u
+    rss_n = torch.addcmul(cyy, cuy, lin, value=-1.0, out=t7)
+    rss_n.addcmul_(eqy, gam, value=-1.0).clamp_(min=0.0)  # RSS / n
+    # R^2, RSS, degrees of freedom, n_obs.
+    r2 = torch.div(rss_n, cyy, out=dst("r2"))
+    r2.mul_(-1.0).add_(1.0).masked_fill_(bad_tss, math.nan)
+    ky2 = ky * ky
+    torch.mul(rss_n, nn, out=dst("rss")).mul_(ky2)
+    dof = torch.sub(nn, 3.0, out=dst("dof")).masked_fill_(invalid, math.nan)
+    s2_n = rss_n.div_(dof)  # s^2 / n, s^2 = RSS / (n - 3)
     n_out.view(shape).copy_(nn)
-    del tss_ok, cyy, rss_n, nn
 
     # Back to raw units: y = mu_y + b (x - mu_x) + c ((x - mu_x)^2 - v).
     q1 = ky / kx
     q2 = q1 / kx
     torch.mul(lin, q1, out=dst("linear_beta"))
-    mu_x = (cx + mx).mul_(kx)
-    mu_y = (cy + my).mul_(ky)
-    del mx, my, mx2, lin
+    mu_x = torch.addcmul(cx, mx, kx, out=t5)  # the window's mean of x, raw units
+    mu_y = torch.addcmul(cy, my, ky, out=t8)
     b = bet.mul_(q1)
     c = torch.mul(gam, q2, out=dst("gamma"))
-    mu2 = mu_x * mu_x
-    ja2 = mu2 - (kx * kx) * m2  # mu_x^2 - v
+    mu2 = torch.mul(mu_x, mu_x, out=t0)
+    ja2 = torch.addcmul(mu2, m2, kx * kx, value=-1.0, out=mx)  # mu_x^2 - v
     torch.addcmul(mu_y, b, mu_x, value=-1.0, out=dst("alpha")).addcmul_(c, ja2)
     torch.addcmul(b, c, mu_x, value=-2.0, out=dst("beta"))
-    del b, c, mu_y, gam
 
     # Covariance: block diagonal in the centred basis (1, u, q) ...
-    w = s2_n / (m2 * vqq)
-    s00 = s2_n.mul_(ky * ky)
+    w = torch.mul(m2, vqq, out=t4)
+    torch.div(s2_n, w, out=w)  # s^2 / (n m2 vqq)
+    s00 = s2_n.mul_(ky2)
     s11 = k4.mul_(w).mul_(q1 * q1)
     s12 = m3.mul_(w).mul_(-q1 * q2)
-    c0 = len(_PLANES)
-    aa, ab, ag, bb, bg, gg = (out[c0 + i].view(shape) for i in range(6))
-    s22 = torch.mul(w.mul_(m2), q2 * q2, out=gg)  # = s2_n / vqq, in raw units
-    del m2, vqq, w
+    s22 = torch.mul(w, m2, out=gg).mul_(q2 * q2)  # = s2_n / vqq, in raw units
     # ... mapped to (alpha, beta, gamma) by rows (1, -mu, mu^2 - v), (0, 1, -2 mu), (0, 0, 1).
-    t2 = mu_x * ja2
-    torch.addcmul(s00, mu2, s11, out=aa).addcmul_(t2, s12, value=-2.0).addcmul_(ja2 * ja2, s22)
-    torch.mul(ja2 + 2.0 * mu2, s12, out=ab).addcmul_(mu_x, s11, value=-1.0).addcmul_(t2, s22, value=-2.0)
+    t2x = torch.mul(mu_x, ja2, out=t6)
+    torch.addcmul(s00, mu2, s11, out=aa).addcmul_(t2x, s12, value=-2.0)
+    aa.addcmul_(torch.mul(ja2, ja2, out=t8), s22)
+    torch.mul(torch.add(ja2, mu2, alpha=2.0, out=t8), s12, out=ab)
+    ab.addcmul_(mu_x, s11, value=-1.0).addcmul_(t2x, s22, value=-2.0)
     torch.mul(ja2, s22, out=ag).addcmul_(mu_x, s12, value=-1.0)
     torch.addcmul(s11, mu_x, s12, value=-4.0, out=bb).addcmul_(mu2, s22, value=4.0)
     torch.addcmul(s12, mu_x, s22, value=-2.0, out=bg)

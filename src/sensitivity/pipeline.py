@@ -12,30 +12,58 @@ dates), reads and writes through the store, and returns a small, JSON-friendly o
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import math
+import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, Literal
 
 import numpy as np
 import pandas as pd
 
 from sensitivity import progress
 from sensitivity.config import Config
-from sensitivity.errors import ModelFitError
-from sensitivity.returns import aligned_returns
-from sensitivity.sources.base import PriceSource, make_source
-from sensitivity.store import PriceStore, ReportStore, store_lock
+from sensitivity.errors import ModelFitError, SourceError, StoreError
+from sensitivity.returns import (
+    AlignedReturns,
+    aligned_returns,
+    daily_risk_free,
+    period_risk_free,
+    price_series,
+)
+from sensitivity.sources.base import PriceSource, fetch_checked, make_source
+from sensitivity.sources.quality import CheckedPrices, QualityReport
+from sensitivity.store import DateRange, PriceStore, ReportStore, store_lock
+from sensitivity.symbols import normalize_symbol
+
+log = logging.getLogger(__name__)
 
 _VERSIONED = ("stock-sensitivity", "torch", "numpy", "pandas", "pyarrow", "prefect", "yfinance", "pydantic")
 
 
+FetchMode = Literal["full", "incremental", "refetch"]
+
+
 @dataclass(frozen=True)
 class FetchOutcome:
-    """What fetching one symbol did to the store."""
+    """What fetching one symbol did to the store.
+
+    ``mode``: ``full`` (the whole requested range was fetched: nothing usable was stored, or
+    the store lacked part of the range before its last date), ``incremental`` (only from a few
+    stored trading days before the last stored date, ``source.overlap_days``, to the end) or
+    ``refetch`` (the fetched days disagreed with the store, so the whole stored history plus
+    the requested range was fetched again and replaced the stored one).  ``restated`` says
+    whether the store disagreed, ``restatement`` how (the first differences).
+    ``requested_*`` is the configured range, ``fetch_*`` the range the last request asked the
+    source for.  ``rows_*`` count the merge (``rows_removed``: stored dates a refetch no
+    longer has).  ``dropped_rows``, ``repaired_rows`` and ``quality_warnings`` are the
+    boundary checks' records, ``{"date", "reason"}`` each (docs/data-quality.md).
+    """
 
     symbol: str
     source: str
@@ -46,9 +74,40 @@ class FetchOutcome:
     first_date: str | None
     last_date: str | None
     seconds: float
+    mode: FetchMode = "full"
+    restated: bool = False
+    restatement: str | None = None
+    requested_start: str | None = None
+    requested_end: str | None = None
+    fetch_start: str | None = None
+    fetch_end: str | None = None
+    rows_removed: int = 0
+    dropped_rows: list[dict[str, str]] = field(default_factory=list)
+    repaired_rows: list[dict[str, str]] = field(default_factory=list)
+    quality_warnings: list[dict[str, str]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+    def describe(self) -> str:
+        """One line for the log: what was fetched and what it did to the store."""
+        what = {
+            "full": "full fetch",
+            "incremental": "incremental fetch",
+            "refetch": "history restated, full refetch",
+        }[self.mode]
+        line = (
+            f"{self.symbol}: {what} {self.fetch_start} to {self.fetch_end} from {self.source}: "
+            f"{self.rows_fetched} rows ({self.rows_added} new, {self.rows_changed} changed"
+        )
+        if self.rows_removed:
+            line += f", {self.rows_removed} removed"
+        line += f"), {self.rows_stored} stored"
+        if self.restatement:
+            line += f"; {self.restatement}"
+        if self.dropped_rows:
+            line += f"; {len(self.dropped_rows)} row(s) dropped by the quality checks"
+        return line
 
 
 @dataclass(frozen=True)
@@ -70,48 +129,301 @@ class FitOutcome:
         return asdict(self)
 
 
+#: Float noise allowed when comparing refetched days with the store (relative).
+RESTATEMENT_RTOL: Final = 1e-9
+
+#: The columns whose change means Yahoo restated the history (a dividend or split arrived).
+RESTATEMENT_COLUMNS: Final = ("adj_close", "close", "dividends", "splits")
+
+#: A refetch may drop at most this many stored dates (or 1% of them, if more) without an error.
+MAX_REFETCH_LOSS: Final = 5
+
+#: How often fetch_symbol starts over when another run rewrote the symbol's file meanwhile.
+_MAX_STORE_RACES: Final = 3
+
+
+@dataclass(frozen=True)
+class FetchPlan:
+    """The range to ask the source for and why (see :func:`plan_fetch`)."""
+
+    mode: Literal["full", "incremental"]
+    start: dt.date
+    end: dt.date
+    reason: str
+
+
+def plan_fetch(
+    stored_dates: pd.DatetimeIndex | None,
+    coverage: Sequence[DateRange] | None,
+    start: dt.date,
+    end: dt.date,
+    *,
+    overlap: int,
+) -> FetchPlan:
+    """What to fetch for the requested ``[start, end]`` given what the store holds.  Pure.
+
+    ``stored_dates`` are the stored trading dates and ``coverage`` the ranges fetched into the
+    store (:meth:`~sensitivity.store.PriceStore.coverage`); None: nothing stored.
+
+    * nothing stored, or part of ``[start, end]`` before the end of the stored coverage never
+      fetched (an earlier ``start`` than stored, a gap between two backfills): a **full**
+      fetch of ``[start, end]``;
+    * otherwise **incremental**: from the ``overlap``-th last stored date on or before ``end``
+      (never before ``start``) to ``end``, so the last stored days are fetched again and can
+      be compared with the store.
+    """
+    if overlap < 1:
+        raise ValueError(f"overlap must be >= 1, got {overlap}")
+    if stored_dates is None or coverage is None or len(stored_dates) == 0 or not coverage:
+        return FetchPlan("full", start, end, "nothing stored yet")
+    covering = next(((lo, hi) for lo, hi in coverage if lo <= start <= hi), None)
+    if covering is None:
+        first = coverage[0][0]
+        why = (
+            f"the store starts at {first}, after the requested start {start}"
+            if start < first
+            else f"the store never fetched {start}"
+        )
+        return FetchPlan("full", start, end, why)
+    upto = covering[1]
+    later = [lo for lo, _ in coverage if upto < lo <= end]
+    if later:
+        return FetchPlan(
+            "full",
+            start,
+            end,
+            f"the store lacks {upto + dt.timedelta(days=1)} to {later[0] - dt.timedelta(days=1)}",
+        )
+    hi = pd.Timestamp(min(end, upto))
+    dates = stored_dates[(stored_dates >= pd.Timestamp(start)) & (stored_dates <= hi)]
+    if len(dates) == 0:
+        return FetchPlan("incremental", start, end, f"no stored day between {start} and {min(end, upto)}")
+    anchor = dates[max(0, len(dates) - overlap)].date()
+    kept = len(dates) - max(0, len(dates) - overlap)
+    return FetchPlan(
+        "incremental",
+        anchor,
+        end,
+        f"stored up to {dates[-1].date()}; fetching from {anchor} ({kept} stored day(s) again, to compare)",
+    )
+
+
+def restatement(stored: pd.DataFrame, fetched: pd.DataFrame, start: dt.date, end: dt.date) -> str | None:
+    """How the fetched days in ``[start, end]`` disagree with the stored ones, or None.  Pure.
+
+    A stored date the fetch no longer has, or a value of :data:`RESTATEMENT_COLUMNS` that
+    differs beyond :data:`RESTATEMENT_RTOL` (NaN equals NaN) is a disagreement: the source
+    restated its history (a dividend or split re-adjusts every earlier adjusted close), or
+    corrected it.  A date the fetch adds is not (the merge adds it).  Volume and the other
+    prices are not compared (Yahoo revises the last day's volume routinely).
+    """
+    lo, hi = pd.Timestamp(start), pd.Timestamp(end)
+    old = stored.loc[(stored.index >= lo) & (stored.index <= hi)]
+    if old.empty:
+        return None
+    problems: list[str] = []
+    gone = old.index.difference(fetched.index)
+    if len(gone):
+        problems.append(f"{len(gone)} stored date(s) no longer in the source (first {gone[0].date()})")
+    common = old.index.intersection(fetched.index)
+    for col in RESTATEMENT_COLUMNS:
+        a = old.loc[common, col].to_numpy(dtype=np.float64)
+        b = fetched.loc[common, col].to_numpy(dtype=np.float64)
+        same = np.isclose(a, b, rtol=RESTATEMENT_RTOL, atol=0.0, equal_nan=True)
+        if not same.all():
+            i = int(np.flatnonzero(~same)[0])
+            name = col.replace("_", " ")
+            problems.append(
+                f"{name} differs on {int((~same).sum())} day(s) (first {common[i].date()}: stored "
+                f"{float(a[i])!r}, now {float(b[i])!r})"
+            )
+    return "; ".join(problems) if problems else None
+
+
+def refetch_range(coverage: Sequence[DateRange] | None, start: dt.date, end: dt.date) -> DateRange:
+    """The range a restated history is fetched again over: the requested range and everything
+    stored, so that the whole stored history moves to the new adjustment basis and no stored
+    row outside the requested range is lost or left on the old basis.  Pure."""
+    if not coverage:
+        return (start, end)
+    return (min(start, coverage[0][0]), max(end, coverage[-1][1]))
+
+
+@dataclass(frozen=True)
+class _Stored:
+    frame: pd.DataFrame | None
+    coverage: list[DateRange] | None
+    fingerprint: tuple[int, int, int] | None
+
+
+def _fingerprint(path: Path) -> tuple[int, int, int] | None:
+    """Identity of a stored file (inode, size, mtime): changes with every atomic replace."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _read_stored(store: PriceStore, symbol: str) -> _Stored:
+    """The stored prices and coverage of ``symbol`` as one consistent snapshot."""
+    path = store.path_for(symbol)
+    for _ in range(_MAX_STORE_RACES):
+        before = _fingerprint(path)
+        frame = store.read(symbol)
+        coverage = store.coverage(symbol) if frame is not None else None
+        if _fingerprint(path) == before:
+            return _Stored(frame, coverage, before)
+    raise StoreError(
+        f"{symbol}: another run rewrote {path} during each of {_MAX_STORE_RACES} reads; "
+        "rerun when the other run has finished"
+    )
+
+
+def _check_refetch_loss(
+    symbol: str, stored: pd.DataFrame, refetched: pd.DataFrame, source: str, path: Path
+) -> pd.DatetimeIndex:
+    """The stored dates a refetch lacks; raises when they are too many to be glitches."""
+    gone = stored.index.difference(refetched.index)
+    limit = max(MAX_REFETCH_LOSS, math.ceil(0.01 * len(stored)))
+    if len(gone) > limit:
+        raise SourceError(
+            f"{symbol}: {source} now lacks {len(gone)} of the {len(stored)} stored dates "
+            f"({gone[0].date()} to {gone[-1].date()}) after restating the history; the stored "
+            f"prices were left unchanged (check the symbol's history at the source; to accept "
+            f"it, delete {path} and rerun)",
+            symbol=symbol,
+        )
+    return pd.DatetimeIndex(gone)
+
+
+def _log_quality(symbol: str, report: QualityReport) -> None:
+    for issue in report.dropped:
+        log.warning("%s: dropped the row of %s: %s", symbol, issue.date, issue.reason)
+    for issue in report.repaired:
+        log.info("%s: %s: %s", symbol, issue.date, issue.reason)
+    for issue in report.warnings:
+        log.warning("%s: %s: %s", symbol, issue.date, issue.reason)
+
+
 def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = None) -> FetchOutcome:
     """Fetch ``symbol`` for the configured range and merge it into the price store.
 
-    Raises the source's :class:`~sensitivity.errors.SourceError` on failure; the store is
-    then left exactly as it was.
+    Fetches only what the store lacks (:func:`plan_fetch`: an incremental update refetches
+    the last ``source.overlap_days`` stored days); when the refetched days disagree with the
+    store (:func:`restatement`), fetches the whole stored history plus the requested range
+    again (:func:`refetch_range`) and replaces the stored history with it.  Every fetch
+    passes the boundary checks (:mod:`sensitivity.sources.quality`); their records go to the
+    log and the outcome.
+
+    Raises the source's :class:`~sensitivity.errors.SourceError` on failure (also when a
+    refetch would drop more stored dates than :data:`MAX_REFETCH_LOSS` or 1%); the store is
+    then left exactly as it was.  Raises :class:`~sensitivity.errors.StoreError` when another
+    run keeps rewriting the symbol's file while this one fetches.
     """
     t0 = time.perf_counter()
     src = source if source is not None else make_source(config.source)
+    sym = normalize_symbol(symbol)
     u = config.universe
-    frame = src.fetch(symbol, u.start, u.resolved_end)
+    start, end = u.start, u.resolved_end
     data_dir = config.output.data_dir
-    with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
-        merged = PriceStore(data_dir).merge(symbol, frame, source=src.name)
-    outcome = FetchOutcome(
-        symbol=symbol,
-        source=src.name,
-        rows_fetched=len(frame),
-        rows_added=merged.rows_added,
-        rows_changed=merged.rows_changed,
-        rows_stored=merged.rows_after,
-        first_date=_iso(frame.index.min()),
-        last_date=_iso(frame.index.max()),
-        seconds=round(time.perf_counter() - t0, 4),
+    store = PriceStore(data_dir)
+    for _ in range(_MAX_STORE_RACES):
+        stored = _read_stored(store, sym)
+        plan = plan_fetch(
+            pd.DatetimeIndex(stored.frame.index) if stored.frame is not None else None,
+            stored.coverage,
+            start,
+            end,
+            overlap=config.source.overlap_days,
+        )
+        log.info("%s: %s fetch %s to %s: %s", sym, plan.mode, plan.start, plan.end, plan.reason)
+        got: CheckedPrices = fetch_checked(src, sym, plan.start, plan.end)
+        mode: FetchMode = plan.mode
+        covers: DateRange = (plan.start, plan.end)
+        restated = None
+        if stored.frame is not None:
+            restated = restatement(stored.frame, got.frame, plan.start, plan.end)
+        if restated is not None and stored.frame is not None:
+            covers = refetch_range(stored.coverage, start, end)
+            log.warning(
+                "%s: the source restated the stored history (%s); fetching %s to %s again to replace it",
+                sym,
+                restated,
+                covers[0],
+                covers[1],
+            )
+            if not (plan.start <= covers[0] and covers[1] <= plan.end):
+                got = fetch_checked(src, sym, covers[0], covers[1])
+            gone = _check_refetch_loss(sym, stored.frame, got.frame, src.name, store.path_for(sym))
+            if len(gone):
+                log.warning(
+                    "%s: %d stored date(s) are gone from the restated history and are removed: %s",
+                    sym,
+                    len(gone),
+                    ", ".join(str(d.date()) for d in gone),
+                )
+            mode = "refetch"
+        with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
+            if _fingerprint(store.path_for(sym)) != stored.fingerprint:
+                log.info("%s: another run rewrote the stored prices meanwhile; starting over", sym)
+                continue
+            merged = store.merge(sym, got.frame, source=src.name, replace=mode == "refetch", covers=covers)
+        _log_quality(sym, got.quality)
+        outcome = FetchOutcome(
+            symbol=sym,
+            source=src.name,
+            rows_fetched=len(got.frame),
+            rows_added=merged.rows_added,
+            rows_changed=merged.rows_changed,
+            rows_stored=merged.rows_after,
+            first_date=_iso(got.frame.index.min()),
+            last_date=_iso(got.frame.index.max()),
+            seconds=round(time.perf_counter() - t0, 4),
+            mode=mode,
+            restated=restated is not None,
+            restatement=restated,
+            requested_start=start.isoformat(),
+            requested_end=end.isoformat(),
+            fetch_start=covers[0].isoformat(),
+            fetch_end=covers[1].isoformat(),
+            rows_removed=merged.rows_removed,
+            dropped_rows=[i.to_dict() for i in got.quality.dropped],
+            repaired_rows=[i.to_dict() for i in got.quality.repaired],
+            quality_warnings=[i.to_dict() for i in got.quality.warnings],
+        )
+        log.info("%s", outcome.describe())
+        return outcome
+    raise StoreError(
+        f"{sym}: another run rewrote its stored prices during each of {_MAX_STORE_RACES} fetches; "
+        "rerun when the other run has finished"
     )
-    return outcome
 
 
 def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:
     """Fit every ticker in ``tickers`` against the index and write the sensitivity tables.
 
     Prices come from the store, limited to the configured date range.  Tickers without a
-    single aligned return are reported in ``no_data`` (and not written).  Raises
-    :class:`~sensitivity.errors.ModelFitError` when the index has no prices or no ticker
-    has any return.
+    single aligned return are reported in ``no_data`` (and not written).  With
+    ``model.risk_free`` or ``model.risk_free_symbol`` the model is fitted on excess returns
+    (:func:`_risk_free_returns`).  Writes the per-day table, the summary (with the ``fit``
+    used) and the scenario table of the run's ``as_of`` (:func:`~sensitivity.scenarios.scenario_table`
+    over ``model.scenarios``).  Raises :class:`~sensitivity.errors.ModelFitError` when the
+    index (or the risk-free rate symbol) has no prices or no ticker has any return.
     """
     from sensitivity.api import quadratic_sensitivity
     from sensitivity.report import summary_table
+    from sensitivity.scenarios import scenario_table
 
     t0 = time.perf_counter()
     u, m = config.universe, config.model
     data_dir = config.output.data_dir
-    frames = PriceStore(data_dir).read_many([u.index, *tickers], start=u.start, end=u.resolved_end)
+    wanted = [u.index, *tickers]
+    if m.risk_free_symbol is not None and m.risk_free_symbol not in wanted:
+        wanted.append(m.risk_free_symbol)
+    frames = PriceStore(data_dir).read_many(wanted, start=u.start, end=u.resolved_end)
     index_frame = frames.get(u.index)
     if index_frame is None or index_frame.empty:
         raise ModelFitError(
@@ -131,7 +443,15 @@ def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:
         )
     aligned = aligned_returns(index_frame, stock_frames)
     result = quadratic_sensitivity(
-        aligned.stock_returns, aligned.index_returns, window=m.window, min_obs=m.min_obs
+        aligned.stock_returns,
+        aligned.index_returns,
+        window=m.window,
+        min_obs=m.min_obs,
+        se=m.se,
+        hac_lags=m.hac_lags,
+        fit=m.fit,
+        risk_free=_risk_free_returns(config, aligned, frames),
+        device=config.runtime.device,
     )
     table = _with_prices(result, aligned.close, aligned.prev_close, u.index)
     rows_by_ticker = table.groupby("ticker", sort=False).size().to_dict()
@@ -149,10 +469,13 @@ def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:
         )
     fitted = table.dropna(subset=["sensitivity"]).groupby("ticker", sort=False).size().to_dict()
     summary = summary_table(table)
+    summary["fit"] = m.fit
+    scenarios = scenario_table(summary, m.scenarios, fit=m.fit)
     reports = ReportStore(data_dir)
     with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
         reports.write_sensitivity(table)
         reports.write_summary(summary)
+        reports.write_scenarios(scenarios)
     dates = pd.to_datetime(table["date"])
     outcome = FitOutcome(
         as_of=_iso(dates.max()) or "",
@@ -168,6 +491,34 @@ def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:
     )
     progress.emit(progress.ProgressEvent("fit", detail=f"{outcome.rows} rows"))
     return outcome
+
+
+def _risk_free_returns(
+    config: Config, aligned: AlignedReturns, frames: Mapping[str, pd.DataFrame]
+) -> pd.DataFrame | None:
+    """Each aligned return's risk-free return (``[dates, tickers]``), or None for raw returns.
+
+    ``model.risk_free``: a constant annual rate; ``model.risk_free_symbol``: the stored rate
+    series of that symbol (its adjusted close, else close, in percent per year), taken on
+    the same date as each return.  A date without a rate has no excess return: it is dropped
+    from the fits and the table (never filled).
+    """
+    m = config.model
+    if m.risk_free_symbol is None:
+        if m.risk_free == 0.0:
+            return None
+        daily = daily_risk_free(m.risk_free, aligned.calendar)
+    else:
+        u = config.universe
+        rate_frame = frames.get(m.risk_free_symbol)
+        if rate_frame is None or rate_frame.empty:
+            raise ModelFitError(
+                f"{m.risk_free_symbol}: the risk-free rate has no stored prices between {u.start} "
+                f"and {u.resolved_end} (check model.risk_free_symbol and the dates)"
+            )
+        rates = price_series(rate_frame, symbol=m.risk_free_symbol)
+        daily = daily_risk_free(rates.dropna(), aligned.calendar)
+    return period_risk_free(aligned, daily)
 
 
 def _with_prices(
@@ -275,10 +626,14 @@ def _iso(value: object) -> str | None:
 
 __all__ = [
     "FetchOutcome",
+    "FetchPlan",
     "FitOutcome",
     "build_manifest",
     "fetch_symbol",
     "fit_universe",
+    "plan_fetch",
+    "refetch_range",
+    "restatement",
     "versions",
     "write_run_report",
 ]

@@ -27,7 +27,15 @@ import pandas as pd
 
 from sensitivity.errors import DataValidationError
 
-__all__ = ["AlignedReturns", "aligned_returns", "price_series", "simple_returns"]
+__all__ = [
+    "TRADING_DAYS_PER_YEAR",
+    "AlignedReturns",
+    "aligned_returns",
+    "daily_risk_free",
+    "period_risk_free",
+    "price_series",
+    "simple_returns",
+]
 
 
 def price_series(frame: pd.DataFrame, *, symbol: str = "prices") -> pd.Series:
@@ -103,7 +111,9 @@ class AlignedReturns:
     * ``close``: the stock's raw (unadjusted) close on every aligned date;
     * ``prev_close``: the raw close on the stock's previous aligned date (where a return
       exists), the base of the dollar sensitivity;
-    * ``market_returns``: the index's own returns from one of its trading days to the next.
+    * ``market_returns``: the index's own returns from one of its trading days to the next;
+    * ``span_days``: how many index trading days each return spans (1, or more after days the
+      stock missed; NaN where there is no return).
     """
 
     calendar: pd.DatetimeIndex
@@ -112,6 +122,7 @@ class AlignedReturns:
     close: pd.DataFrame
     prev_close: pd.DataFrame
     market_returns: pd.Series
+    span_days: pd.DataFrame | None = None
 
     @property
     def tickers(self) -> list[str]:
@@ -183,4 +194,58 @@ def aligned_returns(
         close=panel(close),
         prev_close=panel(prev_close),
         market_returns=pd.Series(market[1:], index=calendar, name=index_symbol),
+        span_days=panel(np.where(has_return, rows - safe_prev, np.nan).astype(np.float64)),
     )
+
+
+#: Trading days per year of the daily risk-free conversion.
+TRADING_DAYS_PER_YEAR: int = 252
+
+
+def daily_risk_free(annual_rate: pd.Series | float, calendar: pd.DatetimeIndex) -> pd.Series:
+    """The risk-free return of one trading day on each date of ``calendar``.
+
+    ``annual_rate`` is a constant annual rate as a decimal fraction (0.04 = 4%) or a series of
+    annual rates **in percent** (as Yahoo quotes ``^IRX``), indexed by date.  The daily return
+    is ``(1 + r)**(1/252) - 1`` (compounding), with ``r`` the decimal rate quoted on that date;
+    a date without a quote is NaN (never filled from a neighbour).
+    """
+    if isinstance(annual_rate, pd.Series):
+        _check_dates(pd.DatetimeIndex(annual_rate.index), str(annual_rate.name or "risk-free rate"))
+        decimal = annual_rate.reindex(calendar).to_numpy(dtype=np.float64) / 100.0
+    else:
+        decimal = np.full(len(calendar), float(annual_rate))
+    with np.errstate(invalid="ignore"):
+        bad = decimal <= -1.0
+        if bad.any():
+            raise DataValidationError(
+                f"risk-free rate of {float(decimal[bad][0]) * 100!r}% on "
+                f"{calendar[np.flatnonzero(bad)[0]].date()} is not above -100%"
+            )
+        daily = np.expm1(np.log1p(decimal) / TRADING_DAYS_PER_YEAR)
+    return pd.Series(daily, index=calendar, name="risk_free")
+
+
+def period_risk_free(aligned: AlignedReturns, daily: pd.Series) -> pd.DataFrame:
+    """The risk-free return over each aligned return's period, per stock.
+
+    ``daily`` holds one trading day's risk-free return per date of ``aligned.calendar``
+    (:func:`daily_risk_free`).  A return spanning ``k`` index trading days (after days the
+    stock missed) compounds the ``k`` daily returns; if any of them is missing the result is
+    NaN (the day has no excess return and is dropped from the fit).  NaN where the stock has
+    no return.
+    """
+    if aligned.span_days is None:
+        raise DataValidationError("aligned returns carry no span_days; build them with aligned_returns()")
+    values = daily.reindex(aligned.calendar).to_numpy(dtype=np.float64)
+    missing = ~np.isfinite(values)
+    growth = np.concatenate(([0.0], np.cumsum(np.log1p(np.where(missing, 0.0, values)))))
+    holes = np.concatenate(([0], np.cumsum(missing)))
+    span = aligned.span_days.to_numpy(dtype=np.float64)
+    ok = np.isfinite(span)
+    k = np.where(ok, span, 0).astype(np.int64)
+    end = np.arange(1, len(values) + 1)[:, None]
+    start = np.maximum(end - k, 0)
+    out = np.expm1(growth[end] - growth[start])
+    out = np.where(ok & (holes[end] - holes[start] == 0), out, np.nan)
+    return pd.DataFrame(out, index=aligned.calendar, columns=aligned.stock_returns.columns)

@@ -7,11 +7,14 @@ obtains it with ``torch.func.grad`` of the fitted model (never from a hand-writt
 and its gradient with respect to ``(alpha, beta, gamma)`` -- ``(0, 1, 2*x_t)`` -- by
 differentiating once more; both are vectorised over every ticker and day with ``torch.func.vmap``.
 
-Standard errors use the delta method with the fit's classical covariance ``Sigma``:
-``se = sqrt(g' Sigma g)``.  The confidence interval is ``sensitivity -/+ q * se`` with ``q`` the
-two-sided Student-t critical value at ``n_obs - 3`` degrees of freedom, the distribution of
-``(estimate - truth) / se`` for a linear function of OLS coefficients under normal errors.
-:func:`student_t_quantile` computes it exactly (to rounding) without scipy.
+Standard errors use the delta method with a covariance ``Sigma`` of the coefficients -- by
+default the fit's classical one, or a robust one (HC1, HAC: :mod:`sensitivity.inference`):
+``se = sqrt(g' Sigma g)``.  The confidence interval is ``sensitivity -/+ q * se``.  With the
+classical covariance ``q`` is the two-sided Student-t critical value at ``n_obs - 3`` degrees of
+freedom, the distribution of ``(estimate - truth) / se`` for a linear function of OLS
+coefficients under normal errors; with a robust covariance it is the standard normal quantile
+(statsmodels' convention for robust covariances, whose justification is asymptotic).
+:func:`student_t_quantile` computes the t quantile exactly (to rounding) without scipy.
 """
 
 from __future__ import annotations
@@ -19,12 +22,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from sensitivity.errors import ConfigError, DataValidationError
 from sensitivity.model import QuadraticFit
+
+if TYPE_CHECKING:
+    from sensitivity.inference import CoefficientInference
 
 __all__ = ["SensitivityResult", "daily_sensitivity", "fitted_return", "student_t_quantile"]
 
@@ -65,7 +72,13 @@ _slope_and_gradient = torch.func.grad_and_value(_slope, argnums=(0, 1, 2))
 _panel_slope_and_gradient = torch.func.vmap(torch.func.vmap(_slope_and_gradient))
 
 
-def daily_sensitivity(fit: QuadraticFit, x: Tensor, *, level: float = 0.95) -> SensitivityResult:
+def daily_sensitivity(
+    fit: QuadraticFit,
+    x: Tensor,
+    *,
+    level: float = 0.95,
+    inference: CoefficientInference | None = None,
+) -> SensitivityResult:
     """Sensitivity of each day's fitted return to the index return, with its uncertainty.
 
     Parameters
@@ -76,12 +89,16 @@ def daily_sensitivity(fit: QuadraticFit, x: Tensor, *, level: float = 0.95) -> S
         ``[T, N]`` index returns the fit used (or any ``[T, N]`` evaluation points); NaN gives NaN.
     level
         Confidence level of the interval, in (0, 1).
+    inference
+        The covariance to use (:func:`sensitivity.inference.robust_covariance`); default the
+        fit's classical covariance.
 
     Returns
     -------
     SensitivityResult
         ``sensitivity = beta + 2*gamma*x`` (by autograd), its delta-method standard error and
-        the Student-t confidence interval at ``n_obs - 3`` degrees of freedom.
+        the confidence interval: Student-t at ``n_obs - 3`` degrees of freedom for the
+        classical covariance, standard normal for a robust one.
 
     Raises
     ------
@@ -103,13 +120,18 @@ def daily_sensitivity(fit: QuadraticFit, x: Tensor, *, level: float = 0.95) -> S
     with torch.no_grad():
         grads, sens = _panel_slope_and_gradient(fit.alpha.T, fit.beta.T, fit.gamma.T, r_m)
         # Delta method: var = g' Sigma g with g = (0, 1, 2 r_m) from autograd.
-        cov = fit.cov_unique.permute(2, 1, 0)  # [6, N, T], the order of COV_ENTRIES
+        cov_unique = fit.cov_unique if inference is None else inference.cov_unique
+        cov = cov_unique.permute(2, 1, 0)  # [6, N, T], the order of COV_ENTRIES
         var = torch.zeros_like(sens)
         for k, (i, j) in enumerate(_UNIQUE_PAIRS):
             var.addcmul_(grads[i] * grads[j], cov[k], value=1.0 if i == j else 2.0)
         se = var.clamp_(min=0.0).sqrt_()
-        # dof is n_obs - 3 (an integer) where the fit exists and NaN elsewhere: 0 marks NaN.
-        q = _t_quantile_of_integers(0.5 + lvl / 2.0, fit.dof.T.nan_to_num(0.0).to(torch.int64))
+        if inference is None or inference.use_t:
+            # dof is n_obs - 3 (an integer) where the fit exists and NaN elsewhere: 0 marks NaN.
+            q = _t_quantile_of_integers(0.5 + lvl / 2.0, fit.dof.T.nan_to_num(0.0).to(torch.int64))
+        else:
+            z = NormalDist().inv_cdf(0.5 + lvl / 2.0)
+            q = torch.full_like(sens, z).masked_fill_(torch.isnan(fit.dof.T), math.nan)
         half = q.mul_(se)
         lower = sens - half
         upper = half.add_(sens)

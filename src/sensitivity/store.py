@@ -4,10 +4,12 @@ Layout under ``<data_dir>``::
 
     .lock                                         the writers' lock (see store_lock)
     prices/<SYMBOL>.parquet                       one price history per symbol     PRICE_SCHEMA
+                                                  (+ the ranges fetched: COVERAGE_KEY)
     reports/sensitivity/<INDEX>__<TICKER>__w<WINDOW>.parquet
                                                   one file per (index_ticker, ticker, window)
                                                                                    SENSITIVITY_SCHEMA
     reports/summary/summary-<AS_OF>.parquet       one file per as_of date          SUMMARY_SCHEMA
+    reports/scenarios/scenarios-<AS_OF>.parquet   one file per as_of date          SCENARIO_SCHEMA
     reports/daily/<AS_OF>/report.html             the human report of that as_of
     reports/daily/<AS_OF>/manifest.json           its machine manifest (written last)
 
@@ -20,6 +22,9 @@ cast with ``safe=True`` and never rounded) and two key-value metadata entries,
 ``sensitivity.schema_version`` and ``sensitivity.kind``.  A file written by a newer version
 of the package, a file that is not ours and a damaged file are refused with a
 :class:`~sensitivity.errors.StoreError` that names the file and says what to do.
+Each kind has its own version (:data:`SCHEMA_VERSIONS`); a file of an older version is read
+with the columns added since filled in (documented defaults, else null), so older report
+files stay readable next to new ones.
 
 **Paths.**  Symbols become file names only through
 :func:`sensitivity.symbols.normalize_symbol` plus a check that the resolved path stays in its
@@ -64,13 +69,26 @@ from sensitivity.errors import DataValidationError, StoreError, StoreLockedError
 from sensitivity.prices import PRICE_COLUMNS, check_price_frame
 from sensitivity.symbols import normalize_symbol
 
-#: Version of the on-disk schemas.  Bump it when a column is added, removed or retyped, and
-#: teach the readers to upgrade files of the older versions.
-SCHEMA_VERSION: Final = 1
+Kind = Literal["prices", "sensitivity", "summary", "scenarios"]
+
+#: Version of each on-disk schema.  Bump a kind's version when a column is added, removed or
+#: retyped, and teach the readers to upgrade files of the older versions (:data:`_UPGRADES`).
+#: Version 2 of ``sensitivity`` and ``summary`` added the robust-inference, convexity-test,
+#: up/down, excess-return and Huber columns (and ``fit`` to the summary).
+SCHEMA_VERSIONS: Final[dict[Kind, int]] = {"prices": 1, "sensitivity": 2, "summary": 2, "scenarios": 1}
+
+#: The newest schema version of any kind.
+SCHEMA_VERSION: Final = max(SCHEMA_VERSIONS.values())
 
 #: Parquet key-value metadata keys.
 VERSION_KEY: Final = b"sensitivity.schema_version"
 KIND_KEY: Final = b"sensitivity.kind"
+#: Price files only: the date ranges fetched into the file, JSON ``[["YYYY-MM-DD", "YYYY-MM-DD"], ...]``
+#: (a fetch covers its whole range even where the source had no prices, e.g. before a listing).
+COVERAGE_KEY: Final = b"sensitivity.coverage"
+
+#: A date range, both ends inclusive.
+DateRange = tuple[dt.date, dt.date]
 
 #: Parquet compression of every file.
 COMPRESSION: Final = "zstd"
@@ -78,13 +96,11 @@ COMPRESSION: Final = "zstd"
 #: Files read or written at once by the batch readers and writers (Arrow releases the GIL).
 _MAX_IO_THREADS: Final = 8
 
-Kind = Literal["prices", "sensitivity", "summary"]
-
 
 def _schema(fields: Sequence[pa.Field], kind: Kind) -> pa.Schema:
     return pa.schema(
         list(fields),
-        metadata={VERSION_KEY: str(SCHEMA_VERSION).encode(), KIND_KEY: kind.encode()},
+        metadata={VERSION_KEY: str(SCHEMA_VERSIONS[kind]).encode(), KIND_KEY: kind.encode()},
     )
 
 
@@ -125,24 +141,105 @@ _VALUE_COLUMNS: Final = (
     "prev_close",
     "dollar_sensitivity",
 )
+#: Float columns added by schema version 2, after ``se_type``.
+_V2_VALUE_COLUMNS: Final = (
+    "risk_free_return",
+    "cov_alpha_beta",
+    "cov_alpha_gamma",
+    "cov_beta_gamma",
+    "gamma_t",
+    "gamma_p",
+    "aic_linear",
+    "aic_quadratic",
+    "delta_aic",
+    "secant_slope",
+    "up_beta",
+    "down_beta",
+    "huber_alpha",
+    "huber_beta",
+    "huber_gamma",
+    "huber_alpha_se",
+    "huber_beta_se",
+    "huber_gamma_se",
+    "huber_cov_alpha_beta",
+    "huber_cov_alpha_gamma",
+    "huber_cov_beta_gamma",
+    "huber_sensitivity",
+    "huber_sensitivity_se",
+)
 
 #: The per-day sensitivity table (``reports/sensitivity/``), columns in this order.
 SENSITIVITY_SCHEMA: Final = _schema(
-    [*_KEY_FIELDS, *(pa.field(c, pa.float64()) for c in _VALUE_COLUMNS)], "sensitivity"
+    [
+        *_KEY_FIELDS,
+        *(pa.field(c, pa.float64()) for c in _VALUE_COLUMNS),
+        pa.field("se_type", pa.string(), nullable=False),
+        *(pa.field(c, pa.float64()) for c in _V2_VALUE_COLUMNS),
+    ],
+    "sensitivity",
 )
 
-#: The summary table (``reports/summary/``): ``as_of`` then the sensitivity columns.
+#: The summary table (``reports/summary/``): ``as_of``, the sensitivity columns, then ``fit``
+#: (the estimator the run's scenarios used).
 SUMMARY_SCHEMA: Final = _schema(
-    [pa.field("as_of", pa.date32(), nullable=False), *SENSITIVITY_SCHEMA], "summary"
+    [
+        pa.field("as_of", pa.date32(), nullable=False),
+        *SENSITIVITY_SCHEMA,
+        pa.field("fit", pa.string(), nullable=False),
+    ],
+    "summary",
 )
+
+#: The scenario table (``reports/scenarios/``): per combination of the as_of and index move,
+#: the fitted return and price move of the latest fit, with their interval for the mean.
+SCENARIO_SCHEMA: Final = _schema(
+    [
+        pa.field("as_of", pa.date32(), nullable=False),
+        pa.field("index_ticker", pa.string(), nullable=False),
+        pa.field("ticker", pa.string(), nullable=False),
+        pa.field("window", pa.int64(), nullable=False),
+        pa.field("date", pa.date32(), nullable=False),
+        pa.field("n_obs", pa.int64(), nullable=False),
+        pa.field("fit", pa.string(), nullable=False),
+        pa.field("se_type", pa.string(), nullable=False),
+        pa.field("level", pa.float64(), nullable=False),
+        pa.field("index_move", pa.float64(), nullable=False),
+        *(
+            pa.field(c, pa.float64())
+            for c in (
+                "risk_free_return",
+                "predicted_return",
+                "predicted_return_se",
+                "predicted_return_ci_lower",
+                "predicted_return_ci_upper",
+                "close",
+                "price_move",
+                "price_move_ci_lower",
+                "price_move_ci_upper",
+            )
+        ),
+    ],
+    "scenarios",
+)
+
+#: How files of an older schema version are read: per kind and version, the columns they lack
+#: and the value each gets (None: null).  Version-1 tables were always classical OLS fits on
+#: raw returns.
+_UPGRADES: Final[dict[Kind, dict[int, dict[str, Any]]]] = {
+    "sensitivity": {1: {"se_type": "classical", "risk_free_return": 0.0}},
+    "summary": {1: {"se_type": "classical", "risk_free_return": 0.0, "fit": "ols"}},
+}
+_V2_ADDED: Final = ("se_type", *_V2_VALUE_COLUMNS)
 
 SENSITIVITY_COLUMNS: Final[tuple[str, ...]] = tuple(SENSITIVITY_SCHEMA.names)
 SUMMARY_COLUMNS: Final[tuple[str, ...]] = tuple(SUMMARY_SCHEMA.names)
+SCENARIO_COLUMNS: Final[tuple[str, ...]] = tuple(SCENARIO_SCHEMA.names)
 
 _SCHEMAS: Final[dict[Kind, pa.Schema]] = {
     "prices": PRICE_SCHEMA,
     "sensitivity": SENSITIVITY_SCHEMA,
     "summary": SUMMARY_SCHEMA,
+    "scenarios": SCENARIO_SCHEMA,
 }
 _COMBO: Final = ("index_ticker", "ticker", "window")
 
@@ -150,6 +247,7 @@ _HINTS: Final[dict[Kind, str]] = {
     "prices": "delete it and rerun to refetch the prices",
     "sensitivity": "delete it and rerun to recompute it",
     "summary": "restore it from a backup, or delete it and rerun for that as_of date",
+    "scenarios": "delete it and rerun for that as_of date",
 }
 
 
@@ -359,7 +457,9 @@ def read_table(path: str | Path, kind: Kind, columns: Sequence[str] | None = Non
     Raises :class:`~sensitivity.errors.StoreError` naming the file when it cannot be read,
     is damaged, is not a stock-sensitivity ``kind`` file, was written by a newer version, or
     lacks columns; a file that does not exist raises :class:`FileNotFoundError` (callers
-    treat it as "never stored").  ``columns`` limits what is read (in schema order).
+    treat it as "never stored").  ``columns`` limits what is read (in schema order).  A file
+    of an older schema version is upgraded: the columns added since get their documented
+    default (:data:`_UPGRADES`) or null.
     """
     p = Path(path)
     schema = _SCHEMAS[kind]
@@ -375,12 +475,19 @@ def read_table(path: str | Path, kind: Kind, columns: Sequence[str] | None = Non
         raise _DamagedFileError(f"{p} is not a readable Parquet file ({exc}); {hint}") from exc
     try:
         with contextlib.closing(pf):
-            _check_metadata(p, meta, kind)
+            version = _check_metadata(p, meta, kind)
             names = [n for n in schema.names if columns is None or n in columns]
             missing = [n for n in names if n not in pf.schema_arrow.names]
-            if missing:
-                raise StoreError(f"{p} lacks column(s) {', '.join(missing)}; {hint}")
-            table = pf.read(columns=names)
+            added = _added_since(kind, version)
+            if any(n not in added for n in missing):
+                lacking = [n for n in missing if n not in added]
+                raise StoreError(f"{p} lacks column(s) {', '.join(lacking)}; {hint}")
+            table = pf.read(columns=[n for n in names if n not in missing])
+            for n in missing:
+                default = added[n]
+                table = table.append_column(
+                    n, pa.array([default] * table.num_rows, type=schema.field(n).type)
+                )
     except StoreError:
         raise
     except (OSError, pa.ArrowException) as exc:
@@ -392,7 +499,41 @@ def read_table(path: str | Path, kind: Kind, columns: Sequence[str] | None = Non
         raise StoreError(f"{p} has columns of unexpected types ({exc}); {hint}") from exc
 
 
-def _check_metadata(path: Path, meta: Mapping[bytes, bytes], kind: Kind) -> None:
+def _added_since(kind: Kind, version: int) -> dict[str, Any]:
+    """Columns a ``kind`` file of schema ``version`` may lack, with their values (None: null)."""
+    if version >= SCHEMA_VERSIONS[kind]:
+        return {}
+    added: dict[str, Any] = {}
+    if kind in ("sensitivity", "summary") and version < 2:
+        added.update(dict.fromkeys(_V2_ADDED))
+        if kind == "summary":
+            added["fit"] = None
+    for v in range(version, SCHEMA_VERSIONS[kind]):
+        added.update(_UPGRADES.get(kind, {}).get(v, {}))
+    return added
+
+
+def _refuse_newer(path: Path, kind: Kind) -> None:
+    """Refuse to replace ``path`` when a newer version of the package wrote it.
+
+    A whole-file rewrite never reads the old file, so without this check older code would
+    silently replace (and lose) what a newer version stored.  A missing or damaged file is
+    left to the rewrite, which replaces it.
+    """
+    try:
+        raw = (pq.read_schema(path).metadata or {}).get(VERSION_KEY)
+        version = int(raw.decode()) if raw is not None else None
+    except (OSError, pa.ArrowException, UnicodeDecodeError, ValueError):
+        return
+    if version is not None and version > SCHEMA_VERSIONS[kind]:
+        raise StoreError(
+            f"{path} was written by a newer version of stock-sensitivity (schema {version} > "
+            f"{SCHEMA_VERSIONS[kind]}); upgrade stock-sensitivity to replace it (it was left unchanged)"
+        )
+
+
+def _check_metadata(path: Path, meta: Mapping[bytes, bytes], kind: Kind) -> int:
+    """Check a file's kind and version; return the version."""
     raw_version = meta.get(VERSION_KEY)
     raw_kind = meta.get(KIND_KEY)
     if raw_version is None or raw_kind is None:
@@ -404,16 +545,18 @@ def _check_metadata(path: Path, meta: Mapping[bytes, bytes], kind: Kind) -> None
         version = int(raw_version.decode())
     except (UnicodeDecodeError, ValueError) as exc:
         raise StoreError(f"{path} has an unreadable schema version {raw_version!r}; {_HINTS[kind]}") from exc
-    if version > SCHEMA_VERSION:
+    found = raw_kind.decode(errors="replace")
+    current = SCHEMA_VERSIONS.get(found, SCHEMA_VERSIONS[kind])  # type: ignore[call-overload]
+    if version > current:
         raise StoreError(
             f"{path} was written by a newer version of stock-sensitivity (schema {version} > "
-            f"{SCHEMA_VERSION}); upgrade stock-sensitivity to read it"
+            f"{current}); upgrade stock-sensitivity to read it"
         )
     if version < 1:
         raise StoreError(f"{path} has an impossible schema version {version}; {_HINTS[kind]}")
-    found = raw_kind.decode(errors="replace")
     if found != kind:
         raise StoreError(f"{path} holds {found!r} data, not {kind!r}; move it out of {path.parent}")
+    return version
 
 
 # --------------------------------------------------------------------------------------------
@@ -684,6 +827,31 @@ class PriceStore:
             frames = list(pool.map(_one, paths.values()))
         return {sym: f for sym, f in zip(paths, frames, strict=True) if f is not None}
 
+    def coverage(self, symbol: str) -> list[DateRange] | None:
+        """The date ranges fetched into ``symbol``'s file (sorted, merged), or None if never stored.
+
+        A fetch covers its whole requested range, also where the source had no prices (before a
+        listing, holidays).  A file written without coverage (older versions, the bundled
+        sample) is taken to cover its first to its last stored date.
+        """
+        path = self.path_for(symbol)
+        try:
+            meta = pq.read_schema(path).metadata or {}
+        except FileNotFoundError:
+            return None
+        except (OSError, pa.ArrowException) as exc:
+            raise _DamagedFileError(
+                f"{path} is not a readable Parquet file ({exc}); {_HINTS['prices']}"
+            ) from exc
+        ranges = _parse_coverage(meta.get(COVERAGE_KEY))
+        if ranges is not None:
+            return ranges
+        table = read_table(path, "prices", columns=["date"])
+        if table.num_rows == 0:
+            return []
+        lo, hi = pc.min(table.column("date")).as_py(), pc.max(table.column("date")).as_py()
+        return [(lo, hi)]
+
     def last_date(self, symbol: str) -> dt.date | None:
         """The last stored date of ``symbol``, or None if it was never stored."""
         path = self.path_for(symbol)
@@ -710,15 +878,18 @@ class PriceStore:
         source: str,
         fetched_at: dt.datetime | None = None,
         replace: bool = False,
+        covers: DateRange | None = None,
     ) -> MergeResult:
         """Merge a fetched price frame into the stored history of ``symbol``, atomically.
 
         The result is the union by date; on dates both have, the new fetch wins.  Stored rows
         outside the fetched range are kept: a partial fetch never drops stored prices.
         ``replace=True`` (a full refetch) makes the fetched frame the whole history, and also
-        overwrites a damaged file.  ``fetched_at`` defaults to now (UTC).  The frame is
-        validated with :func:`~sensitivity.prices.check_price_frame` before anything is
-        written.
+        overwrites a damaged file.  ``covers`` is the date range the fetch asked for (default:
+        the frame's first to last date); it is added to the file's :meth:`coverage` (with
+        ``replace=True`` it becomes the coverage).  ``fetched_at`` defaults to now (UTC).  The
+        frame is validated with :func:`~sensitivity.prices.check_price_frame` before anything
+        is written.
         """
         sym = self._norm(symbol)
         path = self.path_for(sym)
@@ -726,6 +897,13 @@ class PriceStore:
             raise ValueError(f"{sym}: source must be a non-empty string, got {source!r}")
         stamp = _utc_timestamp(fetched_at if fetched_at is not None else dt.datetime.now(dt.UTC), sym)
         check_price_frame(frame, sym)
+        if covers is not None:
+            lo, hi = _to_date(covers[0], "covers[0]"), _to_date(covers[1], "covers[1]")
+            if lo > hi:
+                raise ValueError(f"{sym}: covers must be (start, end) with start <= end, got {covers!r}")
+            span: DateRange = (lo, hi)
+        else:
+            span = (frame.index[0].date(), frame.index[-1].date())
         new = frame.loc[:, list(PRICE_COLUMNS)].copy()
         new["fetched_at"] = stamp
         new["source"] = source
@@ -751,11 +929,16 @@ class PriceStore:
         if replace:
             combined = new
             rows_removed = len(old.index.difference(new.index))
+            coverage = [span]
         else:
             kept = old.loc[~old.index.isin(new.index)]
             combined = new if kept.empty else pd.concat([kept, new]).sort_index()
             rows_removed = 0
-        write_table_atomic(path, _price_table(combined, sym))
+            coverage = _merge_ranges([*self._old_coverage(path, old), span])
+        table = _price_table(combined, sym)
+        meta = dict(table.schema.metadata or {})
+        meta[COVERAGE_KEY] = json.dumps([[a.isoformat(), b.isoformat()] for a, b in coverage]).encode()
+        write_table_atomic(path, table.replace_schema_metadata(meta))
         return MergeResult(
             symbol=sym,
             rows_before=len(old),
@@ -771,6 +954,42 @@ class PriceStore:
     @staticmethod
     def _norm(symbol: str) -> str:
         return _symbol_file_part(symbol, "symbol")
+
+    @staticmethod
+    def _old_coverage(path: Path, old: pd.DataFrame) -> list[DateRange]:
+        """The coverage of the file being merged into (its date span if it has none)."""
+        if old.empty:
+            return []
+        try:
+            ranges = _parse_coverage((pq.read_schema(path).metadata or {}).get(COVERAGE_KEY))
+        except (OSError, pa.ArrowException):
+            ranges = None
+        return ranges if ranges is not None else [(old.index[0].date(), old.index[-1].date())]
+
+
+def _parse_coverage(raw: bytes | None) -> list[DateRange] | None:
+    """The ranges of a COVERAGE_KEY value; None when absent or unreadable (callers fall back)."""
+    if raw is None:
+        return None
+    try:
+        pairs = json.loads(raw.decode("utf-8"))
+        ranges = [(dt.date.fromisoformat(a), dt.date.fromisoformat(b)) for a, b in pairs]
+    except (UnicodeDecodeError, ValueError, TypeError):
+        return None
+    if any(a > b for a, b in ranges):
+        return None
+    return _merge_ranges(ranges)
+
+
+def _merge_ranges(ranges: Iterable[DateRange]) -> list[DateRange]:
+    """Sorted ranges with overlapping or adjacent ones (next day) merged."""
+    out: list[DateRange] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + dt.timedelta(days=1):
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -831,6 +1050,7 @@ class ReportStore:
         self.folder = self.data_dir / "reports"
         self.sensitivity_dir = self.folder / "sensitivity"
         self.summary_dir = self.folder / "summary"
+        self.scenarios_dir = self.folder / "scenarios"
         self.daily_dir = self.folder / "daily"
 
     # -- paths ---------------------------------------------------------------------------
@@ -841,6 +1061,11 @@ class ReportStore:
         tic = _symbol_file_part(ticker, "ticker")
         win = _window(window)
         return _child(self.sensitivity_dir, f"{idx}__{tic}__w{win}.parquet")
+
+    def scenarios_path(self, as_of: dt.date | str) -> Path:
+        """The scenario file of one as_of date."""
+        day = _to_date(as_of, "as_of")
+        return _child(self.scenarios_dir, f"scenarios-{day.isoformat()}.parquet")
 
     def summary_path(self, as_of: dt.date | str) -> Path:
         """The summary file of one as_of date."""
@@ -883,6 +1108,8 @@ class ReportStore:
             positions = np.asarray(rows, dtype=np.int64)
             positions = positions[np.argsort(dates[positions], kind="stable")]
             plans.append((path, table.take(pa.array(positions))))
+        with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-read") as pool:
+            list(pool.map(lambda plan: _refuse_newer(plan[0], "sensitivity"), plans))
         return write_tables_atomic(plans)
 
     def read_sensitivity(
@@ -939,26 +1166,62 @@ class ReportStore:
         stay.  Each as_of file is rewritten atomically, sorted by index_ticker, ticker,
         window.  Returns the paths written.
         """
-        table = table_from_frame(frame, SUMMARY_SCHEMA, "summary table")
-        work = frame.loc[:, list(_COMBO)].reset_index(drop=True)
-        _check_symbol_column(work["index_ticker"], "index_ticker", "summary table")
-        _check_symbol_column(work["ticker"], "ticker", "summary table")
+        return self._upsert_by_as_of(frame, "summary", self.summary_path, ())
+
+    def read_summary(self, *, as_of: dt.date | str | None = None) -> pd.DataFrame:
+        """The summary rows (of one ``as_of``, or all), sorted by as_of and combination."""
+        return self._read_by_as_of("summary", self.summary_dir, self.summary_path, as_of, ())
+
+    # -- scenarios -----------------------------------------------------------------------
+
+    def write_scenarios(self, frame: pd.DataFrame) -> list[Path]:
+        """Upsert scenario rows with the semantics of :meth:`write_summary`.
+
+        For each ``as_of``, the rows of the (index_ticker, ticker, window) combinations in
+        ``frame`` (all their index moves) replace that day's rows of those combinations; the
+        file is rewritten atomically, sorted by combination and ``index_move``.
+        """
+        return self._upsert_by_as_of(frame, "scenarios", self.scenarios_path, ("index_move",))
+
+    def read_scenarios(self, *, as_of: dt.date | str | None = None) -> pd.DataFrame:
+        """The scenario rows (of one ``as_of``, or all), sorted by as_of, combination, move."""
+        return self._read_by_as_of(
+            "scenarios", self.scenarios_dir, self.scenarios_path, as_of, ("index_move",)
+        )
+
+    # -- shared by the per-as_of tables --------------------------------------------------
+
+    def _upsert_by_as_of(
+        self,
+        frame: pd.DataFrame,
+        kind: Kind,
+        path_for: Callable[[dt.date], Path],
+        extra_key: tuple[str, ...],
+    ) -> list[Path]:
+        what = f"{kind} table"
+        schema = _SCHEMAS[kind]
+        table = table_from_frame(frame, schema, what)
+        work = frame.loc[:, [*_COMBO, *extra_key]].reset_index(drop=True)
+        _check_symbol_column(work["index_ticker"], "index_ticker", what)
+        _check_symbol_column(work["ticker"], "ticker", what)
         days = table.column("as_of").cast(pa.int32()).to_numpy()
         work["_day"] = days
-        dup = work.duplicated(subset=["_day", *_COMBO])
+        dup = work.duplicated(subset=["_day", *_COMBO, *extra_key])
         if dup.any():
             row = work.loc[dup].iloc[0]
+            extra = "".join(f", {k} {row[k]}" for k in extra_key)
             raise DataValidationError(
-                f"summary table: {row['ticker']} against {row['index_ticker']} (window "
-                f"{row['window']}) appears more than once for one as_of"
+                f"{what}: {row['ticker']} against {row['index_ticker']} (window "
+                f"{row['window']}{extra}) appears more than once for one as_of"
             )
+        order = [(c, "ascending") for c in (*_COMBO, *extra_key)]
         plans: list[tuple[Path, pa.Table]] = []
         for day, rows in work.groupby("_day", sort=True).groups.items():
             as_of = dt.date(1970, 1, 1) + dt.timedelta(days=int(cast(int, day)))
-            path = self.summary_path(as_of)
+            path = path_for(as_of)
             new = table.take(pa.array(np.asarray(rows, dtype=np.int64)))
             try:
-                old = read_table(path, "summary")
+                old = read_table(path, kind)
             except FileNotFoundError:
                 old = None
             if old is not None and old.num_rows:
@@ -968,20 +1231,26 @@ class ReportStore:
                 merged = pa.concat_tables([old.filter(pa.array(keep)), new])
             else:
                 merged = new
-            merged = merged.sort_by([(c, "ascending") for c in _COMBO])
+            merged = merged.sort_by(order)
             plans.append((path, merged))
         return write_tables_atomic(plans)
 
-    def read_summary(self, *, as_of: dt.date | str | None = None) -> pd.DataFrame:
-        """The summary rows (of one ``as_of``, or all), sorted by as_of and combination."""
+    def _read_by_as_of(
+        self,
+        kind: Kind,
+        folder: Path,
+        path_for: Callable[[dt.date], Path],
+        as_of: dt.date | str | None,
+        extra_key: tuple[str, ...],
+    ) -> pd.DataFrame:
         if as_of is not None:
-            path = self.summary_path(as_of)
+            path = path_for(_to_date(as_of, "as_of"))
             paths = [path] if path.exists() else []
         else:
-            paths = _parquet_files(self.summary_dir)
-        parts = _read_tables(paths, "summary")
-        table = pa.concat_tables(parts) if parts else _empty_table(SUMMARY_SCHEMA)
-        table = table.sort_by([("as_of", "ascending"), *((c, "ascending") for c in _COMBO)])
+            paths = _parquet_files(folder)
+        parts = _read_tables(paths, kind)
+        table = pa.concat_tables(parts) if parts else _empty_table(_SCHEMAS[kind])
+        table = table.sort_by([("as_of", "ascending"), *((c, "ascending") for c in (*_COMBO, *extra_key))])
         return _frame_from_report_table(table)
 
     # -- daily report --------------------------------------------------------------------
@@ -1145,12 +1414,17 @@ def store_lock(data_dir: str | Path, *, timeout_s: float = 600, poll_s: float = 
 
 __all__ = [
     "COMPRESSION",
+    "COVERAGE_KEY",
     "PRICE_SCHEMA",
+    "SCENARIO_COLUMNS",
+    "SCENARIO_SCHEMA",
     "SCHEMA_VERSION",
+    "SCHEMA_VERSIONS",
     "SENSITIVITY_COLUMNS",
     "SENSITIVITY_SCHEMA",
     "SUMMARY_COLUMNS",
     "SUMMARY_SCHEMA",
+    "DateRange",
     "MergeResult",
     "PriceStore",
     "ReportStore",

@@ -13,6 +13,12 @@ A source turns ``(symbol, start, end)`` into a *price frame* (see :mod:`sensitiv
 Each source splits *extract* (the only disk or network read) from *transform* (a pure
 function from what was read to a price frame, tested on recorded data).  The helpers here are
 the pure steps the sources share.
+
+Every source's rows pass the boundary checks of :mod:`sensitivity.sources.quality`
+(duplicated dates, missing or non-positive prices, high < low, 100x jumps), which drop bad
+rows and record why.  The sources of this package expose the record through
+``fetch_checked(symbol, start, end) -> CheckedPrices``; :func:`fetch_checked` gives the same
+for any :class:`PriceSource`.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import pandas as pd
 
 from sensitivity.errors import ConfigError, EmptyDataError
 from sensitivity.prices import PRICE_COLUMNS, check_price_frame
+from sensitivity.sources.quality import CheckedPrices, clean_price_frame
 
 if TYPE_CHECKING:
     from sensitivity.config import SourceConfig
@@ -32,6 +39,7 @@ if TYPE_CHECKING:
 __all__ = [
     "PriceSource",
     "check_date_range",
+    "fetch_checked",
     "make_source",
     "select_date_range",
     "trading_date_index",
@@ -75,8 +83,29 @@ def make_source(cfg: SourceConfig) -> PriceSource:
     if cfg.kind == "yahoo":
         from sensitivity.sources.yahoo import YahooSource
 
-        return YahooSource(timeout_s=cfg.timeout_s)
+        return YahooSource(
+            timeout_s=cfg.timeout_s, requests_per_second=cfg.requests_per_second, repair=cfg.repair
+        )
     raise ConfigError(f"source.kind must be one of yahoo, files, sample, got {cfg.kind!r}")
+
+
+def fetch_checked(source: PriceSource, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
+    """``source``'s prices of ``symbol`` from ``start`` to ``end`` with their quality report.
+
+    Uses the source's own ``fetch_checked`` when it has one (the sources of this package do);
+    otherwise the frame ``fetch`` returns goes through
+    :func:`~sensitivity.sources.quality.clean_price_frame`.
+    """
+    own = getattr(source, "fetch_checked", None)
+    if callable(own):
+        result = own(symbol, start, end)
+        if not isinstance(result, CheckedPrices):  # pragma: no cover - a foreign source's bug
+            raise TypeError(
+                f"{source!r}.fetch_checked must return CheckedPrices, got {type(result).__name__}"
+            )
+        return result
+    frame = source.fetch(symbol, start, end)
+    return clean_price_frame(frame, symbol, origin=source.name, start=start, end=end)
 
 
 def check_date_range(start: dt.date, end: dt.date) -> None:

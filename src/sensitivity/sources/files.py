@@ -57,7 +57,8 @@ from sensitivity.errors import (
     SymbolNotFoundError,
 )
 from sensitivity.prices import PRICE_COLUMNS, check_price_frame
-from sensitivity.sources.base import check_date_range, select_date_range, trading_date_index
+from sensitivity.sources.base import check_date_range, trading_date_index
+from sensitivity.sources.quality import REASON_NO_PRICE, CheckedPrices, QualityIssue, clean_price_frame
 from sensitivity.symbols import normalize_symbol
 
 __all__ = [
@@ -189,15 +190,19 @@ class FilesSource:
             return ""
         return f"; found {', '.join(close)}: the name must be the upper-case symbol"
 
-    def read(self, symbol: str) -> pd.DataFrame:
-        """Every row of ``symbol``'s file as a checked price frame (no date selection)."""
+    def read(self, symbol: str, *, empty_rows: list[dt.date] | None = None) -> pd.DataFrame:
+        """Every row of ``symbol``'s file as a checked price frame (no date selection).
+
+        Rows without any price are dropped; their dates are appended to ``empty_rows`` when
+        it is given.
+        """
         sym = normalize_symbol(symbol)
         path = self.path_for(sym)
         origin = path.name
         try:
             if path.suffix == ".parquet":
                 table = pq.read_table(path)
-                return table_price_frame(table, sym, origin=origin)
+                return table_price_frame(table, sym, origin=origin, empty_rows=empty_rows)
             data = path.read_bytes()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise DataValidationError(
@@ -216,23 +221,40 @@ class FilesSource:
             raise DataValidationError(
                 f"{sym}: {origin} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
             ) from exc
-        return csv_price_frame(text, sym, origin=origin)
+        return csv_price_frame(text, sym, origin=origin, empty_rows=empty_rows)
+
+    def fetch_checked(self, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
+        """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive) and its quality
+        report (rows without a price, and the boundary checks of
+        :func:`~sensitivity.sources.quality.clean_price_frame`)."""
+        check_date_range(start, end)
+        sym = normalize_symbol(symbol)
+        empty: list[dt.date] = []
+        frame = self.read(sym, empty_rows=empty)
+        return clean_price_frame(
+            frame,
+            sym,
+            origin=f"{sym}'s file in {self.folder}",
+            start=start,
+            end=end,
+            dropped=[QualityIssue(d.isoformat(), REASON_NO_PRICE) for d in empty],
+        )
 
     def fetch(self, symbol: str, start: dt.date, end: dt.date) -> pd.DataFrame:
         """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive)."""
-        check_date_range(start, end)
-        sym = normalize_symbol(symbol)
-        frame = self.read(sym)
-        return select_date_range(frame, sym, start, end, origin=f"{sym}'s file in {self.folder}")
+        return self.fetch_checked(symbol, start, end).frame
 
 
 # -- transform: CSV text -> price frame (pure) ----------------------------------------------
 
 
-def csv_price_frame(text: str, symbol: str, *, origin: str) -> pd.DataFrame:
+def csv_price_frame(
+    text: str, symbol: str, *, origin: str, empty_rows: list[dt.date] | None = None
+) -> pd.DataFrame:
     """Parse a Yahoo-style CSV (one-header or ``yf.download`` three-header) into a price frame.
 
-    ``origin`` names the file in messages.  Pure: no I/O.
+    ``origin`` names the file in messages; the dates of rows dropped for having no price are
+    appended to ``empty_rows`` when it is given.  Pure: no I/O.
     """
     text = text.removeprefix("\ufeff")
     if not text.strip():
@@ -288,7 +310,7 @@ def csv_price_frame(text: str, symbol: str, *, origin: str) -> pd.DataFrame:
         for col, pos in columns.items()
         if col != "date"
     }
-    return _assemble(dates, values, symbol, origin, locate)
+    return _assemble(dates, values, symbol, origin, locate, empty_rows)
 
 
 def _split_header(
@@ -402,8 +424,13 @@ def parse_number_texts(
 # -- transform: Parquet table -> price frame (pure) -----------------------------------------
 
 
-def table_price_frame(table: pa.Table, symbol: str, *, origin: str) -> pd.DataFrame:
-    """Turn a Parquet table with Yahoo or project column names into a price frame. Pure."""
+def table_price_frame(
+    table: pa.Table, symbol: str, *, origin: str, empty_rows: list[dt.date] | None = None
+) -> pd.DataFrame:
+    """Turn a Parquet table with Yahoo or project column names into a price frame. Pure.
+
+    The dates of rows dropped for having no price are appended to ``empty_rows`` if given.
+    """
     columns: dict[str, str] = {}
     for name in table.column_names:
         canon = canonical_column(name)
@@ -431,7 +458,7 @@ def table_price_frame(table: pa.Table, symbol: str, *, origin: str) -> pd.DataFr
         for col, name in columns.items()
         if col != "date"
     }
-    return _assemble(dates, values, symbol, origin, locate)
+    return _assemble(dates, values, symbol, origin, locate, empty_rows)
 
 
 def _table_dates(column: pa.ChunkedArray, symbol: str, origin: str, locate: Locator) -> np.ndarray:
@@ -484,8 +511,10 @@ def _assemble(
     symbol: str,
     origin: str,
     locate: Locator,
+    empty_rows: list[dt.date] | None = None,
 ) -> pd.DataFrame:
-    """Check parsed rows and build the price frame: drop empty rows, sort, refuse duplicates."""
+    """Check parsed rows and build the price frame: drop empty rows (their dates go to
+    ``empty_rows``), sort, refuse duplicates."""
     n = len(dates)
     cols = {c: values.get(c, np.full(n, np.nan)) for c in PRICE_COLUMNS}
 
@@ -501,6 +530,8 @@ def _assemble(
     order = np.flatnonzero(keep)
     if order.size < n:
         log.info("%s: %s: dropped %d row(s) without any price", symbol, origin, n - order.size)
+        if empty_rows is not None:
+            empty_rows.extend(dt.date.fromisoformat(str(d)) for d in dates[~keep])
     if order.size == 0:
         raise EmptyDataError(f"{symbol}: {origin} has no row with a price", symbol=symbol)
 

@@ -19,7 +19,8 @@ import pyarrow.parquet as pq
 
 from sensitivity.errors import DataValidationError, SourceError, SymbolNotFoundError
 from sensitivity.prices import PRICE_COLUMNS, check_price_frame
-from sensitivity.sources.base import check_date_range, select_date_range, trading_date_index
+from sensitivity.sources.base import check_date_range, trading_date_index
+from sensitivity.sources.quality import CheckedPrices, clean_price_frame
 from sensitivity.symbols import normalize_symbol
 
 __all__ = ["DEFAULT_SAMPLE_DIR", "SampleSource", "sample_price_frame"]
@@ -78,12 +79,17 @@ class SampleSource:
         except OSError as exc:
             raise SourceError(f"{sym}: cannot read sample file {path} ({exc})", symbol=sym) from exc
 
-    def fetch(self, symbol: str, start: dt.date, end: dt.date) -> pd.DataFrame:
-        """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive)."""
+    def fetch_checked(self, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
+        """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive) and the report of
+        the boundary checks (:func:`~sensitivity.sources.quality.clean_price_frame`)."""
         check_date_range(start, end)
         sym = normalize_symbol(symbol)
         frame = sample_price_frame(self.read_table(sym), sym)
-        return select_date_range(frame, sym, start, end, origin="the bundled sample")
+        return clean_price_frame(frame, sym, origin="the bundled sample", start=start, end=end)
+
+    def fetch(self, symbol: str, start: dt.date, end: dt.date) -> pd.DataFrame:
+        """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive)."""
+        return self.fetch_checked(symbol, start, end).frame
 
 
 # -- transform (pure) ---------------------------------------------------------------------------

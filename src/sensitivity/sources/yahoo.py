@@ -2,9 +2,17 @@
 
 *Extract* is one ``yf.Ticker(symbol, session=...).history(...)`` call with every switch explicit
 (``auto_adjust=False`` keeps both ``Close`` and ``Adj Close``; ``actions=True`` brings dividends
-and splits; no repair, no rounding, no pre/post market).  *Transform*
-(:func:`yahoo_price_frame`) is pure: exchange-timezone timestamps become naive trading dates,
-columns get the project's names and float64, rows outside ``[start, end]`` are dropped.
+and splits; ``repair`` only when ``source.repair`` asks for it; ``keepna=True`` so that empty
+bars reach the boundary checks instead of vanishing; no rounding, no pre/post market).  The
+session keeps the chart body Yahoo sent, so the answer is checked against the request: a body
+for another symbol is an error, and dates Yahoo sent twice (which yfinance silently
+de-duplicates) are recorded.  *Transform* (:func:`yahoo_prices`) is pure: exchange-timezone
+timestamps become naive trading dates, columns get the project's names and float64, and the
+rows pass the boundary checks of :mod:`sensitivity.sources.quality`, limited to ``[start, end]``.
+
+Every request first takes a token from the process-wide bucket of
+:mod:`sensitivity.sources.ratelimit` (``source.requests_per_second``) and has a timeout of at
+most ``source.timeout_s``.
 
 What yfinance 1.7 requests for one ``history()`` call (all hosts hard-coded in yfinance):
 
@@ -38,12 +46,12 @@ import json
 import logging
 import os
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import pandas as pd
@@ -68,7 +76,9 @@ from sensitivity.errors import (
     SourceError,
     SymbolNotFoundError,
 )
-from sensitivity.sources.base import check_date_range, select_date_range, trading_date_index
+from sensitivity.sources.base import check_date_range
+from sensitivity.sources.quality import CheckedPrices, QualityIssue, clean_price_frame
+from sensitivity.sources.ratelimit import request_bucket, set_request_rate
 from sensitivity.symbols import normalize_symbol
 
 try:  # yfinance prefers curl_cffi (browser TLS fingerprint); it is optional since yfinance 1.4.
@@ -79,15 +89,19 @@ except ImportError:  # pragma: no cover - curl_cffi is installed with yfinance b
 __all__ = [
     "BASE_URL_ENV",
     "HTTPExchange",
+    "YahooAnswer",
     "YahooCurlSession",
     "YahooRequestsSession",
     "YahooSource",
+    "chart_duplicate_dates",
+    "chart_symbol",
     "is_yahoo_host",
     "make_yahoo_session",
     "redirect_url",
     "set_yfinance_cache_dir",
     "yahoo_error",
     "yahoo_price_frame",
+    "yahoo_prices",
     "yfinance_cache_dir",
 ]
 
@@ -133,11 +147,15 @@ _REQUIRED = ("Open", "High", "Low", "Close", "Volume")
 
 @dataclass(frozen=True)
 class HTTPExchange:
-    """One request yfinance made and what came back (``status`` None: no response)."""
+    """One request yfinance made and what came back (``status`` None: no response).
+
+    ``body`` is kept for successful price requests (chart requests with ``period1``) only.
+    """
 
     method: str
     url: str
     status: int | None
+    body: bytes | None = field(default=None, compare=False, repr=False)
 
     @property
     def is_data(self) -> bool:
@@ -145,14 +163,44 @@ class HTTPExchange:
         path = urlsplit(self.url).path
         return any(p in path for p in _DATA_PATHS)
 
+    @property
+    def is_history(self) -> bool:
+        """Whether it asked for prices (a chart request with ``period1``), not a timezone probe."""
+        return _is_history_url(self.url)
+
 
 _local = threading.local()
 
 
-def _record(method: str, url: str, status: int | None) -> None:
+def _is_history_url(url: str) -> bool:
+    """Whether ``url`` asks the chart API for prices (``period1``), not a timezone probe."""
+    parts = urlsplit(url)
+    return "/v8/finance/chart/" in parts.path and "period1" in dict(parse_qsl(parts.query))
+
+
+def _record(method: str, url: str, status: int | None, body: bytes | None = None) -> None:
     trace: list[HTTPExchange] | None = getattr(_local, "trace", None)
     if trace is not None:
-        trace.append(HTTPExchange(method.upper(), url, status))
+        trace.append(HTTPExchange(method.upper(), url, status, body))
+
+
+def _with_params(url: str, params: Any) -> str:
+    """``url`` with ``params`` (a mapping or pairs, as given to a session) in its query."""
+    if not params:
+        return url
+    try:
+        query = urlencode(params, doseq=True)
+    except TypeError:  # not a mapping or pairs: leave the URL as it is
+        return url
+    return f"{url}{'&' if urlsplit(url).query else '?'}{query}"
+
+
+def _body_to_keep(url: str, status: int, response: Any) -> bytes | None:
+    """The body of a successful price request (for the checks of the answer), else None."""
+    if status != 200 or not _is_history_url(url):
+        return None
+    content = getattr(response, "content", None)
+    return bytes(content) if isinstance(content, bytes | bytearray) else None
 
 
 @contextmanager
@@ -197,10 +245,12 @@ def _cap_timeout(timeout: Any, cap: float) -> Any:
 
 
 class YahooRequestsSession(requests.Session):
-    """A plain ``requests`` session for yfinance: redirect, timeout cap, response record.
+    """A plain ``requests`` session for yfinance: redirect, rate limit, timeout cap, record.
 
     With ``base_url`` every ``*.yahoo.com`` request (redirects included) goes to ``base_url``
-    and any other host is refused.  Every request gets a timeout of at most ``timeout_s``.
+    and any other host is refused.  Every request takes a token from the process-wide bucket
+    (:func:`~sensitivity.sources.ratelimit.request_bucket`) and gets a timeout of at most
+    ``timeout_s``.
     """
 
     def __init__(self, *, base_url: str | None = None, timeout_s: float = 30.0) -> None:
@@ -235,34 +285,39 @@ class YahooRequestsSession(requests.Session):
                     "only Yahoo hosts are reachable, through it"
                 )
         kwargs["timeout"] = _cap_timeout(kwargs.get("timeout"), self.timeout_s)
+        request_bucket().acquire()
         try:
             response = super().send(request, **kwargs)
         except Exception:
             _record(method, original, None)
             raise
-        _record(method, original, response.status_code)
+        status = int(response.status_code)
+        _record(method, original, status, _body_to_keep(original, status, response))
         return response
 
 
 if curl_requests is not None:
 
     class YahooCurlSession(curl_requests.Session):  # type: ignore[type-arg]
-        """yfinance's default curl_cffi session (Chrome fingerprint) with a timeout cap and a
-        record of responses.  Used when no ``base_url`` is set."""
+        """yfinance's default curl_cffi session (Chrome fingerprint) with the rate limit, a
+        timeout cap and a record of responses.  Used when no ``base_url`` is set."""
 
         def __init__(self, *, timeout_s: float = 30.0) -> None:
             super().__init__(impersonate="chrome")
             self.timeout_s = timeout_s
 
         def request(self, method: Any, url: str, *args: Any, **kwargs: Any) -> Any:  # type: ignore[override]
-            """Send one request with a capped timeout; record the outcome."""
+            """Send one request (rate limited) with a capped timeout; record the outcome."""
             kwargs["timeout"] = _cap_timeout(kwargs.get("timeout"), self.timeout_s)
+            full = _with_params(url, kwargs.get("params"))
+            request_bucket().acquire()
             try:
                 response = super().request(method, url, *args, **kwargs)
             except Exception:
-                _record(str(method), url, None)
+                _record(str(method), full, None)
                 raise
-            _record(str(method), url, int(response.status_code))
+            status = int(response.status_code)
+            _record(str(method), full, status, _body_to_keep(full, status, response))
             return response
 
 else:  # pragma: no cover
@@ -319,16 +374,29 @@ def _prepare_yfinance() -> None:
 # -- the source ----------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class YahooAnswer:
+    """What one ``history()`` call brought back: yfinance's frame and the chart body Yahoo
+    sent for it (None when the session did not keep it, e.g. a session passed in)."""
+
+    frame: pd.DataFrame
+    chart: Mapping[str, Any] | None = None
+
+
 class YahooSource:
     """Daily prices from Yahoo Finance via ``yfinance.Ticker.history``.
 
-    ``timeout_s`` caps every HTTP request; ``base_url`` (default: the environment variable
-    ``SENSITIVITY_YAHOO_BASE_URL``, when no ``session`` is given) redirects every Yahoo host
-    to another server; ``cache_dir`` moves yfinance's on-disk caches (process-wide, see
-    :func:`set_yfinance_cache_dir`); ``session`` replaces the HTTP session built here (a
-    ``requests`` or ``curl_cffi`` session, as yfinance accepts).
+    ``timeout_s`` caps every HTTP request; ``requests_per_second`` sets the process-wide
+    request rate (:func:`~sensitivity.sources.ratelimit.set_request_rate`; None leaves it as
+    it is, 2 per second unless something set another); ``repair`` asks yfinance to repair
+    prices (``history(repair=True)``: 100x mix-ups, missing adjustments, zeros); ``base_url``
+    (default: the environment variable ``SENSITIVITY_YAHOO_BASE_URL``, when no ``session`` is
+    given) redirects every Yahoo host to another server; ``cache_dir`` moves yfinance's
+    on-disk caches (process-wide, see :func:`set_yfinance_cache_dir`); ``session`` replaces
+    the HTTP session built here (a ``requests`` or ``curl_cffi`` session, as yfinance accepts).
 
-    It pickles (for worker processes) without the session it built; the copy builds a new one.
+    It pickles (for worker processes) without the session it built; the copy builds a new one
+    and applies the request rate in its own process.
     """
 
     name = "yahoo"
@@ -337,12 +405,21 @@ class YahooSource:
         self,
         *,
         timeout_s: float = 30.0,
+        requests_per_second: float | None = None,
+        repair: bool = False,
         base_url: str | None = None,
         cache_dir: str | os.PathLike[str] | None = None,
         session: Any = None,
     ) -> None:
         if isinstance(timeout_s, bool) or not isinstance(timeout_s, int | float) or not timeout_s > 0:
             raise ConfigError(f"timeout_s must be a number of seconds > 0, got {timeout_s!r}")
+        if requests_per_second is not None:
+            try:
+                set_request_rate(requests_per_second)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        if not isinstance(repair, bool):
+            raise ConfigError(f"repair must be true or false, got {repair!r}")
         if session is not None and base_url is not None:
             raise ConfigError(
                 "pass either base_url or session to YahooSource, not both (build the session "
@@ -359,6 +436,8 @@ class YahooSource:
                     f"{what} must be an http(s) URL such as http://127.0.0.1:8000, got {base_url!r}"
                 )
         self.timeout_s = float(timeout_s)
+        self.requests_per_second = float(requests_per_second) if requests_per_second is not None else None
+        self.repair = repair
         self.base_url = base_url
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
         if self.cache_dir is not None:
@@ -378,19 +457,23 @@ class YahooSource:
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Rebuild the session, and apply ``cache_dir`` in this process too."""
+        """Rebuild the session; apply ``cache_dir`` and the request rate in this process too."""
         self.__dict__.update(state)
         if self.session is None:
             self.session = make_yahoo_session(base_url=self.base_url, timeout_s=self.timeout_s)
         if self.cache_dir is not None:
             set_yfinance_cache_dir(self.cache_dir)
+        if self.requests_per_second is not None:
+            set_request_rate(self.requests_per_second)
 
     def __repr__(self) -> str:
         where = f", base_url={self.base_url!r}" if self.base_url else ""
-        return f"YahooSource(timeout_s={self.timeout_s}{where})"
+        repair = ", repair=True" if self.repair else ""
+        return f"YahooSource(timeout_s={self.timeout_s}{repair}{where})"
 
-    def extract(self, symbol: str, start: dt.date, end: dt.date) -> pd.DataFrame:
-        """yfinance's ``history()`` frame for ``symbol``, ``start`` to ``end`` inclusive.
+    def extract(self, symbol: str, start: dt.date, end: dt.date) -> YahooAnswer:
+        """yfinance's ``history()`` frame for ``symbol``, ``start`` to ``end`` inclusive, and the
+        chart body it came from.
 
         The only network access.  yfinance's and the network's failures are raised as the
         project's errors (:func:`yahoo_error`).
@@ -406,22 +489,92 @@ class YahooSource:
                     auto_adjust=False,
                     back_adjust=False,
                     actions=True,
-                    repair=False,
+                    repair=self.repair,
                     prepost=False,
-                    keepna=False,
+                    keepna=True,  # empty bars reach the boundary checks, which record them
                     rounding=False,
                     timeout=self.timeout_s,
                 )
             except Exception as exc:
                 raise yahoo_error(exc, symbol, start, end, trace, timeout_s=self.timeout_s) from exc
-        return raw
+        return YahooAnswer(raw, _last_chart(trace, symbol))
+
+    def fetch_checked(self, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
+        """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive) and the report of
+        the boundary checks.
+
+        Raises :class:`~sensitivity.errors.SourceError` when Yahoo answered with prices of
+        another symbol (it does so for renamed tickers).
+        """
+        check_date_range(start, end)
+        sym = normalize_symbol(symbol)
+        answer = self.extract(sym, start, end)
+        answered = chart_symbol(answer.chart) if answer.chart is not None else None
+        if answered is not None and answered.upper() != sym:
+            raise SourceError(
+                f"{sym}: Yahoo answered with prices for {answered}, not {sym} (the symbol may have "
+                f"been renamed: check it, and use {answered} if that is the same security)",
+                symbol=sym,
+            )
+        return yahoo_prices(answer.frame, sym, start, end, chart=answer.chart)
 
     def fetch(self, symbol: str, start: dt.date, end: dt.date) -> pd.DataFrame:
         """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive)."""
-        check_date_range(start, end)
-        sym = normalize_symbol(symbol)
-        raw = self.extract(sym, start, end)
-        return yahoo_price_frame(raw, sym, start, end)
+        return self.fetch_checked(symbol, start, end).frame
+
+
+def _last_chart(trace: Sequence[HTTPExchange], symbol: str) -> Mapping[str, Any] | None:
+    """The parsed body of the last successful price request of the fetch, if it was kept."""
+    for exchange in reversed(trace):
+        if exchange.body is not None and exchange.is_history:
+            try:
+                body = json.loads(exchange.body)
+            except ValueError:  # yfinance parsed it, so this does not happen; stay defensive
+                log.debug("%s: the kept chart body is not JSON", symbol)
+                return None
+            return body if isinstance(body, Mapping) else None
+    return None
+
+
+def _chart_result(chart: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    try:
+        result = chart["chart"]["result"][0]
+    except (KeyError, IndexError, TypeError):
+        return None
+    return result if isinstance(result, Mapping) else None
+
+
+def chart_symbol(chart: Mapping[str, Any]) -> str | None:
+    """``meta.symbol`` of a chart body: the symbol Yahoo says the prices belong to."""
+    result = _chart_result(chart)
+    meta = result.get("meta") if result is not None else None
+    symbol = meta.get("symbol") if isinstance(meta, Mapping) else None
+    return symbol if isinstance(symbol, str) and symbol else None
+
+
+def chart_duplicate_dates(chart: Mapping[str, Any]) -> list[QualityIssue]:
+    """Trading dates a chart body has more than one bar for (yfinance keeps one of them).
+
+    Dates are those of the exchange's timezone (``meta.exchangeTimezoneName``).  Pure.
+    """
+    result = _chart_result(chart)
+    if result is None:
+        return []
+    stamps = result.get("timestamp")
+    meta = result.get("meta")
+    tz = meta.get("exchangeTimezoneName") if isinstance(meta, Mapping) else None
+    if not isinstance(stamps, list) or len(stamps) < 2:
+        return []
+    try:
+        utc = pd.to_datetime(pd.Series(stamps, dtype="int64"), unit="s", utc=True)
+        local = utc.dt.tz_convert(tz) if isinstance(tz, str) and tz else utc
+    except (TypeError, ValueError, OverflowError, KeyError):
+        return []
+    counts = local.dt.strftime("%Y-%m-%d").value_counts()
+    return [
+        QualityIssue(str(day), f"duplicate date: Yahoo sent {int(n)} bars for this date; yfinance kept one")
+        for day, n in sorted(counts[counts > 1].items())
+    ]
 
 
 # -- errors ---------------------------------------------------------------------------------
@@ -549,22 +702,27 @@ def yahoo_error(
 # -- transform (pure) -------------------------------------------------------------------------
 
 
-def yahoo_price_frame(
+def yahoo_prices(
     raw: pd.DataFrame,
     symbol: str,
     start: dt.date,
     end: dt.date,
     *,
     exchange_tz: str | None = None,
-) -> pd.DataFrame:
-    """yfinance's ``history(auto_adjust=False, actions=True)`` frame as a checked price frame.
+    chart: Mapping[str, Any] | None = None,
+) -> CheckedPrices:
+    """yfinance's ``history(auto_adjust=False, actions=True)`` frame as a checked price frame
+    with its quality report.
 
     The index (timestamps in the exchange's timezone) becomes naive trading dates with
-    ``tz_convert(exchange_tz).normalize().tz_localize(None)``; ``exchange_tz`` defaults to the
+    ``tz_convert(exchange_tz)`` and the wall-clock date; ``exchange_tz`` defaults to the
     index's own zone (yfinance localises to ``meta.exchangeTimezoneName``).  Columns are
     renamed (``Adj Close`` -> ``adj_close``, ``Stock Splits`` -> ``splits``, ...) and cast to
-    float64; other columns (``Capital Gains``) are dropped.  Rows outside ``[start, end]`` are
-    dropped; a date that appears twice is a :class:`DataValidationError`.  Pure.
+    float64; other columns (``Capital Gains``) are dropped.  The rows then pass the boundary
+    checks (:func:`~sensitivity.sources.quality.clean_price_frame`): duplicated dates, missing
+    and non-positive prices, high < low, 100x jumps, limited to ``[start, end]``.  Dates the
+    chart body ``chart`` held twice and rows yfinance repaired (its ``Repaired?`` column) are
+    reported too.  Pure.
     """
     if raw.empty:
         raise EmptyDataError(
@@ -583,23 +741,37 @@ def yahoo_price_frame(
         raise DataValidationError(
             f"{symbol}: Yahoo's answer has a {type(index).__name__}, not dates; report it"
         )
-    tz = exchange_tz if exchange_tz is not None else index.tz
-    if index.tz is not None:
-        index = index.tz_convert(tz).normalize().tz_localize(None)
-    dates = trading_date_index(index)
+    if index.tz is not None and exchange_tz is not None:
+        index = index.tz_convert(exchange_tz)
     data = {
         new: raw[old].to_numpy(dtype=np.float64, na_value=np.nan)
         if old in raw.columns
         else np.full(len(raw), np.nan)
         for old, new in _COLUMNS.items()
     }
-    frame = pd.DataFrame(data, index=dates)
-    if not frame.index.is_monotonic_increasing:
-        frame = frame.sort_index(kind="stable")
-    if frame.index.has_duplicates:
-        day = frame.index[frame.index.duplicated()][0].date()
-        raise DataValidationError(
-            f"{symbol}: Yahoo returned the date {day} twice; retry later (if it persists, fetch "
-            "another range or use the files source)"
-        )
-    return select_date_range(frame, symbol, start, end, origin="Yahoo")
+    frame = pd.DataFrame(data, index=index)
+    repaired: list[QualityIssue] = []
+    if "Repaired?" in raw.columns:
+        flags = raw["Repaired?"].fillna(False).astype(bool).to_numpy()
+        days = index[flags]
+        if days.tz is not None:
+            days = days.tz_localize(None)
+        repaired = [
+            QualityIssue(d.date().isoformat(), "repaired by yfinance (source.repair = true)") for d in days
+        ]
+    duplicates = chart_duplicate_dates(chart) if chart is not None else []
+    return clean_price_frame(
+        frame, symbol, origin="Yahoo", start=start, end=end, dropped=duplicates, repaired=repaired
+    )
+
+
+def yahoo_price_frame(
+    raw: pd.DataFrame,
+    symbol: str,
+    start: dt.date,
+    end: dt.date,
+    *,
+    exchange_tz: str | None = None,
+) -> pd.DataFrame:
+    """The checked price frame of :func:`yahoo_prices` (without the quality report).  Pure."""
+    return yahoo_prices(raw, symbol, start, end, exchange_tz=exchange_tz).frame

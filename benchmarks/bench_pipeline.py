@@ -1,0 +1,264 @@
+"""Time the whole pipeline end to end: a full backfill, then the next day's incremental run.
+
+    python benchmarks/bench_pipeline.py [--symbols 500 --years 20 --format csv|parquet]
+                                        [--workdir DIR] [--keep] [--runs-only]
+
+It writes a ``files`` source of ``--symbols`` synthetic stocks plus an index (``^SYN``), about
+252 trading days a year, in Yahoo's column layout (``Date,Open,High,Low,Close,Adj Close,Volume``),
+with a few late listings, delistings and missing days.  Then it runs the real command line,
+``sensitivity run --config <cfg> --end <day>``, in a subprocess -- Python and Prefect start-up,
+the embedded Prefect server, every fetch task, the fit, the Parquet writes and the HTML report
+included -- twice:
+
+1. the **full backfill** into an empty data folder;
+2. after appending one trading day to every file, the **next day's run** (``--end`` one day
+   later) on the same data folder: what the daily deployment does.
+
+For each run it prints the wall time, the peak resident memory of the largest process of the
+run (``ru_maxrss`` of the waited-for process tree) and the rows written.  ``PREFECT_HOME`` points
+into the work folder, so the first run also pays for creating Prefect's database, as a fresh
+installation does; the second finds it.  Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+INDEX = "^SYN"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """One ``sensitivity run``: wall seconds, peak RSS (bytes) and its exit status."""
+
+    seconds: float
+    peak_rss: int
+    returncode: int
+    output: str
+
+
+def synthetic_prices(symbols: int, days: int, seed: int = 7) -> tuple[pd.DatetimeIndex, np.ndarray]:
+    """Business-day dates and ``[days, symbols + 1]`` closes (column 0: the index); NaN = no row.
+
+    A market model with fat-tailed index returns; every 25th stock lists late and every 40th
+    delists; about 0.3% of the other days are missing.
+    """
+    rng = np.random.default_rng(seed)
+    dates = pd.bdate_range(end=pd.Timestamp("2024-12-31"), periods=days)
+    market = rng.standard_t(4, days) * 0.008 + 0.0003
+    beta = rng.uniform(0.4, 1.8, symbols)
+    gamma = rng.normal(0.0, 3.0, symbols)
+    noise = rng.normal(0.0, 0.015, (days, symbols))
+    stock = 0.0002 + beta * market[:, None] + gamma * market[:, None] ** 2 + noise
+    returns = np.column_stack([market, stock])
+    prices = 100.0 * np.cumprod(1.0 + returns, axis=0)
+    present = rng.random(prices.shape) > 0.003
+    present[:, 0] = True
+    for j in range(1, symbols + 1):
+        if j % 25 == 0:
+            present[: int(rng.integers(days // 4, 3 * days // 4)), j] = False
+        if j % 40 == 0:
+            present[int(rng.integers(days // 2, days - 300)) :, j] = False
+    prices[~present] = np.nan
+    return dates, prices
+
+
+def symbol_names(symbols: int) -> list[str]:
+    return [f"S{i:04d}" for i in range(1, symbols + 1)]
+
+
+def yahoo_frame(dates: pd.DatetimeIndex, close: np.ndarray, rng: np.random.Generator) -> pd.DataFrame:
+    """Yahoo's columns for the rows where ``close`` exists (Adj Close = Close: no actions)."""
+    ok = np.isfinite(close)
+    c = close[ok]
+    spread = 1.0 + np.abs(rng.normal(0.0, 0.004, c.size))
+    return pd.DataFrame(
+        {
+            "Date": dates[ok].strftime("%Y-%m-%d"),
+            "Open": c / spread,
+            "High": c * spread,
+            "Low": c / spread**2,
+            "Close": c,
+            "Adj Close": c,
+            "Volume": rng.integers(10_000, 5_000_000, c.size).astype(np.float64),
+        }
+    )
+
+
+def write_source(
+    folder: Path, names: list[str], dates: pd.DatetimeIndex, prices: np.ndarray, fmt: str
+) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(1)
+    for j, name in enumerate([INDEX, *names]):
+        frame = yahoo_frame(dates, prices[:, j], rng)
+        if fmt == "csv":
+            frame.to_csv(folder / f"{name}.csv", index=False)
+        else:
+            frame.to_parquet(folder / f"{name}.parquet", index=False)
+
+
+def append_day(folder: Path, names: list[str], day: pd.Timestamp, fmt: str) -> None:
+    """Add one trading day ``day`` to every symbol that still trades (the next day's prices)."""
+    rng = np.random.default_rng(2)
+    for name in [INDEX, *names]:
+        path = folder / f"{name}.{fmt}"
+        if fmt == "csv":
+            last = path.read_text().rstrip("\n").rsplit("\n", 1)[-1].split(",")
+        else:
+            last = [str(v) for v in pd.read_parquet(path).iloc[-1].tolist()]
+        if last[0] != day.strftime("%Y-%m-%d") and pd.Timestamp(last[0]) < day - pd.Timedelta(days=7):
+            continue  # delisted: no new row
+        close = float(last[4]) * (1.0 + rng.normal(0.0003, 0.01))
+        row = yahoo_frame(pd.DatetimeIndex([day]), np.array([close]), rng)
+        if fmt == "csv":
+            with path.open("a") as fh:
+                row.to_csv(fh, index=False, header=False)
+        else:
+            pd.concat([pd.read_parquet(path), row], ignore_index=True).to_parquet(path, index=False)
+
+
+def write_config(path: Path, names: list[str], source: Path, data_dir: Path, start: dt.date) -> None:
+    tickers = ", ".join(f'"{n}"' for n in names)
+    path.write_text(
+        f"""[universe]
+index = "{INDEX}"
+tickers = [{tickers}]
+start = {start.isoformat()}
+
+[source]
+kind = "files"
+path = "{source}"
+
+[model]
+window = 252
+min_obs = 126
+
+[output]
+data_dir = "{data_dir}"
+""",
+        encoding="utf-8",
+    )
+
+
+def run_cli(args: list[str], env: dict[str, str], log: Path) -> RunResult:
+    """Run ``sensitivity <args>`` in a subprocess: wall time and the peak RSS of its process tree.
+
+    The peak comes from ``wait4``: the largest ``ru_maxrss`` of the process and of the
+    descendants it waited for.
+    """
+    exe = Path(sys.executable).parent / "sensitivity"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from sensitivity.cli import main; main()"]
+    with log.open("w") as fh:
+        start = time.perf_counter()
+        proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - start
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return RunResult(seconds, usage.ru_maxrss * 1024, proc.returncode, log.read_text())
+
+
+def rows_written(data_dir: Path) -> tuple[int, int]:
+    """(sensitivity rows, sensitivity files) under ``data_dir``."""
+    import pyarrow.dataset as ds
+
+    folder = data_dir / "reports" / "sensitivity"
+    files = sorted(folder.glob("*.parquet"))
+    return ds.dataset(files, format="parquet").count_rows(), len(files)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--symbols", type=int, default=500)
+    parser.add_argument("--years", type=int, default=20)
+    parser.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    args = parser.parse_args()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
+    work.mkdir(parents=True, exist_ok=True)
+    names = symbol_names(args.symbols)
+    days = 252 * args.years
+    source, data_dir, cfg = work / "source", work / "data", work / "config.toml"
+    for path in (source, data_dir):
+        shutil.rmtree(path, ignore_errors=True)
+    dates, prices = synthetic_prices(args.symbols, days + 1)
+    # The last business day is held back: the incremental run appends it.
+    write_source(source, names, dates[:-1], prices[:-1], args.format)
+    write_config(cfg, names, source, data_dir, dates[0].date())
+    env = dict(os.environ)
+    env["PREFECT_HOME"] = str(work / "prefect-home")
+    env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+    print(f"# {args.symbols} symbols + index x {days} trading days ({args.years} years), {args.format} files")
+    print(f"# {platform.python_version()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
+    print(f"# work folder: {work}")
+
+    first = run_cli(
+        ["run", "--config", str(cfg), "--end", dates[-2].strftime("%Y-%m-%d")], env, work / "backfill.log"
+    )
+    if first.returncode != 0:
+        print(first.output[-4000:])
+        raise SystemExit(f"the backfill failed with exit status {first.returncode}")
+    rows_full, files_full = rows_written(data_dir)
+
+    append_day(source, names, dates[-1], args.format)
+    second = run_cli(
+        ["run", "--config", str(cfg), "--end", dates[-1].strftime("%Y-%m-%d")], env, work / "incremental.log"
+    )
+    if second.returncode != 0:
+        print(second.output[-4000:])
+        raise SystemExit(f"the incremental run failed with exit status {second.returncode}")
+    rows_inc, files_inc = rows_written(data_dir)
+
+    print(f"\n| {'run':<34} | {'wall s':>8} | {'peak RSS MB':>11} | {'rows in sensitivity/':>20} |")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 13}|{'-' * 22}|")
+    for label, res, rows in (
+        ("full backfill", first, rows_full),
+        ("next day (incremental)", second, rows_inc),
+    ):
+        print(f"| {label:<34} | {res.seconds:8.1f} | {res.peak_rss / 2**20:11.0f} | {rows:>20,} |")
+    print("\npeak RSS: the largest process of each run (wait4's ru_maxrss of the run's process tree).")
+    print(f"files in sensitivity/: {files_full} after the backfill, {files_inc} after the next day")
+    print(f"load average now: {os.getloadavg()[0]:.2f}")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "symbols": args.symbols,
+                    "days": days,
+                    "format": args.format,
+                    "backfill_s": first.seconds,
+                    "incremental_s": second.seconds,
+                    "peak_rss_bytes": second.peak_rss,
+                    "backfill_peak_rss_bytes": first.peak_rss,
+                    "rows": rows_inc,
+                },
+                indent=2,
+            )
+        )
+    if not args.keep and args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,127 @@
+"""``pipeline.fit_universe`` with the issue-5 model options: excess returns, robust errors,
+Huber fits and the scenario table, on a files source (no Prefect)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sensitivity.config import Config, load_config
+from sensitivity.errors import ModelFitError
+from sensitivity.pipeline import fetch_symbol, fit_universe
+from sensitivity.scenarios import scenario_table
+from sensitivity.store import ReportStore
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "sample"
+START, END = dt.date(2017, 1, 3), dt.date(2018, 6, 29)
+
+
+def write_csv(frame: pd.DataFrame, path: Path) -> None:
+    pd.DataFrame(
+        {
+            "Date": pd.to_datetime(frame["date"]).dt.strftime("%Y-%m-%d"),
+            "Open": frame["open"],
+            "High": frame["high"],
+            "Low": frame["low"],
+            "Close": frame["close"],
+            "Adj Close": frame["adj_close"],
+            "Volume": frame["volume"].astype("int64"),
+        }
+    ).to_csv(path, index=False, float_format="%.17g")
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """^GSPC, KO and JPM from the sample, and a synthetic 13-week T-bill rate ^IRX in percent."""
+    folder = tmp_path_factory.mktemp("csv")
+    for sym in ("^GSPC", "KO", "JPM"):
+        write_csv(pd.read_parquet(SAMPLE / f"{sym}.parquet"), folder / f"{sym}.csv")
+    index = pd.read_parquet(SAMPLE / "^GSPC.parquet")
+    rate = index.copy()
+    level = np.linspace(0.5, 2.0, len(rate))  # percent per year
+    for c in ("open", "high", "low", "close", "adj_close"):
+        rate[c] = level
+    rate["volume"] = 0.0
+    rate = rate[rate["date"] != dt.date(2018, 3, 15)]  # one day without a quote
+    write_csv(rate, folder / "^IRX.csv")
+    return folder
+
+
+def config(source: Path, data: Path, **model: object) -> Config:
+    cfg = load_config(
+        None,
+        {
+            "tickers": ["KO", "JPM"],
+            "start": START,
+            "end": END,
+            "source": "files",
+            "source_path": source,
+            "data_dir": data,
+            "window": 126,
+            "min_obs": 60,
+        },
+    )
+    raw = cfg.to_dict()
+    raw["model"].update(model)
+    return Config.model_validate(raw)
+
+
+def run(cfg: Config) -> None:
+    for symbol in cfg.fetch_symbols:
+        fetch_symbol(cfg, symbol)
+    fit_universe(cfg, list(cfg.universe.tickers))
+
+
+def test_fit_universe_on_excess_returns_with_a_rate_symbol(source: Path, tmp_path: Path) -> None:
+    cfg = config(source, tmp_path, risk_free_symbol="^IRX", se="hac", fit="huber", scenarios=[-0.1, 0.03])
+    assert cfg.fetch_symbols[-1] == "^IRX"
+    run(cfg)
+    rs = ReportStore(tmp_path)
+    table = rs.read_sensitivity()
+    assert (table["se_type"] == "hac").all()
+    assert not (table["date"] == dt.date(2018, 3, 15)).any()  # no rate: the day is dropped
+    rate = pd.read_csv(source / "^IRX.csv", index_col="Date")["Close"]
+    ko = table[table["ticker"] == "KO"].set_index("date")
+    day = dt.date(2018, 1, 3)
+    expected = (1.0 + rate[day.isoformat()] / 100.0) ** (1.0 / 252.0) - 1.0
+    assert ko.loc[day, "risk_free_return"] == pytest.approx(expected, rel=1e-11)
+    fitted = ko["beta"].notna()
+    assert ko.loc[fitted, "huber_beta"].notna().all()  # fit = "huber": every window
+    summary = rs.read_summary()
+    assert summary["fit"].tolist() == ["huber", "huber"]
+    scenarios = rs.read_scenarios(as_of=END)
+    assert len(scenarios) == 4
+    assert (scenarios["fit"] == "huber").all()
+    expected_table = scenario_table(summary, (-0.1, 0.03), fit="huber")
+    np.testing.assert_allclose(scenarios["predicted_return"], expected_table["predicted_return"], rtol=1e-15)
+    np.testing.assert_allclose(scenarios["price_move"], expected_table["price_move"], rtol=1e-15)
+    assert pd.read_parquet(tmp_path / "reports" / "scenarios").shape == (4, 19)
+
+
+def test_fit_universe_with_a_constant_rate_and_defaults(source: Path, tmp_path: Path) -> None:
+    cfg = config(source, tmp_path, risk_free=0.03)
+    run(cfg)
+    table = ReportStore(tmp_path).read_sensitivity()
+    one_day = 1.03 ** (1 / 252) - 1
+    single = table["risk_free_return"] < 1.5 * one_day
+    np.testing.assert_allclose(table.loc[single, "risk_free_return"], one_day, rtol=1e-11)
+    assert (table["se_type"] == "classical").all()
+    latest = table.groupby("ticker").tail(1)
+    assert latest["huber_beta"].notna().all()  # fit = "ols": the latest window only
+    assert table.groupby("ticker")["huber_beta"].count().tolist() == [1, 1]
+    scenarios = ReportStore(tmp_path).read_scenarios()
+    assert len(scenarios) == 2 * 8
+    assert (scenarios["fit"] == "ols").all()
+
+
+def test_fit_universe_without_the_rate_symbols_prices_names_it(source: Path, tmp_path: Path) -> None:
+    cfg = config(source, tmp_path, risk_free_symbol="^IRX")
+    for symbol in cfg.universe.symbols:  # the rate is never fetched
+        fetch_symbol(cfg, symbol)
+    with pytest.raises(ModelFitError, match=r"\^IRX: the risk-free rate has no stored prices"):
+        fit_universe(cfg, ["KO", "JPM"])
