@@ -149,6 +149,7 @@ def _print_result(result: dict[str, Any]) -> None:
     for label, key in (
         ("per-day table", "sensitivity"),
         ("summary", "summary"),
+        ("scenarios", "scenarios"),
         ("report", "report"),
         ("manifest", "manifest"),
     ):

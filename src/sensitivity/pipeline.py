@@ -561,8 +561,9 @@ def write_run_report(
         & (summary["window"] == config.model.window)
         & (summary["ticker"].isin(list(fit.rows_by_ticker)))
     ]
+    scenarios = reports.read_scenarios(as_of=dt.date.fromisoformat(fit.as_of))
     manifest = build_manifest(config, fit, fetches, failures, started_at=started_at, run_id=run_id)
-    html = render_report(table, summary, manifest)
+    html = render_report(table, summary, manifest, scenarios=scenarios)
     with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
         html_path, manifest_path = reports.write_report(dt.date.fromisoformat(fit.as_of), html, manifest)
     progress.emit(progress.ProgressEvent("report", detail=str(html_path)))
@@ -571,6 +572,7 @@ def write_run_report(
         "manifest": str(manifest_path),
         "sensitivity": str(Path(data_dir) / "reports" / "sensitivity"),
         "summary": str(Path(data_dir) / "reports" / "summary"),
+        "scenarios": str(Path(data_dir) / "reports" / "scenarios"),
     }
 
 
