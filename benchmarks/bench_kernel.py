@@ -109,16 +109,38 @@ def synthetic_returns(tickers: int, days: int, seed: int = 2024) -> tuple[pd.Dat
 # --------------------------------------------------------------------------------------------
 
 
+#: Process CPU seconds (all threads) of each run of the last :func:`timed` call.
+LAST_CPU: list[float] = []
+
+
 def timed(fn: Callable[[], Any], repeat: int, warmup: bool = True) -> tuple[float, float, Any]:
-    """(best, median) wall seconds over ``repeat`` runs (after one warm-up run), and the last result."""
+    """(best, median) wall seconds over ``repeat`` runs (after one warm-up run), and the last result.
+
+    The process CPU time of each run goes to :data:`LAST_CPU`: unlike wall time it hardly
+    grows when other jobs share the cores, so it shows what the load did to the wall time.
+    """
     result = fn() if warmup else None
     times = []
+    LAST_CPU.clear()
     for _ in range(repeat):
         result = None  # let the previous result go before the next run
+        cpu = time.process_time()
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
+        LAST_CPU.append(time.process_time() - cpu)
     return min(times), statistics.median(times), result
+
+
+def fit_only(x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int) -> Any:
+    """:func:`quadratic_fit` alone over the same ticker groups as :func:`kernel`."""
+    t_rows, n_cols = y.shape
+    group = max(1, GROUP_CELLS // max(t_rows, 1))
+    fit = None
+    for g0 in range(0, n_cols, group):
+        fit = None
+        fit = quadratic_fit(x[:, g0 : g0 + group], y[:, g0 : g0 + group], window=window, min_obs=min_obs)
+    return fit
 
 
 def kernel(x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int) -> tuple[Any, Any]:
@@ -231,11 +253,16 @@ def measure(tickers: int, days: int, args: argparse.Namespace) -> dict[str, Any]
     out["cumsum_fresh_best"] = fresh_best
     best, median, (fit, _) = timed(lambda: kernel(x, y, w, m), args.repeat)
     out["kernel_best"], out["kernel_median"] = best, median
+    out["kernel_cpu"] = min(LAST_CPU)
     out["rss_kernel_mb"] = peak_rss_mb()
     del fit
+    out["fit_best"], out["fit_median"], _ = timed(lambda: fit_only(x, y, w, m), args.repeat)
 
     # statsmodels RollingOLS and the lstsq loop on samples of tickers, extrapolated.
     sample = np.unique(np.linspace(0, tickers - 1, min(args.sample, tickers)).astype(int))
+    warm = np.random.default_rng(0).normal(0.0, 0.01, (2, 2 * w))  # warm-up: imports, first calls
+    rolling_ols(warm[0], warm[1], w, m)
+    lstsq_windows(warm[0, : w + 5], warm[1, : w + 5], w, m)
     start = time.perf_counter()
     ref = {int(i): rolling_ols(market, stocks[:, i], w, m)[0] for i in sample}
     out["rolling_ols_per_ticker"] = (time.perf_counter() - start) / len(sample)
@@ -300,8 +327,8 @@ def print_tables(results: list[dict[str, Any]]) -> None:
 
     print("\nTimes, seconds (best / median of the repeats; the references are extrapolated from samples):\n")
     head = (
-        f"| {'N x T':>12} | {'kernel':>15} | {'floor':>7} | {'cumsum y':>8} | "
-        f"{'RollingOLS':>10} | {'lstsq loop':>10} | {'API end to end':>15} |"
+        f"| {'N x T':>12} | {'kernel':>15} | {'kernel CPU':>10} | {'fit alone':>9} | {'floor':>7} | "
+        f"{'cumsum y':>8} | {'RollingOLS':>10} | {'lstsq loop':>10} | {'API end to end':>15} |"
     )
     print(head)
     print("|" + "|".join("-" * (len(c)) for c in head.split("|")[1:-1]) + "|")
@@ -309,10 +336,14 @@ def print_tables(results: list[dict[str, Any]]) -> None:
         api = f"{r['api_best']:.2f} / {r['api_median']:.2f}" if "api_best" in r else "-"
         print(
             f"| {size(r):>12} | {r['kernel_best']:6.3f} / {r['kernel_median']:6.3f} | "
-            f"{r['floor_best']:7.4f} | "
+            f"{r['kernel_cpu']:10.3f} | {r['fit_best']:9.3f} | {r['floor_best']:7.4f} | "
             f"{r['cumsum_best']:8.4f} | {r['rolling_ols_per_ticker'] * r['tickers']:10.1f} | "
             f"{r['lstsq_per_ticker'] * r['tickers']:10.1f} | {api:>15} |"
         )
+    print(
+        "\nkernel = quadratic_fit + daily_sensitivity; kernel CPU = process CPU seconds of its best run "
+        "(all threads); floor = one pass writing the cumulative sums of the nine moment arrays."
+    )
     print("\nRatios (best times) and peak memory:\n")
     head = (
         f"| {'N x T':>12} | {'RollingOLS / kernel':>19} | {'lstsq / kernel':>14} | {'kernel / floor':>14} | "

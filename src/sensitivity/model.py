@@ -18,12 +18,13 @@ Validity
     is NaN -- never garbage and never an exception.  ``n_obs`` is always reported.
 
 Algorithm (O(N*T) work, no Python loop over tickers or windows)
-    1. Each column is scaled by a power of two close to the standard deviation of its ``x`` and
-       of its ``y`` (exact; it only keeps fourth powers away from overflow and underflow).
+    1. Each column is centred on the mean of its valid ``x`` and of its valid ``y`` and scaled
+       by a power of two close to their standard deviations (the scaling is exact; it only
+       keeps fourth powers away from overflow and underflow).  Centring removes any constant
+       level -- returns plus an offset -- before powers are taken, so the sums below hardly
+       cancel; for returns every window's own mean is close to the column's.
     2. The rows are cut into blocks of ``W`` rows; a window ending in block ``k`` lies inside
-       blocks ``k-1`` and ``k``.  For the windows ending in block ``k`` the data are shifted by
-       the mean ``x`` and mean ``y`` of that pair of blocks, a point close to every such window's
-       own mean, so the sums below hardly cancel whatever the level of the series.
+       blocks ``k-1`` and ``k``.
     3. The windowed sums of ``1, x, x^2, x^3, x^4, y, xy, x^2 y, y^2`` come from cumulative sums
        that restart at every block: window sum = prefix of block ``k`` through row ``t`` + the
        part of block ``k-1`` after row ``t-W`` (its total minus its prefix).  No sum runs over
@@ -34,18 +35,25 @@ Algorithm (O(N*T) work, no Python loop over tickers or windows)
        Gram-Schmidt step).  RSS, R^2, the linear slope and the covariance ``s^2 (X'X)^-1`` come
        from the same centred moments; a closed-form linear map takes coefficients and
        covariance back to the raw ``(1, x, x^2)`` parametrisation.
-    All of it is elementwise tensor arithmetic over ``[tickers, rows]`` planes; columns are
-    processed in chunks sized for the CPU cache (for the whole memory budget on CUDA).
+    All of it is elementwise tensor arithmetic over ``[tickers, rows]`` planes.  On the CPU,
+    columns go in chunks of at most 2^15 cells, each written into a workspace reused from
+    chunk to chunk (fresh buffers cost more in page faults than the arithmetic), and the
+    chunks run side by side on ``torch.get_num_threads()`` threads (each operation on one
+    thread: no per-operation fork-join, which stalls when the cores are shared).  On CUDA the
+    chunks are large (about 1 GiB of workspace) and run one after the other.
 
 Accuracy
-    Measured on return-like data with gaps: coefficients agree with an exact (50-digit)
-    least-squares solution to about 2e-12 relative, and with a per-window statsmodels OLS
-    refit to about 5e-12 of ``max(|value|, its standard error)``; standard errors, covariance,
-    RSS and R^2 to 1e-12 or better (tests require 1e-8).  When the raw design ``[1, x, x^2]``
-    is ill-conditioned (``x`` far from 0) statsmodels is the less accurate of the two.  As for
-    every moment-based rolling method, the relative error of RSS (hence of ``s^2`` and the
-    standard errors) grows like ``1/(1 - R^2)``: measured about ``4e-15 / (1 - R^2)``, so
-    4e-9 at ``R^2 = 1 - 1e-6``.
+    Measured on return-like data with gaps: coefficients agree with an exact (60-digit)
+    least-squares solution to about 1e-14 of ``max(|value|, its standard error)``, and with a
+    per-window statsmodels OLS refit to about 1e-12 (its own rounding); standard errors,
+    covariance, RSS and R^2 to 1e-12 or better (tests require 1e-9: ``tests/test_exactness.py``
+    and ``tests/test_scale.py`` cover 30-year series, offsets of up to 100, nearly collinear
+    windows, float32 inputs and a 3,000-ticker universe).  When the raw design ``[1, x, x^2]``
+    is ill-conditioned (``x`` far from 0) statsmodels is the less accurate of the two.  Near
+    collinearity costs digits like ``1.3e-15 / rcond``; :data:`RCOND_MIN` reports windows below
+    1e-5 as singular, so what is reported keeps 1e-9.  As for every moment-based rolling method,
+    the relative error of RSS (hence of ``s^2`` and the standard errors) grows like
+    ``1/(1 - R^2)``: measured about ``4e-15 / (1 - R^2)``, so 4e-9 at ``R^2 = 1 - 1e-6``.
 """
 
 from __future__ import annotations
