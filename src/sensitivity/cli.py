@@ -205,6 +205,9 @@ def run(
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "INFO")
     os.environ.setdefault("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "INFO" if verbose else "CRITICAL")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")  # no phoning home
+    # The temporary local server can take longer than Prefect's 20 s default to start on a
+    # small or busy machine; waiting a little longer beats failing the run.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     params: dict[str, Any] = {
         "config": str(config),
         "tickers": list(cfg.universe.tickers) if tickers else None,
