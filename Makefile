@@ -6,6 +6,7 @@
 #   make bench   the kernel against statsmodels RollingOLS, a numpy lstsq loop and the memory floor
 #                (quick grid, a few minutes); make bench-full: the whole grid; make bench-pipeline:
 #                the flow end to end (500 symbols x 20 years, backfill then the next day)
+#   make audit   pip-audit: known vulnerabilities of everything installed in .venv (needs pypi.org)
 #
 # torch is installed first, pinned to the CPU build (TORCH_SPEC), so that resolving the
 # project's own `torch>=2.4,<3` range never pulls a multi-GB CUDA build.  Elsewhere,
@@ -19,7 +20,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 CONFIG ?= config/sample.toml
 
-.PHONY: run test lint bench bench-full bench-pipeline clean venv install install-dev
+.PHONY: run test lint bench bench-full bench-pipeline audit clean venv install install-dev
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +36,10 @@ $(VENV)/.installed: pyproject.toml $(VENV)/.torch
 
 $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 	$(PIP) install --quiet -e ".[dev]"
+	touch $@
+
+$(VENV)/.installed-audit: pyproject.toml $(VENV)/.installed
+	$(PIP) install --quiet -e ".[audit]"
 	touch $@
 
 venv install: $(VENV)/.installed
@@ -59,6 +64,10 @@ bench-full: $(VENV)/.installed-dev
 
 bench-pipeline: $(VENV)/.installed
 	$(PY) benchmarks/bench_pipeline.py
+
+# The project itself is not on PyPI (--skip-editable); the README notes the last result.
+audit: $(VENV)/.installed-audit
+	$(VENV)/bin/pip-audit --skip-editable --progress-spinner off
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache data/prices data/reports data/.lock

@@ -27,7 +27,7 @@ from yahoo_stub import Fault, YahooStub, answer_as
 
 sys.path.insert(0, str(Path(__file__).resolve().parent / "reliability"))
 
-import battery  # noqa: E402
+import battery
 
 pytestmark = [
     pytest.mark.usefixtures("prefect_harness"),
@@ -36,7 +36,7 @@ pytestmark = [
     ),
 ]
 
-RUNS = 2
+RUNS = 20
 FAULT_RATE = 0.2
 SEED = 20_251_125
 SYMBOLS = ("^GSPC", "KO", "MSFT", "XOM")
@@ -86,8 +86,9 @@ def soak_config(path: Path) -> Path:
 def quick(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The battery's settings: one-line HTML instead of the charts, Prefect's console quiet, no
     flow-run heartbeats (all undone afterwards)."""
-    import sensitivity.report
     from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    import sensitivity.report
 
     monkeypatch.setattr(sensitivity.report, "render_report", battery.quick_render)
     monkeypatch.setenv("PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL", "CRITICAL")
@@ -128,9 +129,7 @@ def test_soak_twenty_runs_with_random_faults_end_like_one_clean_run(
             battery.tables(data)  # every stored file reads
 
     consumed = {s: QUEUE - len(stub.pending_faults(s)) for s in SYMBOLS}
-    injected = sum(
-        sum(1 for f in fault_stream(s)[: consumed[s]] if f != Fault()) for s in SYMBOLS
-    )
+    injected = sum(sum(1 for f in fault_stream(s)[: consumed[s]] if f != Fault()) for s in SYMBOLS)
     assert injected >= 10, consumed  # the faults really happened
     assert 0 in statuses  # and runs still got through
 

@@ -8,7 +8,7 @@ a summary table.  Errors become one line per culprit on stderr and a documented 
     1  unexpected error (a bug: rerun with --debug and report it)
     2  invalid configuration, option or parameter (nothing was done)
     3  a symbol could not be fetched or its data is invalid (the others were written)
-    4  the store could not be read or written (nothing stored was changed)
+    4  the store could not be read or written (the file it names was left unchanged)
     5  another run holds the store's lock
     130 interrupted (Ctrl-C); the store is left as it was before the interrupted write
 """

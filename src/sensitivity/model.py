@@ -333,14 +333,15 @@ def quadratic_fit(
     w, m = check_window(window, min_obs)
     dev = resolve_device(device)
     t_rows, n_cols = (int(s) for s in xt.shape)
-    chunk = default_chunk_size(t_rows, dev) if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
-    chunk = min(chunk, max(n_cols, 1))
+    chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
 
     f64 = torch.float64
     # Rows are cut into blocks of `span` rows (the window); storage is ticker-major with the
     # rows padded to whole blocks, so the kernel writes its results in place.
     span = w if 0 < w < t_rows else max(t_rows, 1)
     r_pad = -(-t_rows // span) * span
+    chunk = default_chunk_size(r_pad, dev) if chunk_size is None else chunk_size
+    chunk = min(chunk, max(n_cols, 1))
     r_out = 1 if w == 0 else r_pad
     store = _empty((len(_PLANES) + len(COV_ENTRIES), n_cols, r_out), f64, dev)
     n_store = _empty((n_cols, r_out), torch.int64, dev)

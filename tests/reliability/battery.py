@@ -92,7 +92,9 @@ def write_csv_universe(folder: Path) -> Path:
     return folder
 
 
-def config_text(source: Mapping[str, Any], *, tickers: Iterable[str] = TICKERS, lock_timeout_s: float = 5) -> str:
+def config_text(
+    source: Mapping[str, Any], *, tickers: Iterable[str] = TICKERS, lock_timeout_s: float = 5
+) -> str:
     """The battery's TOML configuration with ``[source]`` keys from ``source``."""
 
     def toml(value: Any) -> str:
@@ -126,7 +128,9 @@ def config_text(source: Mapping[str, Any], *, tickers: Iterable[str] = TICKERS, 
 
 
 def files_config(path: Path, csv_folder: Path, **extra: Any) -> Path:
-    path.write_text(config_text({"kind": "files", "path": str(csv_folder), "retries": 0, "retry_delay_s": 0}, **extra))
+    path.write_text(
+        config_text({"kind": "files", "path": str(csv_folder), "retries": 0, "retry_delay_s": 0}, **extra)
+    )
     return path
 
 
@@ -160,7 +164,9 @@ def checksums(data_dir: Path) -> dict[str, str]:
 def files_of(symbol: str, sums: Mapping[str, str]) -> dict[str, str]:
     """The entries of ``sums`` that belong to ``symbol`` alone (its prices and its sensitivity file)."""
     return {
-        k: v for k, v in sums.items() if Path(k).name == f"{symbol}.parquet" or f"__{symbol}__" in Path(k).name
+        k: v
+        for k, v in sums.items()
+        if Path(k).name == f"{symbol}.parquet" or f"__{symbol}__" in Path(k).name
     }
 
 

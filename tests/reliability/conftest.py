@@ -12,7 +12,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import battery  # noqa: E402
+import battery
 
 #: What ``sensitivity run`` sets with ``os.environ.setdefault``; set here so that it is undone.
 _CLI_ENV = {
@@ -57,7 +57,7 @@ class Universe:
 
 
 @pytest.fixture(scope="module")
-def files_baseline(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Universe]:
+def files_baseline(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Universe:
     """One clean ``sensitivity run`` of the battery's universe from CSV files (once per module)."""
     root = tmp_path_factory.mktemp("files-baseline")
     csv = battery.write_csv_universe(root / "csv")
@@ -66,7 +66,7 @@ def files_baseline(prefect_harness: None, tmp_path_factory: pytest.TempPathFacto
         _patch(mp)
         outcome = battery.run(config, root / "data")
     battery.assert_succeeded(outcome)
-    yield Universe(csv, root / "data", config)
+    return Universe(csv, root / "data", config)
 
 
 @pytest.fixture

@@ -25,8 +25,16 @@ def _edit(old: str, new: str) -> str:
 TOML_CASES = [
     ("unknown-key", _edit("window = 20", "window = 20\nwindwo = 5"), r"unknown key 'model\.windwo'"),
     ("unknown-section", BASE + "\n[extra]\nx = 1\n", r"unknown key 'extra'"),
-    ("wrong-type-string", _edit("window = 20", 'window = "20"'), r"model\.window must be an integer, got '20'"),
-    ("wrong-type-float", _edit("window = 20", "window = 20.5"), r"model\.window must be an integer, got 20\.5"),
+    (
+        "wrong-type-string",
+        _edit("window = 20", 'window = "20"'),
+        r"model\.window must be an integer, got '20'",
+    ),
+    (
+        "wrong-type-float",
+        _edit("window = 20", "window = 20.5"),
+        r"model\.window must be an integer, got 20\.5",
+    ),
     (
         "wrong-type-ticker",
         _edit('tickers = ["KO", "MSFT"]', 'tickers = [1, "KO"]'),
@@ -63,22 +71,38 @@ TOML_CASES = [
 
 #: (id, options after ``run --config <valid file>``, pattern of the one error line)
 OPTION_CASES = [
-    ("bad-date", ["--start", "2020-02-30"], r"universe\.start must be a date written YYYY-MM-DD, got '2020-02-30'"),
-    ("bad-date-format", ["--end", "03/31/2020"], r"universe\.end must be a date written YYYY-MM-DD, got '03/31/2020'"),
+    (
+        "bad-date",
+        ["--start", "2020-02-30"],
+        r"universe\.start must be a date written YYYY-MM-DD, got '2020-02-30'",
+    ),
+    (
+        "bad-date-format",
+        ["--end", "03/31/2020"],
+        r"universe\.end must be a date written YYYY-MM-DD, got '03/31/2020'",
+    ),
     (
         "start-after-end",
         ["--start", "2020-04-01"],
         r"universe\.start 2020-04-01 is after universe\.end 2020-03-31; start must be on or before end",
     ),
     ("negative-window", ["--window", "-5"], r"model\.window must be >= 0, got -5"),
-    ("min-obs-over-window", ["--min-obs", "30"], r"model\.min_obs must be <= model\.window .*min_obs=30 > window=20"),
+    (
+        "min-obs-over-window",
+        ["--min-obs", "30"],
+        r"model\.min_obs must be <= model\.window .*min_obs=30 > window=20",
+    ),
     ("min-obs-under-4", ["--min-obs", "3"], r"model\.min_obs must be >= 4, got 3"),
     ("window-too-large", ["--window", "99999999999"], r"model\.window must be <= 100000, got 99999999999"),
     ("empty-tickers", ["--tickers", ""], r"universe\.tickers must not be empty, got ''"),
     ("blank-ticker", ["--tickers", "KO,,MSFT"], r"universe\.tickers must not be empty, got ''"),
     ("duplicated-tickers", ["--tickers", "KO,MSFT,ko"], r"universe\.tickers lists KO more than once"),
     ("index-among-tickers", ["--tickers", "KO,^gspc"], r"universe\.tickers contains the index \^GSPC"),
-    ("symbol-slash", ["--tickers", "KO/MSFT"], r"universe\.tickers 'KO/MSFT' is not a plausible ticker symbol"),
+    (
+        "symbol-slash",
+        ["--tickers", "KO/MSFT"],
+        r"universe\.tickers 'KO/MSFT' is not a plausible ticker symbol",
+    ),
     ("symbol-dotdot", ["--tickers", ".."], r"universe\.tickers '\.\.' is not a plausible ticker symbol"),
     ("symbol-inner-dotdot", ["--tickers", "A..B"], r"universe\.tickers 'A\.\.B' is not a plausible"),
     (
@@ -98,7 +122,11 @@ OPTION_CASES = [
     ("symbol-shell", ["--tickers", "KO;rm -rf ~"], r"universe\.tickers 'KO;rm -rf ~' is not a plausible"),
     ("symbol-url-escape", ["--tickers", "%2e%2e%2f"], r"universe\.tickers '%2e%2e%2f' is not a plausible"),
     ("bad-index", ["--index", "../x"], r"universe\.index '\.\./x' is not a plausible ticker symbol"),
-    ("empty-data-dir-option", ["--data-dir", ""], r"output\.data_dir must not be empty \(name a folder\), got ''"),
+    (
+        "empty-data-dir-option",
+        ["--data-dir", ""],
+        r"output\.data_dir must not be empty \(name a folder\), got ''",
+    ),
     (
         "empty-source-path",
         ["--source", "files", "--source-path", ""],
@@ -182,8 +210,12 @@ def flow():  # type: ignore[no-untyped-def]
     ("params", "pattern"),
     [
         pytest.param({"window": -5}, r"model\.window must be >= 0, got -5", id="negative-window"),
-        pytest.param({"tickers": ["KO", "../x"]}, r"'\.\./x' is not a plausible ticker symbol", id="path-ticker"),
-        pytest.param({"start": dt.date(2020, 5, 1)}, r"universe\.start 2020-05-01 is after", id="start-after-end"),
+        pytest.param(
+            {"tickers": ["KO", "../x"]}, r"'\.\./x' is not a plausible ticker symbol", id="path-ticker"
+        ),
+        pytest.param(
+            {"start": dt.date(2020, 5, 1)}, r"universe\.start 2020-05-01 is after", id="start-after-end"
+        ),
     ],
 )
 def test_flow_parameter_is_refused_before_any_work(flow, workdir: Path, params: dict, pattern: str) -> None:  # type: ignore[no-untyped-def]

@@ -89,7 +89,11 @@ BAD_CSV = [
         lambda t: _set_close(t, 5, "-3.5"),
         r"^error: KO: KO\.csv line 6 \(2020-01-08\): close is -3\.5; prices must be positive",
     ),
-    ("infinite-price", lambda t: _set_close(t, 5, "inf"), r"^error: KO: KO\.csv line 6 .*close is inf, not a finite"),
+    (
+        "infinite-price",
+        lambda t: _set_close(t, 5, "inf"),
+        r"^error: KO: KO\.csv line 6 .*close is inf, not a finite",
+    ),
     (
         "duplicated-date",
         _duplicate_date,
@@ -101,18 +105,34 @@ BAD_CSV = [
         r"^error: KO: KO\.csv mixes dates with a UTC offset \(line 2: '2020-01-02 00:00:00-05:00'\) "
         r"and without one \(line 3",
     ),
-    ("missing-close-column", _drop_close, r"^error: KO: KO\.csv has no Close column \(its columns: Date,Open"),
-    ("garbage-line", _garbage_line, r"^error: KO: KO\.csv line 11 has 1 fields but the header has 7; fix the line"),
+    (
+        "missing-close-column",
+        _drop_close,
+        r"^error: KO: KO\.csv has no Close column \(its columns: Date,Open",
+    ),
+    (
+        "garbage-line",
+        _garbage_line,
+        r"^error: KO: KO\.csv line 11 has 1 fields but the header has 7; fix the line",
+    ),
     (
         "garbage-cell",
         lambda t: _set_close(t, 3, "12,5O"),
         r"^error: KO: KO\.csv line 4 has 8 fields but the header has 7",
     ),
-    ("not-a-number", lambda t: _set_close(t, 3, "N/A?"), r"^error: KO: KO\.csv line 4: close value 'N/A\?' is not a number"),
+    (
+        "not-a-number",
+        lambda t: _set_close(t, 3, "N/A?"),
+        r"^error: KO: KO\.csv line 4: close value 'N/A\?' is not a number",
+    ),
     ("empty-file", lambda t: "", r"^error: KO: KO\.csv is empty \(write the header Date,Open,High,Low,Close"),
     ("header-only", lambda t: _rows(t)[0] + "\n", r"^error: KO: KO\.csv has a header but no rows"),
     ("binary-file", None, r"^error: KO: KO\.csv is not UTF-8 text \(byte \d+\); save it as UTF-8 CSV"),
-    ("another-tickers-file", _foreign_download, r"^error: KO: KO\.csv holds prices for MSFT \(its Ticker header line\), not KO"),
+    (
+        "another-tickers-file",
+        _foreign_download,
+        r"^error: KO: KO\.csv holds prices for MSFT \(its Ticker header line\), not KO",
+    ),
 ]
 
 
@@ -163,7 +183,9 @@ def test_one_row_only_has_no_return_and_is_named(files_universe: Universe) -> No
     (u.csv / "KO.csv").write_text(_join(_rows((u.csv / "KO.csv").read_text())[:2]))
     outcome = battery.run(u.config, data)
     battery.assert_refused(
-        outcome, 3, r"^error: KO: no date between 2020-01-01 and 2020-03-31 on which both it and \^GSPC traded"
+        outcome,
+        3,
+        r"^error: KO: no date between 2020-01-01 and 2020-03-31 on which both it and \^GSPC traded",
     )
     table = pd.read_parquet(data / "reports" / "sensitivity")
     assert set(table["ticker"]) == {"MSFT"}
@@ -190,7 +212,9 @@ def test_all_nan_index_fails_the_run_and_touches_no_report(files_universe: Unive
     (u.csv / "^GSPC.csv").write_text(_all_nan((u.csv / "^GSPC.csv").read_text()))
     before = battery.checksums(u.data)
     outcome = battery.run(u.config, u.data)
-    battery.assert_refused(outcome, 3, r"^error: \^GSPC: the index could not be fetched: \^GSPC\.csv has no row")
+    battery.assert_refused(
+        outcome, 3, r"^error: \^GSPC: the index could not be fetched: \^GSPC\.csv has no row"
+    )
     after = battery.checksums(u.data)
     untouched = {k for k in before if not k.startswith("prices/") or k == "prices/^GSPC.parquet"}
     assert {k: after[k] for k in untouched} == {k: before[k] for k in untouched}
@@ -210,7 +234,9 @@ def test_csv_and_parquet_for_one_symbol_is_ambiguous(files_universe: Universe) -
     u = files_universe
     battery.price_frame(1).reset_index().to_parquet(u.csv / "KO.parquet")
     outcome = battery.run(u.config, u.data)
-    battery.assert_refused(outcome, 3, r"^error: KO: both KO\.csv and KO\.parquet exist in .*; it is ambiguous")
+    battery.assert_refused(
+        outcome, 3, r"^error: KO: both KO\.csv and KO\.parquet exist in .*; it is ambiguous"
+    )
 
 
 # -- damaged and foreign files in the store -----------------------------------------------------------
@@ -255,7 +281,8 @@ STORE_CASES = [
         "newer-schema-price-file",
         "prices/KO.parquet",
         _newer,
-        r"^error: .*prices/KO\.parquet was written by a newer version of stock-sensitivity \(schema 99 > 1\); "
+        r"^error: .*prices/KO\.parquet was written by a newer version of stock-sensitivity "
+        r"\(schema 99 > 1\); "
         r"upgrade stock-sensitivity",
     ),
     (

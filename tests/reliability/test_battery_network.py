@@ -11,7 +11,6 @@ are survived (the tables equal the clean ones), the others fail only their symbo
 from __future__ import annotations
 
 import socket
-from collections.abc import Iterator
 from pathlib import Path
 
 import battery
@@ -37,7 +36,7 @@ def _serve(stub: YahooStub) -> None:
 
 
 @pytest.fixture(scope="module")
-def yahoo_baseline(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Universe]:
+def yahoo_baseline(prefect_harness: None, tmp_path_factory: pytest.TempPathFactory) -> Universe:
     """One clean run fetched from a stub of Yahoo (once per module)."""
     root = tmp_path_factory.mktemp("yahoo-baseline")
     config = battery.yahoo_config(root / "yahoo.toml")
@@ -52,7 +51,7 @@ def yahoo_baseline(prefect_harness: None, tmp_path_factory: pytest.TempPathFacto
         finally:
             set_yfinance_cache_dir(previous_cache)
     battery.assert_succeeded(outcome)
-    yield Universe(root / "unused", root / "data", config)
+    return Universe(root / "unused", root / "data", config)
 
 
 @pytest.fixture
@@ -97,8 +96,16 @@ def test_transient_fault_is_retried_and_survived(
 #: Faults that outlast the retries (or are never retried): KO fails, MSFT is written.
 FAILED = [
     ("429-persistent", [Fault(status=429, on=H)] * 8, r"Yahoo is rate limiting requests \(HTTP 429"),
-    ("500-persistent", [Fault(status=500, on=H)] * 8, r"Yahoo answered with a server error \(HTTP 500\); retry later"),
-    ("timeout-persistent", [Fault(delay_s=1.0, on=H)] * 8, r"Yahoo did not answer within 0\.5 s \(ReadTimeout\)"),
+    (
+        "500-persistent",
+        [Fault(status=500, on=H)] * 8,
+        r"Yahoo answered with a server error \(HTTP 500\); retry later",
+    ),
+    (
+        "timeout-persistent",
+        [Fault(delay_s=1.0, on=H)] * 8,
+        r"Yahoo did not answer within 0\.5 s \(ReadTimeout\)",
+    ),
     (
         "truncated-json-persistent",
         [Fault(truncate_at=120, on=H)] * 8,
@@ -144,7 +151,9 @@ def test_unknown_ticker_404_is_named_and_the_others_are_written(
 ) -> None:
     outcome = battery.run(config, data, "--tickers", "KO,ZZZZ")
     battery.assert_refused(
-        outcome, 3, r"^error: ZZZZ: Yahoo has no prices for this symbol \(check the ticker: it may be misspelt"
+        outcome,
+        3,
+        r"^error: ZZZZ: Yahoo has no prices for this symbol \(check the ticker: it may be misspelt",
     )
     assert not (data / "prices" / "ZZZZ.parquet").exists()
     assert "KO" in outcome.stdout
@@ -164,7 +173,9 @@ def test_unknown_index_404_fails_the_run_before_any_report(stub: YahooStub, data
     assert not (data / "prices" / "^NOPE.parquet").exists()
 
 
-def test_index_server_errors_fail_the_run_and_touch_no_report(stub: YahooStub, data: Path, config: Path) -> None:
+def test_index_server_errors_fail_the_run_and_touch_no_report(
+    stub: YahooStub, data: Path, config: Path
+) -> None:
     before = battery.checksums(data)
     stub.inject("^GSPC", *[Fault(status=500, on=H)] * 8)
     outcome = battery.run(config, data)

@@ -31,7 +31,9 @@ pytestmark = pytest.mark.usefixtures("prefect_harness")
 AS_OF = "2020-02-26"  # the last of the 40 trading days
 
 
-def _start(pattern: str, mode: str, *args: str | Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+def _start(
+    pattern: str, mode: str, *args: str | Path, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, str(battery.HOOKED), pattern, mode, *(str(a) for a in args)],
         stdout=subprocess.PIPE,
@@ -166,7 +168,9 @@ def test_disk_full_on_the_report_write_keeps_the_previous_report(
     before = battery.checksums(u.data)
     _failing_write(monkeypatch, "report.html", _enospc())
     outcome = battery.run(u.config, u.data)
-    battery.assert_refused(outcome, 4, rf"^error: cannot write .*/daily/{AS_OF}/report\.html: the disk is full")
+    battery.assert_refused(
+        outcome, 4, rf"^error: cannot write .*/daily/{AS_OF}/report\.html: the disk is full"
+    )
     after = battery.checksums(u.data)
     reports = {k: v for k, v in before.items() if k.startswith("reports/")}
     assert {k: after[k] for k in reports} == reports
@@ -181,7 +185,9 @@ def test_permission_denied_on_a_table_write_is_a_store_error(
     _failing_write(monkeypatch, "*__MSFT__*", PermissionError(errno.EACCES, "Permission denied"))
     outcome = battery.run(u.config, u.data)
     battery.assert_refused(
-        outcome, 4, r"^error: cannot write .*__MSFT__w20\.parquet: permission denied \(check the folder's permissions"
+        outcome,
+        4,
+        r"^error: cannot write .*__MSFT__w20\.parquet: permission denied \(check the folder's permissions",
     )
     after = battery.checksums(u.data)
     key = "reports/sensitivity/^GSPC__MSFT__w20.parquet"
@@ -244,7 +250,8 @@ def _cli_env() -> dict[str, str]:
     from prefect.settings import get_current_settings
 
     url = get_current_settings().api.url
-    assert url and url.startswith("http://127.0.0.1:"), url
+    assert url, url
+    assert url.startswith("http://127.0.0.1:"), url
     return {"PREFECT_API_URL": url}
 
 
