@@ -10,7 +10,9 @@ Entry point (for ``prefect.yaml``, ``sensitivity run`` and ``sensitivity serve``
 from __future__ import annotations
 
 import datetime as dt
+import math
 import sys
+from collections.abc import Sequence
 from typing import Any, Literal
 
 import cloudpickle
@@ -75,8 +77,13 @@ def fetch_prices(config: Config, symbol: str) -> dict[str, Any]:
     Retries and their delays come from ``[source]`` (``retries``, ``retry_delay_s``, with
     exponential backoff and jitter; see :func:`fetch_options`).
     """
-    logger = get_run_logger()
     outcome = fetch_symbol(config, symbol)
+    _log_outcome(get_run_logger(), outcome)
+    return outcome.to_dict()
+
+
+def _log_outcome(logger: Any, outcome: FetchOutcome) -> None:
+    """One fetch's line and its quality records in the task's log."""
     logger.info("%s", outcome.describe())
     if outcome.restated:
         logger.warning(
@@ -92,7 +99,55 @@ def fetch_prices(config: Config, symbol: str) -> dict[str, Any]:
         logger.info("%s: %s: %s", outcome.symbol, row["date"], row["reason"])
     for row in outcome.quality_warnings:
         logger.warning("%s: %s: %s", outcome.symbol, row["date"], row["reason"])
-    return outcome.to_dict()
+
+
+@task(name="fetch-price-batch", task_run_name="fetch-{symbols[0]}-and-more", cache_policy=NO_CACHE)
+def fetch_price_batch(config: Config, symbols: list[str]) -> list[dict[str, Any]]:
+    """Fetch several symbols from a local source (``files``, ``sample``) into the price store.
+
+    One task per symbol costs Prefect's bookkeeping (a task run, its states, its logs) on
+    every symbol, more than reading a local file; a batch pays it once.  A failed symbol never
+    stops the others: each entry is ``{"symbol", "outcome"}`` or ``{"symbol", "error",
+    "store_error", "locked"}`` (the message, and whether it was a store problem, which stops
+    the run once every fetch has finished).  Local sources are not retried: a missing file or
+    bad data stays so on a second read.
+    """
+    logger = get_run_logger()
+    results: list[dict[str, Any]] = []
+    for symbol in symbols:
+        try:
+            outcome = fetch_symbol(config, symbol)
+        except Exception as exc:  # recorded per symbol; the flow decides what stops the run
+            logger.error("%s: %s", symbol, _reason(symbol, exc))
+            results.append(
+                {
+                    "symbol": symbol,
+                    "error": _reason(symbol, exc),
+                    "store_error": isinstance(exc, StoreError),
+                    "locked": isinstance(exc, StoreLockedError),
+                }
+            )
+            continue
+        _log_outcome(logger, outcome)
+        results.append({"symbol": symbol, "outcome": outcome.to_dict()})
+    return results
+
+
+def fetch_batches(config: Config, symbols: Sequence[str]) -> list[list[str]]:
+    """How the fetches are split into tasks: one symbol per task for Yahoo (the network is the
+    bottleneck, and Prefect retries each symbol on its own), about two batches per worker for
+    the local sources (``files``, ``sample``), in the configured order.  Pure."""
+    if config.source.kind == "yahoo" or not symbols:
+        return [[s] for s in symbols]
+    workers = config.source.concurrency
+    if config.runtime.task_runner == "dask":
+        workers = max(workers, config.runtime.dask_workers)
+    size = max(1, min(_MAX_BATCH, math.ceil(len(symbols) / (2 * workers))))
+    return [list(symbols[i : i + size]) for i in range(0, len(symbols), size)]
+
+
+#: The most symbols one local fetch task takes (its log and progress stay readable).
+_MAX_BATCH = 128
 
 
 def fetch_options(config: Config) -> dict[str, Any]:
@@ -162,27 +217,47 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
     progress bar gets a ``fetch`` event per symbol.  Returns the outcomes of the fetched
     symbols (in the configured order) and a one-line reason per failed symbol.
     """
-    fetch = fetch_prices.with_options(**fetch_options(config))
     symbols = list(config.fetch_symbols)
     tracker = _ProgressArtifact(len(symbols))
-    futures = fetch.map(config=unmapped(config), symbol=symbols)
-    symbol_of = dict(zip(futures, symbols, strict=True))
+    batches = fetch_batches(config, symbols)
+    futures: Any
+    if all(len(b) == 1 for b in batches):
+        fetch = fetch_prices.with_options(**fetch_options(config))
+        futures = fetch.map(config=unmapped(config), symbol=[b[0] for b in batches])
+    else:
+        futures = fetch_price_batch.map(config=unmapped(config), symbols=batches)
+    batch_of = dict(zip(futures, batches, strict=True))
     outcomes: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     store_errors: list[StoreError] = []
     for future in as_completed(list(futures)):
-        symbol = symbol_of[future]
+        batch = batch_of[future]
         result = future.result(raise_on_failure=False)
-        extra: dict[str, Any] = {}
-        if isinstance(result, dict):
-            outcomes[symbol] = result
-            extra = {"mode": result.get("mode"), "restated": bool(result.get("restated"))}
-        else:
-            failures[symbol] = _reason(symbol, result)
-            if isinstance(result, StoreError):
-                store_errors.append(result)
-        tracker.advance(failed=len(failures))
-        progress.emit(progress.ProgressEvent("fetch", symbol=symbol, ok=symbol not in failures, extra=extra))
+        entries: list[dict[str, Any]]
+        if isinstance(result, list):  # a batch: one entry per symbol
+            entries = result
+        elif isinstance(result, dict):
+            entries = [{"symbol": batch[0], "outcome": result}]
+        else:  # a single symbol's task failed, or a whole batch task crashed
+            entries = [{"symbol": s, "exception": result} for s in batch]
+        for entry in entries:
+            symbol = str(entry["symbol"])
+            extra: dict[str, Any] = {}
+            if "outcome" in entry:
+                done = outcomes[symbol] = entry["outcome"]
+                extra = {"mode": done.get("mode"), "restated": bool(done.get("restated"))}
+            elif "exception" in entry:
+                failures[symbol] = _reason(symbol, entry["exception"])
+                if isinstance(entry["exception"], StoreError):
+                    store_errors.append(entry["exception"])
+            else:
+                failures[symbol] = entry["error"]
+                if entry["store_error"]:
+                    kind = StoreLockedError if entry["locked"] else StoreError
+                    store_errors.append(kind(f"{symbol}: {entry['error']}"))
+            ok = symbol not in failures
+            progress.emit(progress.ProgressEvent("fetch", symbol=symbol, ok=ok, extra=extra))
+        tracker.advance(len(entries), failed=len(failures))
     if store_errors:
         raise next((e for e in store_errors if isinstance(e, StoreLockedError)), store_errors[0])
     return [outcomes[s] for s in symbols if s in outcomes], failures
@@ -206,9 +281,9 @@ class _ProgressArtifact:
             )
         )
 
-    def advance(self, *, failed: int) -> None:
-        """One more symbol completed (fetched or failed)."""
-        self.done += 1
+    def advance(self, count: int = 1, *, failed: int) -> None:
+        """``count`` more symbols completed (fetched or failed): one update per finished task."""
+        self.done += count
         if self.id is None:
             return
         note = f", {failed} failed" if failed else ""

@@ -233,3 +233,43 @@ def test_flow_excess_returns_robust_errors_and_huber(flow, tmp_path: Path) -> No
             flow, tmp_path / "data2", tickers=["KO"], source="files", source_path=str(src), config=str(config)
         )
     assert not (tmp_path / "data2" / "reports").exists()
+
+
+def _flow_module():  # type: ignore[no-untyped-def]
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("flows_pipeline_batches", ROOT / "flows" / "pipeline.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(
+    ("kind", "n", "concurrency", "sizes"),
+    [
+        ("yahoo", 5, 4, [1, 1, 1, 1, 1]),
+        ("sample", 5, 4, [1, 1, 1, 1, 1]),
+        ("sample", 20, 4, [3, 3, 3, 3, 3, 3, 2]),
+        ("files", 501, 4, [63] * 7 + [60]),
+        ("files", 2000, 1, [128] * 15 + [80]),
+        ("files", 0, 4, []),
+    ],
+)
+def test_fetch_batches_split_local_sources_and_keep_yahoo_per_symbol(
+    kind: str, n: int, concurrency: int, sizes: list[int], tmp_path: Path
+) -> None:
+    from sensitivity.config import load_config
+
+    module = _flow_module()
+    symbols = [f"S{i:04d}" for i in range(n)]
+    cfg = load_config(
+        ROOT / "config" / "sample.toml",
+        {"source": kind, "source_path": str(tmp_path) if kind == "files" else None},
+    )
+    cfg = cfg.model_copy(update={"source": cfg.source.model_copy(update={"concurrency": concurrency})})
+    batches = module.fetch_batches(cfg, symbols)
+    assert [len(b) for b in batches] == sizes
+    assert [s for b in batches for s in b] == symbols  # every symbol once, in order
