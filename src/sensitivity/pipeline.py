@@ -217,24 +217,32 @@ def restatement(stored: pd.DataFrame, fetched: pd.DataFrame, start: dt.date, end
     corrected it.  A date the fetch adds is not (the merge adds it).  Volume and the other
     prices are not compared (Yahoo revises the last day's volume routinely).
     """
-    lo, hi = pd.Timestamp(start), pd.Timestamp(end)
-    old = stored.loc[(stored.index >= lo) & (stored.index <= hi)]
-    if old.empty:
+    lo, hi = np.datetime64(start, "ns"), np.datetime64(end, "ns")
+    stored_days = stored.index.to_numpy(dtype="datetime64[ns]")
+    inside = np.flatnonzero((stored_days >= lo) & (stored_days <= hi))
+    if inside.size == 0:
         return None
     problems: list[str] = []
-    gone = old.index.difference(fetched.index)
-    if len(gone):
-        problems.append(f"{len(gone)} stored date(s) no longer in the source (first {gone[0].date()})")
-    common = old.index.intersection(fetched.index)
+    fetched_days = fetched.index.to_numpy(dtype="datetime64[ns]")
+    common, in_old, in_new = np.intersect1d(
+        stored_days[inside], fetched_days, assume_unique=True, return_indices=True
+    )
+    if common.size < inside.size:
+        missing = np.ones(inside.size, dtype=bool)
+        missing[in_old] = False
+        first = pd.Timestamp(stored_days[inside][missing][0]).date()
+        problems.append(f"{int(missing.sum())} stored date(s) no longer in the source (first {first})")
+    rows_old, rows_new = inside[in_old], in_new
     for col in RESTATEMENT_COLUMNS:
-        a = old.loc[common, col].to_numpy(dtype=np.float64)
-        b = fetched.loc[common, col].to_numpy(dtype=np.float64)
+        a = stored[col].to_numpy(dtype=np.float64)[rows_old]
+        b = fetched[col].to_numpy(dtype=np.float64)[rows_new]
         same = np.isclose(a, b, rtol=RESTATEMENT_RTOL, atol=0.0, equal_nan=True)
         if not same.all():
             i = int(np.flatnonzero(~same)[0])
             name = col.replace("_", " ")
+            day = pd.Timestamp(common[i]).date()
             problems.append(
-                f"{name} differs on {int((~same).sum())} day(s) (first {common[i].date()}: stored "
+                f"{name} differs on {int((~same).sum())} day(s) (first {day}: stored "
                 f"{float(a[i])!r}, now {float(b[i])!r})"
             )
     return "; ".join(problems) if problems else None
@@ -272,7 +280,7 @@ def _read_stored(store: PriceStore, symbol: str) -> _Stored:
     path = store.path_for(symbol)
     for _ in range(_MAX_STORE_RACES):
         before = _fingerprint(path)
-        frame = store.read(symbol)
+        frame = store.read(symbol, with_provenance=True)
         coverage = store.coverage(symbol) if frame is not None else None
         if _fingerprint(path) == before:
             return _Stored(frame, coverage, before)
@@ -370,7 +378,14 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
             if _fingerprint(store.path_for(sym)) != stored.fingerprint:
                 log.info("%s: another run rewrote the stored prices meanwhile; starting over", sym)
                 continue
-            merged = store.merge(sym, got.frame, source=src.name, replace=mode == "refetch", covers=covers)
+            merged = store.merge(
+                sym,
+                got.frame,
+                source=src.name,
+                replace=mode == "refetch",
+                covers=covers,
+                stored=(stored.frame, stored.coverage),
+            )
         _log_quality(sym, got.quality)
         outcome = FetchOutcome(
             symbol=sym,
@@ -524,13 +539,13 @@ def _risk_free_returns(
 def _with_prices(
     result: pd.DataFrame, close: pd.DataFrame, prev_close: pd.DataFrame, index_symbol: str
 ) -> pd.DataFrame:
-    """Add ``index_ticker``, ``close``, ``prev_close`` and ``dollar_sensitivity`` to the fit."""
+    """Add ``index_ticker``, ``close``, ``prev_close`` and ``dollar_sensitivity`` to the fit (in place)."""
     dates = pd.DatetimeIndex(pd.to_datetime(result["date"]))
     rows = close.index.get_indexer(dates)
     cols = close.columns.get_indexer(pd.Index(result["ticker"]))
     if (rows < 0).any() or (cols < 0).any():  # pragma: no cover - returns and prices share labels
         raise ModelFitError("internal error: fitted rows do not line up with the price panel")
-    out = result.copy()
+    out = result  # the fit's own fresh frame: extended in place (a copy of ~1 GB costs seconds)
     out.insert(1, "index_ticker", index_symbol)
     out["close"] = close.to_numpy(dtype=np.float64)[rows, cols]
     out["prev_close"] = prev_close.to_numpy(dtype=np.float64)[rows, cols]

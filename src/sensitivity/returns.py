@@ -161,8 +161,13 @@ def aligned_returns(
     for j, (ticker, frame) in enumerate(stock_frames.items()):
         _check_dates(frame.index, str(ticker))
         prices = _check_prices(price_series(frame, symbol=str(ticker)), str(ticker))
-        stock[:, j] = prices.reindex(dates).to_numpy(dtype=np.float64)
-        raw_close[:, j] = frame["close"].reindex(dates).to_numpy(dtype=np.float64)
+        # The rows of `dates` this stock has (a reindex onto the index's dates, unique both).
+        at = dates.get_indexer(prices.index)
+        on = at >= 0
+        stock[at[on], j] = prices.to_numpy(dtype=np.float64)[on]
+        at = dates.get_indexer(frame.index)
+        on = at >= 0
+        raw_close[at[on], j] = frame["close"].to_numpy(dtype=np.float64)[on]
 
     traded = ~np.isnan(stock)  # the index trades on every one of `dates`
     # Row of each stock's previous aligned date, strictly before the current row (-1: none).

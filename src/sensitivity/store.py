@@ -438,12 +438,12 @@ def write_tables_atomic(plans: Sequence[tuple[Path, pa.Table]]) -> list[Path]:
     return [f.result() for f in futures]
 
 
-def _read_tables(paths: Sequence[Path], kind: Kind) -> list[pa.Table]:
+def _read_tables(paths: Sequence[Path], kind: Kind, columns: Sequence[str] | None = None) -> list[pa.Table]:
     """:func:`read_table` of each path, a few at a time, in order (first error raised)."""
     if len(paths) <= 1:
-        return [read_table(p, kind) for p in paths]
+        return [read_table(p, kind, columns) for p in paths]
     with ThreadPoolExecutor(max_workers=_io_workers(len(paths)), thread_name_prefix="store-read") as pool:
-        return list(pool.map(lambda p: read_table(p, kind), paths))
+        return list(pool.map(lambda p: read_table(p, kind, columns), paths))
 
 
 # --------------------------------------------------------------------------------------------
@@ -879,6 +879,7 @@ class PriceStore:
         fetched_at: dt.datetime | None = None,
         replace: bool = False,
         covers: DateRange | None = None,
+        stored: tuple[pd.DataFrame | None, list[DateRange] | None] | None = None,
     ) -> MergeResult:
         """Merge a fetched price frame into the stored history of ``symbol``, atomically.
 
@@ -889,7 +890,10 @@ class PriceStore:
         the frame's first to last date); it is added to the file's :meth:`coverage` (with
         ``replace=True`` it becomes the coverage).  ``fetched_at`` defaults to now (UTC).  The
         frame is validated with :func:`~sensitivity.prices.check_price_frame` before anything
-        is written.
+        is written.  ``stored``: the file's current contents as ``(frame with provenance,
+        coverage)`` (``(None, None)`` when there is no file), when the caller has just read
+        them and holds :func:`store_lock` with the file unchanged since; it spares reading the
+        file again.
         """
         sym = self._norm(symbol)
         path = self.path_for(sym)
@@ -909,32 +913,44 @@ class PriceStore:
         new["source"] = source
 
         old: pd.DataFrame | None
-        try:
-            old = read_price_file(path, with_provenance=True)
-        except FileNotFoundError:
-            old = None
-        except _DamagedFileError:
-            if not replace:
-                raise
-            old = None  # a full refetch replaces a damaged file
+        old_coverage: list[DateRange] | None = None
+        if stored is not None:
+            old, old_coverage = stored
+            if old is not None and not {"fetched_at", "source"} <= set(old.columns):
+                raise ValueError(f"{sym}: stored must hold the frame read with its provenance")
+        else:
+            try:
+                old = read_price_file(path, with_provenance=True)
+            except FileNotFoundError:
+                old = None
+            except _DamagedFileError:
+                if not replace:
+                    raise
+                old = None  # a full refetch replaces a damaged file
         if old is None:
             old = frame_from_price_table(_empty_table(PRICE_SCHEMA), with_provenance=True)
 
-        overlap = old.index.intersection(new.index)
-        a = old.loc[overlap, list(PRICE_COLUMNS)].to_numpy(dtype=np.float64)
-        b = new.loc[overlap, list(PRICE_COLUMNS)].to_numpy(dtype=np.float64)
+        old_days = old.index.to_numpy(dtype="datetime64[ns]")
+        new_days = new.index.to_numpy(dtype="datetime64[ns]")
+        _, in_old, in_new = np.intersect1d(old_days, new_days, assume_unique=True, return_indices=True)
+        a = old[list(PRICE_COLUMNS)].to_numpy(dtype=np.float64)[in_old]
+        b = new[list(PRICE_COLUMNS)].to_numpy(dtype=np.float64)[in_new]
         same = (a == b) | (np.isnan(a) & np.isnan(b))
         rows_changed = int((~same).any(axis=1).sum())
-        rows_added = len(new.index.difference(old.index))
+        rows_added = len(new_days) - len(in_new)
         if replace:
             combined = new
-            rows_removed = len(old.index.difference(new.index))
+            rows_removed = len(old_days) - len(in_old)
             coverage = [span]
         else:
-            kept = old.loc[~old.index.isin(new.index)]
+            only_old = np.ones(len(old_days), dtype=bool)
+            only_old[in_old] = False
+            kept = old.iloc[np.flatnonzero(only_old)]
             combined = new if kept.empty else pd.concat([kept, new]).sort_index()
             rows_removed = 0
-            coverage = _merge_ranges([*self._old_coverage(path, old), span])
+            if old_coverage is None or (not old_coverage and not old.empty):
+                old_coverage = self._old_coverage(path, old)
+            coverage = _merge_ranges([*old_coverage, span])
         table = _price_table(combined, sym)
         meta = dict(table.schema.metadata or {})
         meta[COVERAGE_KEY] = json.dumps([[a.isoformat(), b.isoformat()] for a, b in coverage]).encode()
@@ -1093,21 +1109,27 @@ class ReportStore:
         _check_symbol_column(work["index_ticker"], "index_ticker", "sensitivity table")
         _check_symbol_column(work["ticker"], "ticker", "sensitivity table")
         dates = table.column("date").cast(pa.int32()).to_numpy()
-        work["_day"] = dates
-        dup = work.duplicated(subset=[*_COMBO, "_day"])
-        if dup.any():
-            row = work.loc[dup].iloc[0]
+        # Rows by combination (in key order), then date: each file is a slice of that order.
+        combo = work.groupby(list(_COMBO), sort=True).ngroup().to_numpy()
+        order = np.lexsort((dates, combo))
+        sorted_combo, sorted_dates = combo[order], dates[order]
+        same = (sorted_combo[1:] == sorted_combo[:-1]) & (sorted_dates[1:] == sorted_dates[:-1])
+        if same.any():
+            first = int(order[int(np.flatnonzero(same)[0]) + 1])
+            row = work.iloc[first]
             raise DataValidationError(
                 f"sensitivity table: {row['ticker']} against {row['index_ticker']} (window "
-                f"{row['window']}) has date {frame['date'].iloc[int(np.flatnonzero(dup)[0])]} more than once"
+                f"{row['window']}) has date {frame['date'].iloc[first]} more than once"
             )
+        in_order = bool(np.all(order[1:] > order[:-1]))
+        ordered = table if in_order else table.take(pa.array(order))  # one pass, or none
+        starts = np.flatnonzero(np.r_[True, sorted_combo[1:] != sorted_combo[:-1]]) if len(order) else []
+        ends = [*starts[1:], len(order)]
         plans: list[tuple[Path, pa.Table]] = []
-        for key, rows in work.groupby(list(_COMBO), sort=True).groups.items():
-            index_ticker, ticker, window = cast(tuple[str, str, int], key)
-            path = self.sensitivity_path(str(index_ticker), str(ticker), int(window))
-            positions = np.asarray(rows, dtype=np.int64)
-            positions = positions[np.argsort(dates[positions], kind="stable")]
-            plans.append((path, table.take(pa.array(positions))))
+        for lo, hi in zip(starts, ends, strict=True):
+            row = work.iloc[int(order[lo])]
+            path = self.sensitivity_path(str(row["index_ticker"]), str(row["ticker"]), int(row["window"]))
+            plans.append((path, ordered.slice(int(lo), int(hi - lo))))
         with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-read") as pool:
             list(pool.map(lambda plan: _refuse_newer(plan[0], "sensitivity"), plans))
         return write_tables_atomic(plans)
@@ -1118,12 +1140,21 @@ class ReportStore:
         index_ticker: str | None = None,
         tickers: Iterable[str] | None = None,
         window: int | None = None,
+        columns: Sequence[str] | None = None,
     ) -> pd.DataFrame:
         """The per-day table (all combinations, or those matching the filters).
 
         Sorted by index_ticker, ticker, window, date; an empty table with the right columns
-        when nothing matches.
+        when nothing matches.  ``columns`` reads only those (plus the key columns ``date``,
+        ``index_ticker``, ``ticker``, ``window``), in the schema's order: at universe scale
+        most of the time is spent turning columns nobody asked for into pandas.
         """
+        if columns is not None:
+            unknown = sorted(set(columns) - set(SENSITIVITY_SCHEMA.names))
+            if unknown:
+                raise ValueError(f"unknown sensitivity column(s): {', '.join(unknown)}")
+            wanted = {"date", *_COMBO, *columns}
+            columns = [n for n in SENSITIVITY_SCHEMA.names if n in wanted]
         want_index = _symbol_file_part(index_ticker, "index_ticker") if index_ticker is not None else None
         want_tickers = {_symbol_file_part(t, "ticker") for t in tickers} if tickers is not None else None
         want_window = _window(window) if window is not None else None
@@ -1145,8 +1176,9 @@ class ReportStore:
                 continue
             keyed.append((key, path))
         keyed.sort()
-        parts = _read_tables([p for _, p in keyed] + unnamed, "sensitivity")
-        table = pa.concat_tables(parts) if parts else _empty_table(SENSITIVITY_SCHEMA)
+        parts = _read_tables([p for _, p in keyed] + unnamed, "sensitivity", columns)
+        empty = _empty_table(SENSITIVITY_SCHEMA)
+        table = pa.concat_tables(parts) if parts else empty.select(columns or empty.column_names)
         # Files hold one combination each, sorted by date, and were read in key order; sort
         # again only if some file breaks that (renamed by hand, or not written here).
         in_order = not unnamed and all(
