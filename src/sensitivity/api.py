@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -38,7 +38,7 @@ from sensitivity.inference import (
     robust_covariance,
 )
 from sensitivity.model import DeviceLike, QuadraticFit, check_window, quadratic_fit, resolve_device
-from sensitivity.robust import huber_rolling
+from sensitivity.robust import huber_cells, huber_rolling
 from sensitivity.sensitivity import daily_sensitivity
 
 __all__ = [
@@ -363,8 +363,20 @@ def sensitivity_frame(
         columns["index_return"] = x_nt[g0:g1]
         columns["stock_return"] = y_nt[g0:g1]
         columns["risk_free_return"] = np.zeros((g1 - g0, t_rows)) if rf is None else rf_nt[g0:g1]
+        rank: np.ndarray[Any, Any] | None = None
         for i, name in enumerate(FLOAT_COLUMNS):
-            block[i, lo:hi] = _ticker_major_numpy(columns[name])[k]
+            value = columns[name]
+            if isinstance(value, _Cells):
+                # Where each cell lands among the group's kept rows (ticker-major).
+                if rank is None:
+                    c = value.cols.to("cpu").numpy()
+                    r = value.rows.to("cpu").numpy()
+                    before = np.cumsum(k[c], axis=1)[np.arange(c.size), r] - 1
+                    rank = lo + (offsets[g0 + c] - offsets[g0]) + before
+                block[i, lo:hi] = np.nan
+                block[i, rank] = value.values.to("cpu").numpy()
+            else:
+                block[i, lo:hi] = _ticker_major_numpy(value)[k]
         n_obs[lo:hi] = _ticker_major_numpy(columns["n_obs"])[k]
         del columns
 
@@ -449,6 +461,8 @@ def _huber_columns(
     if huber == "none" or t_rows == 0 or n_cols == 0:
         empty = torch.full(fit.shape, math.nan, dtype=torch.float64)
         return dict.fromkeys(HUBER_COLUMNS, empty)
+    if huber == "latest" and fit.window != 0:
+        return _latest_huber_columns(x, y, fit, last_row=last_row, level=level)
     rows = None if huber == "all" else last_row
     alpha, beta, gamma, cov = huber_rolling(x, y, fit, rows=rows)
     hfit = replace(
@@ -475,6 +489,69 @@ def _huber_columns(
         "huber_sensitivity": sens.sensitivity,
         "huber_sensitivity_se": sens.sensitivity_se,
     }
+
+
+@dataclass(frozen=True, eq=False)
+class _Cells:
+    """A column of the table that is NaN but at a few cells: ``values[i]`` at (``rows[i]``,
+    ``cols[i]``) of the ``[T, n]`` group (int64 / float64 tensors)."""
+
+    cols: Tensor
+    rows: Tensor
+    values: Tensor
+
+
+def _latest_huber_columns(
+    x: Tensor, y: Tensor, fit: QuadraticFit, *, last_row: Tensor, level: float
+) -> dict[str, Any]:
+    """The ``huber_*`` columns of each ticker's last fitted row only, as :class:`_Cells`.
+
+    The same numbers as :func:`~sensitivity.robust.huber_rolling` with ``rows=last_row``
+    followed by :func:`~sensitivity.sensitivity.daily_sensitivity`, without ``[T, n]``
+    planes that would be NaN but at ``n`` cells.
+    """
+    dev = fit.beta.device
+    rows = last_row.to(dev)
+    cols = torch.arange(rows.numel(), device=dev)
+    cols, rows = cols[rows >= 0], rows[rows >= 0]
+    fitted = fit.valid[rows, cols]
+    cols, rows = cols[fitted], rows[fitted]
+    h = huber_cells(x, y, fit, cols, rows)  # [9, M]
+    cov = h[3:].T[None]  # [1, M, 6]
+
+    def at_cells(v: Tensor) -> Tensor:
+        return v[rows, cols][None]
+
+    cell_fit = replace(
+        fit,
+        n_obs=at_cells(fit.n_obs),
+        alpha=h[0][None],
+        beta=h[1][None],
+        gamma=h[2][None],
+        cov_unique=cov,
+        alpha_se=cov[..., 0].clamp(min=0.0).sqrt(),
+        beta_se=cov[..., 3].clamp(min=0.0).sqrt(),
+        gamma_se=cov[..., 5].clamp(min=0.0).sqrt(),
+        rss=at_cells(fit.rss),
+        r2=at_cells(fit.r2),
+        linear_beta=at_cells(fit.linear_beta),
+        dof=at_cells(fit.dof),
+    )
+    sens = daily_sensitivity(cell_fit, at_cells(x), level=level)
+    named = {
+        "huber_alpha": h[0],
+        "huber_beta": h[1],
+        "huber_gamma": h[2],
+        "huber_alpha_se": cell_fit.alpha_se[0],
+        "huber_beta_se": cell_fit.beta_se[0],
+        "huber_gamma_se": cell_fit.gamma_se[0],
+        "huber_cov_alpha_beta": h[4],
+        "huber_cov_alpha_gamma": h[5],
+        "huber_cov_beta_gamma": h[7],
+        "huber_sensitivity": sens.sensitivity[0],
+        "huber_sensitivity_se": sens.sensitivity_se[0],
+    }
+    return {name: _Cells(cols, rows, value) for name, value in named.items()}
 
 
 def _ticker_major_numpy(v: Any) -> np.ndarray[Any, Any]:

@@ -479,6 +479,22 @@ def student_t_two_sided_p(t: Tensor, dof: Tensor) -> Tensor:
     """
     t = t.to(torch.float64)
     nu = dof.to(torch.float64).expand_as(t) if dof.shape != t.shape else dof.to(torch.float64)
+    shape = t.shape
+    t, nu = t.reshape(-1), nu.reshape(-1)
+    # Elementwise, in cache-sized chunks: the work is bound by memory traffic over temporaries.
+    parts = [
+        _student_t_two_sided_p_flat(t[i : i + _P_CHUNK], nu[i : i + _P_CHUNK])
+        for i in range(0, t.numel(), _P_CHUNK)
+    ]
+    return (torch.cat(parts) if parts else torch.empty_like(t)).reshape(shape)
+
+
+#: Elements per chunk of :func:`student_t_two_sided_p` (about 0.5 MB per float64 operand).
+_P_CHUNK = 1 << 16
+
+
+def _student_t_two_sided_p_flat(t: Tensor, nu: Tensor) -> Tensor:
+    """:func:`student_t_two_sided_p` of 1-d float64 ``t`` and ``nu``."""
     bad = ~(torch.isfinite(nu) & (nu > 0)) | torch.isnan(t)
     nu = torch.where(bad, 1.0, nu)
     tt = torch.where(bad | torch.isinf(t), 0.0, t) ** 2
@@ -520,7 +536,8 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
 
     Elementwise; each element iterates until its own step is within 1e-15 of 1 and is then
     frozen, so its value never depends on which other elements share the batch (the same
-    inputs give the same bits in any batch).  Only unconverged elements are iterated.
+    inputs give the same bits in any batch).  A batch iterates while any of its elements has
+    not converged; the callers pass cache-sized chunks.
     """
     tiny = 1e-300
     shape = x.shape
@@ -530,27 +547,25 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
     d = 1.0 - qab * x / qap
     d = torch.where(d.abs() < tiny, tiny, d).reciprocal()
     h = d.clone()
-    active = torch.arange(x.numel(), device=x.device)
+    running = torch.ones_like(x, dtype=torch.bool)
     for m in range(1, 10_001):
-        if not active.numel():
-            break
-        aa, bb, xx = a[active], b[active], x[active]
-        cc, dd = c[active], d[active]
         m2 = 2.0 * m
-        num = m * (bb - m) * xx / ((qam[active] + m2) * (aa + m2))
-        dd = 1.0 + num * dd
+        num = m * (b - m) * x / ((qam + m2) * (a + m2))
+        dd = 1.0 + num * d
         dd = torch.where(dd.abs() < tiny, tiny, dd).reciprocal()
-        cc = 1.0 + num / cc
+        cc = 1.0 + num / c
         cc = torch.where(cc.abs() < tiny, tiny, cc)
-        hh = h[active] * dd * cc
-        num = -(aa + m) * (qab[active] + m) * xx / ((aa + m2) * (qap[active] + m2))
+        hh = h * dd * cc
+        num = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
         dd = 1.0 + num * dd
         dd = torch.where(dd.abs() < tiny, tiny, dd).reciprocal()
         cc = 1.0 + num / cc
         cc = torch.where(cc.abs() < tiny, tiny, cc)
         step = dd * cc
-        h[active] = hh * step
-        c[active] = cc
-        d[active] = dd
-        active = active[(step - 1.0).abs() > 1e-15]
+        h = torch.where(running, hh * step, h)
+        c = torch.where(running, cc, c)
+        d = torch.where(running, dd, d)
+        running &= (step - 1.0).abs() > 1e-15
+        if not bool(running.any()):
+            break
     return h.reshape(shape)

@@ -42,7 +42,7 @@ from sensitivity.inference import (
 )
 from sensitivity.model import QuadraticFit
 
-__all__ = ["HUBER_T", "MAD_NORMALISATION", "HuberFit", "huber_rolling", "huber_windows"]
+__all__ = ["HUBER_T", "MAD_NORMALISATION", "HuberFit", "huber_cells", "huber_rolling", "huber_windows"]
 
 #: Huber's tuning constant (95% efficiency at the normal), statsmodels' ``HuberT`` default.
 HUBER_T: float = 1.345
@@ -215,24 +215,42 @@ def huber_rolling(
     """
     t_rows, n_cols = fit.shape
     device = fit.beta.device
-    f64 = torch.float64
     with torch.no_grad():
         cols, cell_rows = _cells(fit)
         if rows is not None and fit.window != 0:
             want = rows.to(device)
             pick = want[cols] == cell_rows
             cols, cell_rows = cols[pick], cell_rows[pick]
+        values = huber_cells(x, y, fit, cols, cell_rows)
         out_rows = 1 if fit.window == 0 else t_rows
-        store = torch.full((9, n_cols, out_rows), math.nan, dtype=f64, device=device)
-        comp = _Compacted(x.T.to(device=device, dtype=f64), y.T.to(device=device, dtype=f64))
-        span = t_rows if fit.window == 0 or fit.window > t_rows else fit.window
-        for a, b in _chunks(int(cols.numel()), span):
-            c, r = cols[a:b], cell_rows[a:b]
-            h = huber_windows(gather_windows(x, y, fit.window, c, r, _compact=comp))
-            store[0, c, r] = h.alpha
-            store[1, c, r] = h.beta
-            store[2, c, r] = h.gamma
-            store[3:, c, r] = h.cov_unique.T
+        store = torch.full((9, n_cols, out_rows), math.nan, dtype=torch.float64, device=device)
+        store[:, cols, cell_rows] = values
     if fit.window == 0:
         store = store.expand(-1, -1, t_rows)
     return store[0].T, store[1].T, store[2].T, store[3:].permute(2, 1, 0)
+
+
+def huber_cells(x: Tensor, y: Tensor, fit: QuadraticFit, cols: Tensor, rows: Tensor) -> Tensor:
+    """Huber fits of the windows of ``fit`` ending at the given cells, compactly.
+
+    ``cols``, ``rows``: int64 ``[M]`` cells (column, row) where ``fit`` has a fit (for
+    ``window == 0``, row 0 of each column).  Returns ``[9, M]``: ``alpha``, ``beta``,
+    ``gamma`` and the six unique covariance entries (:data:`~sensitivity.model.COV_ENTRIES`),
+    NaN where the Huber fit does not exist.  The windows are gathered a chunk at a time, so
+    memory follows ``M``, not the panel.
+    """
+    t_rows, _ = fit.shape
+    device = fit.beta.device
+    f64 = torch.float64
+    with torch.no_grad():
+        cols, rows = cols.to(device), rows.to(device)
+        out = torch.full((9, int(cols.numel())), math.nan, dtype=f64, device=device)
+        comp = _Compacted(x.T.to(device=device, dtype=f64), y.T.to(device=device, dtype=f64))
+        span = t_rows if fit.window == 0 or fit.window > t_rows else fit.window
+        for a, b in _chunks(int(cols.numel()), span):
+            h = huber_windows(gather_windows(x, y, fit.window, cols[a:b], rows[a:b], _compact=comp))
+            out[0, a:b] = h.alpha
+            out[1, a:b] = h.beta
+            out[2, a:b] = h.gamma
+            out[3:, a:b] = h.cov_unique.T
+    return out
