@@ -23,7 +23,13 @@ from sensitivity.errors import (
 )
 from sensitivity.prices import PRICE_COLUMNS
 from sensitivity.sources import FilesSource, PriceSource
-from sensitivity.sources.files import canonical_column, csv_price_frame, table_price_frame
+from sensitivity.sources.files import (
+    canonical_column,
+    csv_price_frame,
+    csv_price_frame_fast,
+    csv_price_frame_reference,
+    table_price_frame,
+)
 
 D = dt.date
 YF_DOWNLOAD_AAPL = FIXTURES / "files" / "yf_download" / "AAPL.csv"
@@ -437,3 +443,67 @@ def test_fixture_files_are_documented() -> None:
         if path.is_file() and path.name != "SOURCES.md":
             assert path.name in text, f"{path.name} has no provenance in tests/fixtures/SOURCES.md"
     assert json.loads((FIXTURES / "yahoo_chart_AAPL_1d_2020-08-31_2020-11-06_div_split.json").read_text())
+
+
+HISTORY_TZ = (
+    "Date,Open,High,Low,Close,Volume,Dividends,Stock Splits\n"
+    "2020-11-05 00:00:00-05:00,117.95,119.62,116.87,119.03,126387100,0.0,0.0\n"
+    "2020-11-06 00:00:00-05:00,118.32,119.2,116.13,118.69,114457900,0.205,0.0\n"
+    "2021-03-15 00:00:00-04:00,2.0,2.0,2.0,2.0,2,0.0,2.0\n"
+)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        pytest.param(CLASSIC, id="classic"),
+        pytest.param(CLASSIC.replace("\n", "\r\n"), id="classic-crlf"),
+        pytest.param(YF_DOWNLOAD_AAPL.read_bytes().decode("utf-8"), id="yf-download-crlf"),
+        pytest.param(HISTORY_TZ, id="history-tz-offsets"),
+        pytest.param(CLASSIC.replace("171.800003", " NULL ").replace("169.710007", "nan"), id="missing"),
+    ],
+)
+def test_csv_fast_path_answers_plain_files_like_the_reference(text: str) -> None:
+    """The pyarrow fast path reads the usual layouts (it does not decline) and gives the
+    reference parser's frame bit for bit (tests/property/test_csv_fast_path.py does the rest)."""
+    symbol = "AAPL"
+    fast = csv_price_frame_fast(text, symbol, origin="AAPL.csv")
+    assert fast is not None
+    want = csv_price_frame_reference(text, symbol, origin="AAPL.csv")
+    pd.testing.assert_frame_equal(fast, want, check_exact=True)
+    for col in PRICE_COLUMNS:
+        assert np.array_equal(fast[col].to_numpy().view(np.int64), want[col].to_numpy().view(np.int64))
+    pd.testing.assert_frame_equal(csv_price_frame(text, symbol, origin="AAPL.csv"), want, check_exact=True)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        pytest.param(
+            CLASSIC + "<html><body>502 Bad Gateway</body></html>\n",
+            r"^X: X\.csv line 6 has 1 fields but the header has 7; fix the line$",
+            id="garbage-line",
+        ),
+        pytest.param(
+            CLASSIC.replace("171.059998", "12,5O"),
+            r"^X: X\.csv line 4 has 8 fields but the header has 7; fix the line$",
+            id="wrong-field-count",
+        ),
+        pytest.param(
+            CLASSIC.replace("171.059998", "N/A?"),
+            r"^X: X\.csv line 4: close value 'N/A\?' is not a number; fix the line$",
+            id="bad-number",
+        ),
+        pytest.param(
+            CLASSIC.replace("2019-02-21", "21/02/2019"),
+            r"^X: X\.csv line 4: the date '21/02/2019' is not a date written YYYY-MM-DD; fix the line$",
+            id="bad-date",
+        ),
+    ],
+)
+def test_csv_fast_path_declines_damaged_files_and_the_reference_names_them(text: str, message: str) -> None:
+    assert csv_price_frame_fast(text, "X", origin="X.csv") is None
+    with pytest.raises(DataValidationError, match=message):
+        csv_price_frame(text, "X", origin="X.csv")
+    with pytest.raises(DataValidationError, match=message):
+        csv_price_frame_reference(text, "X", origin="X.csv")

@@ -28,6 +28,12 @@ Values are parsed to float64 exactly as written (correctly rounded, the same as 
 missing (Yahoo writes ``null``) are dropped; unsorted rows are sorted; a date that appears twice
 is an error naming the date and both lines.
 
+CSV files are read by a vectorised fast path (:func:`csv_price_frame_fast`, pyarrow) that
+handles the plain files every writer produces; anything unusual (a malformed line, quoting, a
+blank-looking row, a value or date it cannot prove it parses the same way) falls back to the
+reference parser (:func:`csv_price_frame_reference`), which gives every message.  Both return the
+same frame whenever the fast path answers.
+
 The file name comes only from the validated symbol (:func:`sensitivity.symbols.normalize_symbol`)
 and the file must resolve inside the folder: a symlink that leads out of it is refused.
 """
@@ -47,6 +53,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from sensitivity.errors import (
@@ -66,6 +73,8 @@ __all__ = [
     "FilesSource",
     "canonical_column",
     "csv_price_frame",
+    "csv_price_frame_fast",
+    "csv_price_frame_reference",
     "table_price_frame",
 ]
 
@@ -255,6 +264,25 @@ def csv_price_frame(
 
     ``origin`` names the file in messages; the dates of rows dropped for having no price are
     appended to ``empty_rows`` when it is given.  Pure: no I/O.
+
+    Tries :func:`csv_price_frame_fast` first and falls back to
+    :func:`csv_price_frame_reference` whenever the fast path declines the text; the result (and
+    every error) is the reference parser's.
+    """
+    frame = csv_price_frame_fast(text, symbol, origin=origin, empty_rows=empty_rows)
+    if frame is not None:
+        return frame
+    return csv_price_frame_reference(text, symbol, origin=origin, empty_rows=empty_rows)
+
+
+def csv_price_frame_reference(
+    text: str, symbol: str, *, origin: str, empty_rows: list[dt.date] | None = None
+) -> pd.DataFrame:
+    """The reference CSV parser: Python's ``csv`` module and per-cell parsing.
+
+    Defines what :func:`csv_price_frame` accepts and every message it gives; slow (tens of ms
+    for 5,000 rows), so :func:`csv_price_frame` only uses it when the fast path declines.
+    Same arguments as :func:`csv_price_frame`.  Pure: no I/O.
     """
     text = text.removeprefix("\ufeff")
     if not text.strip():
@@ -270,21 +298,7 @@ def csv_price_frame(
             f"{symbol}: {origin} line {reader.line_num} is not valid CSV ({exc}); fix the line"
         ) from exc
     header, body = _split_header(rows, symbol, origin)
-
-    columns: dict[str, int] = {}
-    for pos, name in enumerate(header):
-        canon = canonical_column(name)
-        if canon is None:
-            if name.strip():
-                log.debug("%s: %s: ignoring column %r", symbol, origin, name)
-            continue
-        if canon in columns:
-            raise DataValidationError(
-                f"{symbol}: {origin} has two columns meaning {canon} ({header[columns[canon]]!r} "
-                f"and {name!r}); keep one"
-            )
-        columns[canon] = pos
-    _require_columns(columns, header, symbol, origin)
+    columns = _header_columns(header, symbol, origin, log_ignored=True)
     if not body:
         raise EmptyDataError(
             f"{symbol}: {origin} has a header but no rows (add one row per trading day)",
@@ -311,6 +325,28 @@ def csv_price_frame(
         if col != "date"
     }
     return _assemble(dates, values, symbol, origin, locate, empty_rows)
+
+
+def _header_columns(header: Sequence[str], symbol: str, origin: str, *, log_ignored: bool) -> dict[str, int]:
+    """Price-frame column -> position in ``header``; refuses duplicates and a missing Date/Close.
+
+    Columns we do not use are logged (at debug level) when ``log_ignored``.
+    """
+    columns: dict[str, int] = {}
+    for pos, name in enumerate(header):
+        canon = canonical_column(name)
+        if canon is None:
+            if log_ignored and name.strip():
+                log.debug("%s: %s: ignoring column %r", symbol, origin, name)
+            continue
+        if canon in columns:
+            raise DataValidationError(
+                f"{symbol}: {origin} has two columns meaning {canon} ({header[columns[canon]]!r} "
+                f"and {name!r}); keep one"
+            )
+        columns[canon] = pos
+    _require_columns(columns, header, symbol, origin)
+    return columns
 
 
 def _split_header(
@@ -418,6 +454,223 @@ def parse_number_texts(
                     "number; fix the line"
                 ) from exc
         raise
+    return values
+
+
+# -- transform: CSV text -> price frame, the vectorised fast path (pure) ---------------------
+
+#: What ``str.strip()`` removes from an ASCII text (the fast path only reads ASCII files).
+_ASCII_BLANKS = " \t\n\r\x0b\x0c\x1c\x1d\x1e\x1f"
+
+_MISSING_SET = pa.array(sorted(_MISSING), pa.string())
+
+#: The spellings of the missing markers pyarrow's typed read takes as null (exact match; any
+#: other spelling fails that read and the cells are then matched case-insensitively).
+_MISSING_SPELLINGS = sorted(
+    {v for m in _MISSING for v in (m, m.upper(), m.title(), m.capitalize())} | {"NaN"}
+)
+
+#: :data:`_DATE_RE` split by whether the UTC offset is written (RE2 syntax, full match).
+_DATE_NAIVE_RE = r"^\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?$"
+_DATE_AWARE_RE = r"^\d{4}-\d{2}-\d{2}(?:[ T]\d{2}:\d{2}(?::\d{2}(?:\.\d+)?)?)?(?:Z|[+-]\d{2}(?::?\d{2})?)$"
+
+#: One record per line, no quoting or escapes, an empty line kept as a row of empty cells
+#: (its empty date then sends the file to the reference parser, which skips such lines).
+_FAST_PARSE = pa_csv.ParseOptions(
+    delimiter=",",
+    quote_char=False,
+    double_quote=False,
+    escape_char=False,
+    newlines_in_values=False,
+    ignore_empty_lines=False,
+)
+
+
+def csv_price_frame_fast(
+    text: str, symbol: str, *, origin: str, empty_rows: list[dt.date] | None = None
+) -> pd.DataFrame | None:
+    """The price frame of a plain CSV, parsed vectorised with pyarrow; None when it declines.
+
+    Handles the files writers produce: ASCII, no quotes, ``\\n`` or ``\\r\\n`` line ends, the
+    header (or the three ``yf.download`` header lines) on the first lines, then one row per
+    line with as many fields as the header.  Values must be numbers or the missing markers
+    (any case, blanks around them allowed), dates ``YYYY-MM-DD`` (or all with, or all
+    without, a time and UTC offset).  On anything else, including any header or row that
+    :func:`csv_price_frame_reference` refuses, it returns None, having logged nothing and
+    left ``empty_rows`` alone, and the reference parser decides.  When it answers, the frame,
+    the logs and ``empty_rows`` are exactly the reference parser's (both end in the same
+    checks).
+
+    Exactness: pyarrow parses numbers with fast_float, correctly rounded like Python's
+    ``float()``, so the values are the reference parser's bit for bit.  Texts the two may
+    read differently (``inf``, ``nan(1)``, ``1_000``) give a non-finite value or an error in
+    pyarrow, and the fast path declines.
+    """
+    text = text.removeprefix("\ufeff")
+    if not text.isascii() or '"' in text or "\x00" in text:
+        return None
+    if "\r" in text and text.count("\r") != text.count("\r\n"):
+        return None  # a lone CR ends a line for the csv module: leave it to the reference
+    parsed = _fast_header(text, symbol, origin)
+    if parsed is None:
+        return None
+    columns, header, body_start = parsed
+    body = text[body_start:].encode("ascii")
+    if not body or not _lines_shorter_than_field_limit(body):
+        return None
+    names = [f"f{i}" for i in range(len(header))]
+    numeric = {names[pos] for col, pos in columns.items() if col != "date"}
+    dates: np.ndarray | None = None
+    values: dict[str, np.ndarray] | None = None
+    # First with the numbers typed (the common file); then, when a cell is unusual (blanks
+    # around a missing marker, an odd case), as texts matched like the reference does.
+    for typed in (True, False):
+        table = _fast_table(body, names, numeric if typed else set())
+        if table is None:
+            if typed:
+                continue  # a cell pyarrow does not take for a number: read the texts
+            return None  # a row with the wrong number of fields, or anything pyarrow refuses
+        if dates is None:
+            dates = _fast_dates(table.column(names[columns["date"]]))
+            if dates is None:
+                return None
+        values = {}
+        for col, pos in columns.items():
+            if col == "date":
+                continue
+            column = table.column(names[pos])
+            numbers = _typed_numbers(column) if typed else _text_numbers(column)
+            if numbers is None:
+                break
+            values[col] = numbers
+        else:
+            break
+        if not typed:
+            return None
+    assert dates is not None
+    assert values is not None
+
+    for name in header:
+        if canonical_column(name) is None and name.strip():
+            log.debug("%s: %s: ignoring column %r", symbol, origin, name)
+    first_line = text.count("\n", 0, body_start) + 1
+    lines = np.arange(first_line, first_line + len(dates), dtype=np.int64)
+
+    def locate(i: int) -> str:
+        return f"line {lines[i]}"
+
+    return _assemble(dates, values, symbol, origin, locate, empty_rows)
+
+
+def _fast_header(text: str, symbol: str, origin: str) -> tuple[dict[str, int], list[str], int] | None:
+    """(columns, header names, offset of the first data line) when the text's first line (or
+    first three, ``yf.download``) is a header the reference parser accepts; else None."""
+    ends: list[int] = []
+    while len(ends) < 3:
+        end = text.find("\n", ends[-1] if ends else 0)
+        if end < 0:
+            return None  # no data line after the header: the reference gives the message
+        ends.append(end + 1)
+        if len(ends) == 1 and text[:end].split(",", 1)[0].strip().lower() not in ("price", "ticker"):
+            break
+    try:
+        lines = list(csv.reader(io.StringIO(text[: ends[-1]], newline=""), strict=True))
+        if len(lines) != len(ends) or not all(any(cell.strip() for cell in row) for row in lines):
+            return None  # a blank-looking header line: the reference skips it
+        header, rest = _split_header([(k + 1, row) for k, row in enumerate(lines)], symbol, origin)
+        columns = _header_columns(header, symbol, origin, log_ignored=False)
+    except (csv.Error, DataValidationError):
+        return None  # the reference parser gives the message
+    if rest:
+        return None
+    return columns, header, ends[-1]
+
+
+def _lines_shorter_than_field_limit(body: bytes) -> bool:
+    """True when no line of ``body`` can hold a field the ``csv`` module refuses as too long.
+
+    A line of ``csv.field_size_limit()`` characters or more covers a whole aligned block of
+    half that size, so it is enough that every such block holds a line break.
+    """
+    block = csv.field_size_limit() // 2
+    if block < 4096:
+        return len(body) < block
+    return all(
+        body.find(b"\n", start, start + block) >= 0 for start in range(0, len(body) - block + 1, block)
+    )
+
+
+def _fast_table(body: bytes, names: list[str], numeric: set[str]) -> pa.Table | None:
+    """The rows of ``body`` with the ``numeric`` columns read as float64 and the rest as
+    texts, or None when pyarrow refuses (a row with the wrong number of fields, a cell that
+    is not a number or one of :data:`_MISSING_SPELLINGS`)."""
+    try:
+        return pa_csv.read_csv(
+            io.BytesIO(body),
+            read_options=pa_csv.ReadOptions(
+                column_names=names, use_threads=False, block_size=max(len(body) + 1, 1 << 20)
+            ),
+            parse_options=_FAST_PARSE,
+            convert_options=pa_csv.ConvertOptions(
+                column_types={n: pa.float64() if n in numeric else pa.string() for n in names},
+                null_values=_MISSING_SPELLINGS,
+                strings_can_be_null=False,
+                quoted_strings_can_be_null=False,
+                check_utf8=False,
+            ),
+        )
+    except (pa.ArrowException, ValueError):
+        return None
+
+
+def _fast_dates(column: pa.ChunkedArray) -> np.ndarray | None:
+    """``datetime64[D]`` trading dates exactly as :func:`parse_date_texts` gives them, or None.
+
+    A cast to ``date32`` accepts exactly ``YYYY-MM-DD`` (ASCII digits, a valid day); other
+    texts are trimmed and must all match :data:`_DATE_RE` with, or all without, a UTC offset.
+    """
+    try:
+        return np.asarray(pc.cast(column, pa.date32()).to_numpy(), dtype="datetime64[D]")
+    except (pa.ArrowException, ValueError):
+        pass
+    texts = pc.ascii_trim(column, _ASCII_BLANKS)
+    if not (
+        pc.all(pc.match_substring_regex(texts, _DATE_NAIVE_RE)).as_py()
+        or pc.all(pc.match_substring_regex(texts, _DATE_AWARE_RE)).as_py()
+    ):
+        return None  # an empty, malformed or mixed date: the reference names the line
+    try:
+        days = pc.cast(pc.utf8_slice_codeunits(texts, 0, 10), pa.date32())
+    except (pa.ArrowException, ValueError):
+        return None  # an impossible date (2019-02-30)
+    return np.asarray(days.to_numpy(), dtype="datetime64[D]")
+
+
+def _typed_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
+    """The float64 values of a column pyarrow read as numbers (nulls as NaN), or None when one
+    is not finite (``inf``, ``nan(1)``: texts Python may read differently, or not at all)."""
+    values = np.array(column.to_numpy(zero_copy_only=False), dtype=np.float64)
+    if np.count_nonzero(~np.isfinite(values)) != column.null_count:
+        return None
+    return values
+
+
+def _text_numbers(column: pa.ChunkedArray) -> np.ndarray | None:
+    """float64 values of number texts exactly as :func:`parse_number_texts` gives them, or None.
+
+    Cells are trimmed like ``str.strip()``, missing markers (any case) become NaN and the rest
+    is cast; a cell that is not a number, or a non-finite value, declines.
+    """
+    texts = pc.ascii_trim(column, _ASCII_BLANKS)
+    missing = pc.is_in(pc.ascii_lower(texts), value_set=_MISSING_SET)
+    try:
+        cast = pc.cast(pc.if_else(missing, "0", texts), pa.float64())
+    except (pa.ArrowException, ValueError):
+        return None  # not a number: the reference names the cell
+    values = np.array(cast.to_numpy(), dtype=np.float64)
+    if not np.isfinite(values).all():
+        return None
+    values[np.asarray(missing.to_numpy(), dtype=bool)] = np.nan
     return values
 
 
@@ -558,6 +811,19 @@ def _assemble(
                 "must be positive (fix or remove the row)"
             )
 
-    index = trading_date_index(kept_dates)
+    index = _date_index(kept_dates)
     frame = pd.DataFrame({c: cols[c][order] for c in PRICE_COLUMNS}, index=index)
     return check_price_frame(frame, symbol)
+
+
+#: The days a ``datetime64[ns]`` index holds (pandas' Timestamp.min/max, whole days).
+_NS_DAYS = (np.datetime64("1677-09-22", "D"), np.datetime64("2262-04-11", "D"))
+
+
+def _date_index(days: np.ndarray) -> pd.DatetimeIndex:
+    """:func:`~sensitivity.sources.base.trading_date_index` of ``datetime64[D]`` days, built
+    directly when every day fits ``datetime64[ns]`` (the same index, without pandas inferring a
+    frequency on the way); other days go through it and get its error."""
+    if days.size and _NS_DAYS[0] <= days.min() and days.max() <= _NS_DAYS[1]:
+        return pd.DatetimeIndex(days.astype("datetime64[ns]"), name="date")
+    return trading_date_index(days)
