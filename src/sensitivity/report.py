@@ -14,8 +14,11 @@ what these functions return.
 * :func:`characteristic_curve_figure`, :func:`sensitivity_history_figure`,
   :func:`gamma_history_figure` and :func:`sparkline_figure` draw one combination,
   :func:`sensitivity_heatmap_figure` all tickers of one (index, window) through time
-  (matplotlib ``Figure`` objects, rendered by the Agg canvas; no pyplot global state);
-  :func:`figure_png` turns a figure into PNG bytes.
+  (matplotlib ``Figure`` objects, rendered by the Agg canvas; no pyplot global state; the
+  heatmap is laid out by constrained layout, the other charts by a cheaper one-pass layout);
+  :func:`figure_png` turns a figure into PNG bytes.  The report draws hundreds of charts, so
+  it reuses one figure per kind of chart, emptied between tickers (the same pixels as a new
+  figure, at a fraction of the cost).
 * :func:`render_report` assembles a self-contained HTML page (PNG charts embedded as base64
   data URIs, no external CSS, JS or fonts); every piece of text that comes from data or the
   manifest is HTML-escaped.  :func:`overview_markdown` is its overview as Markdown (the
@@ -44,12 +47,16 @@ from typing import Any, Final, Literal, cast
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
-from matplotlib import colormaps
+from matplotlib import colormaps, rcParams
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import CenteredNorm
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
+from matplotlib.lines import Line2D
+from matplotlib.text import Text
+from matplotlib.transforms import Bbox
 from PIL import Image
 
 __all__ = [
@@ -146,6 +153,10 @@ SPARK_DPI: Final[int] = 100
 SPARK_SIZE: Final[tuple[float, float]] = (1.6, 0.36)
 #: Calendar days of history a sparkline shows.
 SPARK_DAYS: Final[int] = 365
+#: zlib level of the embedded PNGs: 7 is within about 6% of the smallest (9) at a sixth of its time.
+PNG_COMPRESS_LEVEL: Final[int] = 7
+#: Space around a chart's parts (axes, title, labels, legend), in inches: constrained layout's pad.
+_PAD_IN: Final[float] = 3.0 / 72.0
 
 _C_POINTS: Final[str] = "#4c72b0"
 _C_QUAD: Final[str] = "#c44e52"
@@ -459,7 +470,11 @@ def characteristic_curve(history: pd.DataFrame, *, hac_lags: Sequence[int] = ())
     ``beta_se``, ``gamma_se`` (relative tolerance 1e-6).  Its quantile is the one the table's
     sensitivity interval used.
     """
-    frame = _one_combination(history)
+    return _characteristic_curve(_one_combination(history), hac_lags)
+
+
+def _characteristic_curve(frame: pd.DataFrame, hac_lags: Sequence[int]) -> CharacteristicCurve:
+    """:func:`characteristic_curve` of a history :func:`_one_combination` has checked."""
     last = frame.iloc[-1]
     row = _record(last)
     window = int(last["window"])
@@ -575,6 +590,116 @@ def _empty_note(ax: Axes, text: str) -> None:
     )
 
 
+class _Chart:
+    """A :data:`CHART_SIZE` figure at :data:`CHART_DPI` on an Agg canvas, with one axes.
+
+    No layout engine: :func:`_fit_axes` places the axes once the chart's artists are added.
+    The report draws the same kind of chart for many tickers, and creating a figure, its axes
+    and their ticks costs about as much as drawing them; :meth:`take` empties the figure for
+    the next chart instead, which draws the same pixels as a new one.
+    """
+
+    def __init__(self) -> None:
+        self.figure = Figure(figsize=CHART_SIZE, dpi=CHART_DPI)
+        FigureCanvasAgg(self.figure)
+        self.axes = self.figure.add_subplot()
+        self._used = False
+
+    def take(self) -> tuple[Figure, Axes]:
+        """The figure and its axes, without the artists, legend, title and labels of the last chart."""
+        fig, ax = self.figure, self.axes
+        if self._used:
+            for artist in [*ax.lines, *ax.collections, *ax.texts, *ax.patches, *fig.legends]:
+                artist.remove()
+            ax.relim()
+            # A new axes' view limits (not set yet), then the defaults of the axes' units (dates).
+            ax.viewLim.set_points(Bbox.unit().get_points())
+            ax.xaxis.set_default_intervals()
+            ax.yaxis.set_default_intervals()
+            ax.set_autoscale_on(True)
+            ax.set_title("")
+            ax.set_xlabel("")
+            ax.set_ylabel("")
+        self._used = True
+        return fig, ax
+
+
+def _agg_canvas(fig: Figure) -> FigureCanvasAgg:
+    """``fig``'s canvas when it is an Agg one, else a new Agg canvas for it."""
+    canvas = fig.canvas
+    return canvas if isinstance(canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
+
+
+def _tick_labels(ax: Axes, which: Literal["x", "y"]) -> tuple[list[str], str]:
+    """The major tick labels ``ax`` will draw on one axis (within the view) and its offset text."""
+    axis = ax.xaxis if which == "x" else ax.yaxis
+    low, high = sorted(axis.get_view_interval())
+    locs = [v for v in axis.get_major_locator()() if low <= v <= high]
+    formatter = axis.get_major_formatter()
+    labels = [str(v) for v in formatter.format_ticks(locs)]
+    return labels, str(formatter.get_offset())
+
+
+def _fit_axes(fig: Figure, ax: Axes) -> None:
+    """Place ``ax`` so that its title, labels and tick labels and the legend below it fit ``fig``.
+
+    A cheap stand-in for constrained layout on a chart of one axes and an optional figure
+    legend at the bottom (``loc="outside lower center"``), with the same look and
+    :data:`_PAD_IN` between the parts and around them.  Instead of laying out every tick (which
+    constrained layout does twice per draw, about 60 ms a chart), it measures the title, the
+    axis labels, the legend and the widest tick label of each axis, whose texts come from the
+    axes' own locators and formatters.
+    """
+    renderer = _agg_canvas(fig).get_renderer()  # type: ignore[no-untyped-call]
+    width, height = fig.bbox.width, fig.bbox.height
+    pt = fig.dpi / 72.0
+    pad = _PAD_IN * fig.dpi
+
+    def size(text: Text) -> tuple[float, float]:
+        if not text.get_visible() or not text.get_text():
+            return 0.0, 0.0
+        box = text.get_window_extent(renderer)
+        return box.width, box.height
+
+    def widest(labels: Sequence[str], fontsize: Any) -> tuple[float, float]:
+        """Width of the widest of ``labels`` and the height of a line of them (as ``Text`` lays out)."""
+        # Digits have one width: the longest labels are the widest, so only those are measured.
+        longest = max(map(len, labels), default=0)
+        prop = FontProperties(size=fontsize)
+        boxes = [
+            renderer.get_text_width_height_descent(t, prop, ismath=False)
+            for t in ["lp", *dict.fromkeys(labels)]
+            if t == "lp" or (t and len(t) >= longest - 1)
+        ]
+        width = max((b[0] for b in boxes[1:]), default=0.0)
+        return width, max(b[1] for b in boxes)
+
+    legend_top = max((leg.get_window_extent(renderer).y1 for leg in fig.legends), default=0.0)
+    title_h = size(ax.title)[1]
+    top = pad + (title_h + rcParams["axes.titlepad"] * pt if title_h else 0.0)
+    x_labels, x_offset = _tick_labels(ax, "x")
+    x_w, x_h = widest([*x_labels, x_offset], rcParams["xtick.labelsize"])
+    xlabel_h = size(ax.xaxis.label)[1]
+    below = (rcParams["xtick.major.size"] + rcParams["xtick.major.pad"]) * pt + x_h
+    below += (xlabel_h + rcParams["axes.labelpad"] * pt) if xlabel_h else 0.0
+    below += (x_h + 3.0 * pt) if x_offset else 0.0  # Axis.OFFSETTEXTPAD
+    bottom = legend_top + pad + below
+    # The y ticks depend on the axes' height: place it vertically before asking for them.
+    ax.set_position((0.1, bottom / height, 0.8, max(height - bottom - top, pt) / height))
+    y_labels, y_offset = _tick_labels(ax, "y")
+    y_w, y_h = widest(y_labels, rcParams["ytick.labelsize"])
+    ylabel_w = size(ax.yaxis.label)[0]
+    left = pad + (rcParams["ytick.major.size"] + rcParams["ytick.major.pad"]) * pt + y_w
+    left += (ylabel_w + rcParams["axes.labelpad"] * pt) if ylabel_w else 0.0
+    right = pad + x_w / 2.0  # the last tick label may sit on the right edge
+    if y_offset:
+        top += y_h
+    plot_w, plot_h = width - left - right, height - bottom - top
+    if plot_w < 0.3 * width or plot_h < 0.3 * height:
+        return  # labels too large to fit: leave the plot as wide as placed above, not squashed
+    ax.set_position((left / width, bottom / height, plot_w / width, plot_h / height))
+
+
 def characteristic_curve_figure(
     history: pd.DataFrame, *, hac_lags: Sequence[int] = (), curve: CharacteristicCurve | None = None
 ) -> Figure:
@@ -591,8 +716,12 @@ def characteristic_curve_figure(
     """
     if curve is None:
         curve = characteristic_curve(history, hac_lags=hac_lags)
-    fig = Figure(figsize=CHART_SIZE, layout="constrained")
-    ax = fig.add_subplot()
+    return _characteristic_curve_figure(curve, _Chart())
+
+
+def _characteristic_curve_figure(curve: CharacteristicCurve, chart: _Chart) -> Figure:
+    """:func:`characteristic_curve_figure` of ``curve``, drawn in ``chart``."""
+    fig, ax = chart.take()
     ax.axhline(0.0, color="0.85", lw=0.8, zorder=0)
     ax.axvline(0.0, color="0.85", lw=0.8, zorder=0)
     title = f"{curve.ticker} vs {curve.index_ticker}: characteristic curve"
@@ -605,6 +734,7 @@ def characteristic_curve_figure(
     ax.set_ylabel(_mpl_text(f"{curve.ticker} {kind} (%)"))
     if curve.n == 0:
         _empty_note(ax, "no daily returns in the latest window")
+        _fit_axes(fig, ax)
         return fig
 
     ax.scatter(
@@ -687,6 +817,7 @@ def characteristic_curve_figure(
     if not curve.has_fit:
         ax.text(0.98, 0.03, _mpl_text(curve.band_note), transform=ax.transAxes, ha="right", fontsize=8)
     fig.legend(loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    _fit_axes(fig, ax)
     return fig
 
 
@@ -696,13 +827,16 @@ def sensitivity_history_figure(history: pd.DataFrame) -> Figure:
     Line labels: ``sensitivity`` and ``linear beta``; the band (a ``fill_between`` collection)
     is labelled ``95% CI``.  Days without a fit are gaps.
     """
-    frame = _one_combination(history)
+    return _sensitivity_history_figure(_one_combination(history), _Chart())
+
+
+def _sensitivity_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
+    """:func:`sensitivity_history_figure` of a history :func:`_one_combination` has checked."""
     last = frame.iloc[-1]
     ticker, index_ticker, window = str(last["ticker"]), str(last["index_ticker"]), int(last["window"])
     dates = frame["date"].to_numpy(dtype="datetime64[ns]")
     sens = _floats(frame["sensitivity"])
-    fig = Figure(figsize=CHART_SIZE, layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = chart.take()
     ax.set_title(
         _mpl_text(f"{ticker} vs {index_ticker}: sensitivity per day ({_window_label(window)})"), fontsize=9.5
     )
@@ -711,6 +845,7 @@ def sensitivity_history_figure(history: pd.DataFrame) -> Figure:
     if not np.isfinite(sens).any():
         ax.plot(dates, sens, color=_C_SENS, lw=0.9, label="sensitivity", gid="sensitivity")
         _empty_note(ax, "no fitted value on any day")
+        _fit_axes(fig, ax)
         return fig
     ax.fill_between(
         dates,
@@ -738,6 +873,7 @@ def sensitivity_history_figure(history: pd.DataFrame) -> Figure:
         [dates[i]], [sens[i]], "o", color=_C_TODAY, ms=5, mec="black", mew=0.6, label=f"latest: {sens[i]:.2f}"
     )
     fig.legend(loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    _fit_axes(fig, ax)
     return fig
 
 
@@ -774,13 +910,16 @@ def gamma_history_figure(history: pd.DataFrame) -> Figure:
     (:func:`gamma_significant`).  Line id (``gid``): ``gamma``; the band's label is ``95% CI``,
     the shading's starts with ``significant``.
     """
-    frame = _one_combination(history)
+    return _gamma_history_figure(_one_combination(history), _Chart())
+
+
+def _gamma_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
+    """:func:`gamma_history_figure` of a history :func:`_one_combination` has checked."""
     last = frame.iloc[-1]
     ticker, index_ticker, window = str(last["ticker"]), str(last["index_ticker"]), int(last["window"])
     dates = frame["date"].to_numpy(dtype="datetime64[ns]")
     gamma = _floats(frame["gamma"])
-    fig = Figure(figsize=CHART_SIZE, layout="constrained")
-    ax = fig.add_subplot()
+    fig, ax = chart.take()
     ax.set_title(
         _mpl_text(f"{ticker} vs {index_ticker}: curvature γ per day ({_window_label(window)})"),
         fontsize=9.5,
@@ -790,6 +929,7 @@ def gamma_history_figure(history: pd.DataFrame) -> Figure:
     if not np.isfinite(gamma).any():
         ax.plot(dates, gamma, color=_C_GAMMA, lw=0.9, label="γ", gid="gamma")
         _empty_note(ax, "no fitted value on any day")
+        _fit_axes(fig, ax)
         return fig
     ax.axhline(0.0, color="0.55", lw=0.8, zorder=1)
     significant = gamma_significant(frame)
@@ -815,6 +955,7 @@ def gamma_history_figure(history: pd.DataFrame) -> Figure:
     latest = f"latest: {gamma[i]:.2f}"
     ax.plot([dates[i]], [gamma[i]], "o", color=_C_TODAY, ms=5, mec="black", mew=0.6, label=latest)
     fig.legend(loc="outside lower center", ncols=2, fontsize=7, frameon=False)
+    _fit_axes(fig, ax)
     return fig
 
 
@@ -858,7 +999,7 @@ def sensitivity_heatmap_figure(
     freq = freq or _heatmap_freq(days)
     periods = pd.period_range(days.min(), days.max(), freq=freq)
     means = (
-        frame.assign(_period=days.dt.to_period(freq).to_numpy())
+        frame.assign(_period=days.dt.to_period(freq).array)
         .groupby(["ticker", "_period"], sort=False)["sensitivity"]
         .mean()
         .unstack("_period")
@@ -900,25 +1041,55 @@ def sensitivity_heatmap_figure(
     return fig
 
 
+class _Sparkline:
+    """One sparkline figure, redrawn for each combination (the overview draws hundreds).
+
+    Creating a figure and its axes costs more than drawing a line in it, so the overview
+    keeps one figure and swaps the data: :meth:`draw` sets the line and the latest point and
+    rescales the axes exactly as a fresh figure would (``relim`` and ``autoscale_view`` with
+    the same margins), so every PNG equals that of :func:`sparkline_figure`.  No axis, ticks,
+    text or layout engine.
+    """
+
+    def __init__(self) -> None:
+        self.figure = Figure(figsize=SPARK_SIZE, dpi=SPARK_DPI)
+        FigureCanvasAgg(self.figure)
+        self._ax = self.figure.add_axes((0.02, 0.08, 0.96, 0.84))
+        self._ax.set_axis_off()
+        self._ax.margins(x=0.01, y=0.12)
+        self._line: Line2D | None = None
+        self._latest: Line2D | None = None
+
+    def draw(self, dates: npt.NDArray[np.datetime64], sens: FloatArray) -> Figure:
+        """The figure showing ``sens`` against ``dates`` and its last finite value as a dot."""
+        ax = self._ax
+        fitted = np.flatnonzero(np.isfinite(sens))
+        last = slice(int(fitted[-1]), int(fitted[-1]) + 1) if fitted.size else slice(0, 0)
+        if self._line is None or self._latest is None:
+            (self._line,) = ax.plot(dates, sens, color=_C_SENS, lw=0.9, gid="sensitivity")
+            (self._latest,) = ax.plot(dates[last], sens[last], "o", color=_C_TODAY, ms=2.5, gid="latest")
+        else:
+            self._line.set_data(dates, sens)
+            self._latest.set_data(dates[last], sens[last])  # one of the line's points, or none
+        ax.relim()
+        ax.autoscale_view()
+        return self.figure
+
+
+def _recent(dates: npt.NDArray[np.datetime64], days: int) -> int:
+    """The first index of sorted ``dates`` later than ``days`` calendar days before the last one."""
+    cutoff = dates[-1] - np.timedelta64(days, "D")
+    return int(np.searchsorted(dates, cutoff, side="right"))
+
+
 def sparkline_figure(history: pd.DataFrame, *, days: int = SPARK_DAYS) -> Figure:
     """A tiny line of one combination's sensitivity over its last ``days`` calendar days."""
     if days <= 0:
         raise ValueError(f"days must be > 0, got {days}")
     frame = _one_combination(history)
-    cutoff = frame["date"].iloc[-1] - pd.Timedelta(days=days)
-    recent = frame.loc[frame["date"] > cutoff]
-    dates = recent["date"].to_numpy(dtype="datetime64[ns]")
-    sens = _floats(recent["sensitivity"])
-    fig = Figure(figsize=SPARK_SIZE)
-    ax = fig.add_axes((0.02, 0.08, 0.96, 0.84))
-    ax.set_axis_off()
-    ax.plot(dates, sens, color=_C_SENS, lw=0.9, gid="sensitivity")
-    fitted = np.flatnonzero(np.isfinite(sens))
-    if fitted.size:
-        i = int(fitted[-1])
-        ax.plot([dates[i]], [sens[i]], "o", color=_C_TODAY, ms=2.5, gid="latest")
-    ax.margins(x=0.01, y=0.12)
-    return fig
+    dates = frame["date"].to_numpy(dtype="datetime64[ns]")
+    start = _recent(dates, days)
+    return _Sparkline().draw(dates[start:], _floats(frame["sensitivity"])[start:])
 
 
 def figure_png(fig: Figure, *, dpi: int = CHART_DPI, colors: int | None = PNG_COLORS) -> bytes:
@@ -926,30 +1097,36 @@ def figure_png(fig: Figure, *, dpi: int = CHART_DPI, colors: int | None = PNG_CO
 
     With ``colors`` (2 to 256) the image is reduced to a palette of that many colors (octree,
     no dithering), which keeps every color a chart uses and makes the PNG 2-4 times smaller;
-    ``None`` keeps full RGBA.
+    ``None`` keeps full RGBA.  zlib level :data:`PNG_COMPRESS_LEVEL`.
     """
     if colors is not None and not 2 <= colors <= 256:
         raise ValueError(f"colors must be between 2 and 256 or None, got {colors}")
-    canvas = FigureCanvasAgg(fig)
+    canvas = _agg_canvas(fig)
     buf = io.BytesIO()
     if colors is None:
-        fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
+        fig.savefig(
+            buf,
+            format="png",
+            dpi=dpi,
+            metadata={"Software": None},
+            pil_kwargs={"compress_level": PNG_COMPRESS_LEVEL},
+        )
         return buf.getvalue()
     original_dpi = fig.get_dpi()
-    fig.set_dpi(dpi)
+    if dpi != original_dpi:
+        fig.set_dpi(dpi)
     try:
         canvas.draw()  # type: ignore[no-untyped-call]
-        rgba = Image.frombuffer(
+        rgb = Image.frombuffer(
             "RGBA",
             canvas.get_width_height(),
             canvas.buffer_rgba(),  # type: ignore[no-untyped-call]
-        ).copy()
+        ).convert("RGB")
     finally:
-        fig.set_dpi(original_dpi)
-    palette = rgba.convert("RGB").quantize(
-        colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE
-    )
-    palette.save(buf, format="PNG", optimize=True)
+        if dpi != original_dpi:
+            fig.set_dpi(original_dpi)
+    palette = rgb.quantize(colors=colors, method=Image.Quantize.FASTOCTREE, dither=Image.Dither.NONE)
+    palette.save(buf, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
     return buf.getvalue()
 
 
@@ -1603,6 +1780,20 @@ def _scenario_table(rows: pd.DataFrame, curve: CharacteristicCurve) -> str:
 # --------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class _SectionCharts:
+    """The figures the per-ticker sections draw in, one per kind of chart (see :class:`_Chart`)."""
+
+    characteristic: _Chart
+    sensitivity: _Chart
+    gamma: _Chart
+
+    @classmethod
+    def new(cls) -> _SectionCharts:
+        """Three new, empty figures."""
+        return cls(_Chart(), _Chart(), _Chart())
+
+
 def _ticker_section(
     row: Mapping[str, Any],
     anchor: str,
@@ -1611,7 +1802,9 @@ def _ticker_section(
     *,
     scenarios: pd.DataFrame | None = None,
     hac_lags: Sequence[int] = (),
+    charts: _SectionCharts | None = None,
 ) -> str:
+    """One ticker's section; ``history`` is its per-day rows as :func:`_one_combination` returns them."""
     ticker, index_ticker, window = str(row["ticker"]), str(row["index_ticker"]), int(row["window"])
     head = (
         f'<section class="ticker" id="{anchor}" data-ticker="{_e(ticker)}"><h3>{_e(ticker)} <small>vs '
@@ -1630,15 +1823,16 @@ def _ticker_section(
             "not ended) or every window was singular. There is nothing to chart."
         )
         return head + f'<p class="note">{note}</p></section>'
-    curve = characteristic_curve(history, hac_lags=hac_lags)
+    charts = charts or _SectionCharts.new()
+    curve = _characteristic_curve(history, hac_lags)
     scatter = _img(
-        characteristic_curve_figure(history, curve=curve),
+        _characteristic_curve_figure(curve, charts.characteristic),
         "characteristic",
         f"{ticker} daily returns against {index_ticker} with quadratic and linear fits",
         CHART_DPI,
     )
     timeline = _img(
-        sensitivity_history_figure(history),
+        _sensitivity_history_figure(history, charts.sensitivity),
         "sensitivity",
         f"{ticker} sensitivity to {index_ticker} per day with 95% band and linear beta",
         CHART_DPI,
@@ -1671,7 +1865,7 @@ def _ticker_section(
     if window > 0:
         test = "p &lt; 0.05" if "gamma_p" in history.columns else "|t| ≥ the interval's quantile"
         gamma_img = _img(
-            gamma_history_figure(history),
+            _gamma_history_figure(history, charts.gamma),
             "gamma",
             f"{ticker} curvature gamma per day with 95% band and significance",
             CHART_DPI,
@@ -1789,6 +1983,8 @@ def render_report(
         ).reset_index(drop=True)
     min_obs = _min_obs(manifest)
     hac_lags = _hac_lags(manifest)
+    sparkline = _Sparkline()
+    section_charts = _SectionCharts.new()
 
     groups = [
         (str(cast(tuple[Any, Any], key)[0]), int(cast(tuple[Any, Any], key)[1]), group)
@@ -1820,15 +2016,16 @@ def render_report(
     for n_group, (index_ticker, window, group) in enumerate(groups, start=1):
         stale = (_timestamps(group["date"], "summary.date").dt.date < as_of).to_numpy()
         ordered = [
-            _record(s.drop("_stale"))
-            for _, s in group.assign(_stale=stale)
+            {str(k): v for k, v in record.items()}
+            for record in group.assign(_stale=stale)
             .sort_values(
                 ["_stale", "sensitivity", "ticker"],
                 ascending=[True, False, True],
                 na_position="last",
                 kind="stable",
             )
-            .iterrows()
+            .drop(columns="_stale")
+            .to_dict("records")
         ]
         charted = _charted(ordered, chart_limit, as_of)
         omitted_anchor = f"g{n_group}-omitted"
@@ -1845,11 +2042,12 @@ def render_report(
             history = histories.get((index_ticker, ticker, window))
             spark = "—"
             if history is not None:
-                cutoff = history["date"].iloc[-1] - pd.Timedelta(days=SPARK_DAYS)
-                recent = _floats(history.loc[history["date"] > cutoff, "sensitivity"])
+                dates = history["date"].to_numpy(dtype="datetime64[ns]")
+                start = _recent(dates, SPARK_DAYS)
+                recent = _floats(history["sensitivity"])[start:]
                 if np.isfinite(recent).any():
                     spark = _img(
-                        sparkline_figure(history),
+                        sparkline.draw(dates[start:], recent),
                         "sparkline",
                         f"{ticker} sensitivity over the last year",
                         SPARK_DPI,
@@ -1864,6 +2062,7 @@ def render_report(
                         min_obs,
                         scenarios=_scenario_rows(what_if, (index_ticker, ticker, window)),
                         hac_lags=hac_lags,
+                        charts=section_charts,
                     )
                 )
         omitted = [str(r["ticker"]) for r in ordered if str(r["ticker"]) not in charted]

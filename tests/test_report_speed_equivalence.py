@@ -1,0 +1,134 @@
+"""The report's fast paths draw what the plain figure functions draw.
+
+``render_report`` reuses one sparkline figure for the whole overview and one figure per kind of
+per-ticker chart, and places the axes itself instead of running constrained layout.  These
+tests pin that down: a reused figure gives the same PNG bytes as a new one, whatever was drawn
+in it before; every label and the legend stay inside the figure without overlapping; and the
+number of figures a report creates does not grow with the number of tickers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import numpy as np
+import pandas as pd
+import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from test_report import STOCKS, Stock, history_of, make_sensitivity, with_inference
+
+from sensitivity import report
+from sensitivity.report import (
+    characteristic_curve,
+    characteristic_curve_figure,
+    figure_png,
+    gamma_history_figure,
+    render_report,
+    sensitivity_history_figure,
+    sparkline_figure,
+    summary_table,
+)
+
+
+@pytest.fixture(scope="module")
+def histories() -> list[pd.DataFrame]:
+    """Checked histories in an order that changes every range: long, without fit, short, gappy."""
+    table = with_inference(make_sensitivity(STOCKS))
+    by_ticker = {s.ticker: report._one_combination(history_of(table, s.ticker)) for s in STOCKS}
+    short = report._one_combination(by_ticker["AAA"].iloc[-70:])
+    return [by_ticker["AAA"], by_ticker["NEW"], short, by_ticker["BBB"], by_ticker["CCC"]]
+
+
+def test_a_reused_sparkline_draws_the_png_of_a_new_one(histories: list[pd.DataFrame]) -> None:
+    spark = report._Sparkline()
+    for history in histories:
+        dates = history["date"].to_numpy(dtype="datetime64[ns]")
+        start = report._recent(dates, report.SPARK_DAYS)
+        reused = spark.draw(dates[start:], report._floats(history["sensitivity"])[start:])
+        fresh = sparkline_figure(history)
+        assert figure_png(reused, dpi=report.SPARK_DPI) == figure_png(fresh, dpi=report.SPARK_DPI)
+
+
+def test_reused_section_charts_draw_the_pngs_of_new_ones(histories: list[pd.DataFrame]) -> None:
+    charts = report._SectionCharts.new()
+    for history in histories:
+        curve = report._characteristic_curve(history, ())
+        pairs = [
+            (
+                report._characteristic_curve_figure(curve, charts.characteristic),
+                characteristic_curve_figure(history),
+            ),
+            (
+                report._sensitivity_history_figure(history, charts.sensitivity),
+                sensitivity_history_figure(history),
+            ),
+            (report._gamma_history_figure(history, charts.gamma), gamma_history_figure(history)),
+        ]
+        for reused, fresh in pairs:
+            assert figure_png(reused) == figure_png(fresh)
+
+
+def _figures(history: pd.DataFrame) -> Iterator[Figure]:
+    yield characteristic_curve_figure(history)
+    yield sensitivity_history_figure(history)
+    yield gamma_history_figure(history)
+
+
+@pytest.mark.parametrize("n_days", [30, 260, 1300])
+def test_charts_keep_labels_and_legend_inside_the_figure(n_days: int) -> None:
+    frame = with_inference(
+        make_sensitivity([Stock("WIDE", beta=-0.4, gamma=300.0)], n_days=n_days, min_obs=20)
+    )
+    history = history_of(frame, "WIDE")
+    for fig in _figures(history):
+        canvas = FigureCanvasAgg(fig)
+        canvas.draw()
+        renderer = canvas.get_renderer()
+        ax = fig.axes[0]
+        tight = ax.get_tightbbox(renderer)
+        assert tight is not None
+        title = ax.get_title()
+        assert tight.x0 >= -1, title
+        assert tight.y0 >= -1, title
+        assert tight.x1 <= fig.bbox.width + 1, title
+        assert tight.y1 <= fig.bbox.height + 1, title
+        for legend in fig.legends:
+            box = legend.get_window_extent(renderer)
+            assert box.y0 >= -1
+            assert box.x0 >= -1
+            assert box.x1 <= fig.bbox.width + 1
+            assert box.y1 <= tight.y0 + 1, "the legend overlaps the axes' labels"
+        assert ax.get_position().height > 0.4
+        assert ax.get_position().width > 0.6
+
+
+def test_the_characteristic_curve_keeps_its_data_in_the_reused_figure(histories: list[pd.DataFrame]) -> None:
+    charts = report._SectionCharts.new()
+    for history in histories:
+        curve = characteristic_curve(history)
+        fig = report._characteristic_curve_figure(curve, charts.characteristic)
+        offsets = [
+            len(np.asarray(c.get_offsets())) for c in fig.axes[0].collections if hasattr(c, "get_offsets")
+        ]
+        assert curve.n == 0 or curve.n in offsets
+        assert len(fig.legends) == (1 if curve.n else 0)
+
+
+def test_a_report_creates_a_handful_of_figures_whatever_the_number_of_tickers(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    created: list[Figure] = []
+    init = Figure.__init__
+
+    def counting_init(self: Figure, *args: object, **kwargs: object) -> None:
+        created.append(self)
+        init(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Figure, "__init__", counting_init)
+    frame = make_sensitivity([Stock(f"S{i:02d}", beta=0.5 + 0.1 * i) for i in range(8)], n_days=120)
+    page = render_report(frame, summary_table(frame), {}).decode("utf-8")
+
+    assert page.count('data-chart="sparkline"') == 8
+    assert page.count('data-chart="characteristic"') == 8
+    assert len(created) == 5  # the sparkline, one per kind of section chart, the heatmap
