@@ -504,11 +504,11 @@ def _student_t_two_sided_p_flat(t: Tensor, nu: Tensor) -> Tensor:
     log_1mx = torch.log(tt) - torch.log(nu + tt)  # 1 - x = t^2 / (nu + t^2)
     x = torch.exp(log_x)
     one_minus_x = tt / (nu + tt)
-    # The continued fraction for I_x(a, b) converges fast for x < (a+1)/(a+b+2); the one for
-    # the complement I_(1-x)(b, a) converges fast for every |t| < ~5.  The complement costs
-    # relative precision only when p is small (p = 1 - I): with |t| < 3.5, p > 4e-4 and the
-    # loss stays below 1e-12; beyond, the direct form (full relative precision) is used.
-    direct = (x < (a + 1.0) / (a + b + 2.0)) & (tt >= 12.25)
+    # The continued fraction for I_x(a, b) converges fast for x < (a+1)/(a+b+2), that for
+    # the complement I_(1-x)(b, a) beyond (Numerical Recipes' betai).  The direct form,
+    # a product, keeps full relative precision; the complement, p = 1 - I, is used only
+    # where p is large (x near 1: small |t|), so the subtraction loses nothing.
+    direct = x < (a + 1.0) / (a + b + 2.0)
     aa = torch.where(direct, a, b)
     bb = torch.where(direct, b, a)
     xx = torch.where(direct, x, one_minus_x)
@@ -536,8 +536,8 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
 
     Elementwise; each element iterates until its own step is within 1e-15 of 1 and is then
     frozen, so its value never depends on which other elements share the batch (the same
-    inputs give the same bits in any batch).  A batch iterates while any of its elements has
-    not converged; the callers pass cache-sized chunks.
+    inputs give the same bits in any batch).  Only unconverged elements are iterated (a few
+    need hundreds of steps where most need twenty).
     """
     tiny = 1e-300
     shape = x.shape
@@ -547,25 +547,27 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
     d = 1.0 - qab * x / qap
     d = torch.where(d.abs() < tiny, tiny, d).reciprocal()
     h = d.clone()
-    running = torch.ones_like(x, dtype=torch.bool)
+    active = torch.arange(x.numel(), device=x.device)
     for m in range(1, 10_001):
+        if not active.numel():
+            break
+        aa, bb, xx = a[active], b[active], x[active]
+        cc, dd = c[active], d[active]
         m2 = 2.0 * m
-        num = m * (b - m) * x / ((qam + m2) * (a + m2))
-        dd = 1.0 + num * d
+        num = m * (bb - m) * xx / ((qam[active] + m2) * (aa + m2))
+        dd = 1.0 + num * dd
         dd = torch.where(dd.abs() < tiny, tiny, dd).reciprocal()
-        cc = 1.0 + num / c
+        cc = 1.0 + num / cc
         cc = torch.where(cc.abs() < tiny, tiny, cc)
-        hh = h * dd * cc
-        num = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
+        hh = h[active] * dd * cc
+        num = -(aa + m) * (qab[active] + m) * xx / ((aa + m2) * (qap[active] + m2))
         dd = 1.0 + num * dd
         dd = torch.where(dd.abs() < tiny, tiny, dd).reciprocal()
         cc = 1.0 + num / cc
         cc = torch.where(cc.abs() < tiny, tiny, cc)
         step = dd * cc
-        h = torch.where(running, hh * step, h)
-        c = torch.where(running, cc, c)
-        d = torch.where(running, dd, d)
-        running &= (step - 1.0).abs() > 1e-15
-        if not bool(running.any()):
-            break
+        h[active] = hh * step
+        c[active] = cc
+        d[active] = dd
+        active = active[(step - 1.0).abs() > 1e-15]
     return h.reshape(shape)
