@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -221,11 +220,8 @@ def run(
         "min_obs": min_obs,
         "data_dir": overrides["data_dir"],
     }
-    server = _start_temporary_server()
     try:
         flow = load_pipeline_flow()
-        if server is not None:
-            server.join()
         columns = (
             SpinnerColumn(),
             TextColumn("{task.description}"),
@@ -245,32 +241,6 @@ def run(
     except BaseException as exc:
         _fail(exc, debug)
     _print_result(result)
-
-
-def _start_temporary_server() -> threading.Thread | None:
-    """Start Prefect's temporary local server in the background, or None.
-
-    Without ``PREFECT_API_URL`` a flow run starts a temporary server (a subprocess that takes
-    several seconds) when it first needs the API.  Starting it here lets that overlap with
-    loading the flow (Prefect, torch, pandas); the flow then finds it running.  Anything
-    unexpected leaves the start to Prefect, as without this.
-    """
-    if os.environ.get("PREFECT_API_URL"):
-        return None
-
-    def start() -> None:
-        try:
-            from prefect.server.api.server import SubprocessASGIServer
-            from prefect.settings import PREFECT_SERVER_ALLOW_EPHEMERAL_MODE
-
-            if PREFECT_SERVER_ALLOW_EPHEMERAL_MODE.value():
-                SubprocessASGIServer().start()
-        except Exception:  # Prefect starts it (and reports any problem) when the flow runs
-            return
-
-    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
-    thread.start()
-    return thread
 
 
 @app.command()

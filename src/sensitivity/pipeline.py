@@ -563,12 +563,15 @@ def write_run_report(
     run_id: str | None = None,
 ) -> dict[str, str]:
     """Render the HTML report and the manifest of this run for ``fit.as_of``; return their paths."""
-    from sensitivity.report import render_report
+    from sensitivity.report import SENSITIVITY_COLUMNS, render_report
 
     data_dir = config.output.data_dir
     reports = ReportStore(data_dir)
     table = reports.read_sensitivity(
-        index_ticker=config.universe.index, window=config.model.window, tickers=list(fit.rows_by_ticker)
+        index_ticker=config.universe.index,
+        window=config.model.window,
+        tickers=list(fit.rows_by_ticker),
+        columns=SENSITIVITY_COLUMNS,  # what the report reads: half the table's columns
     )
     summary = reports.read_summary(as_of=dt.date.fromisoformat(fit.as_of))
     summary = summary[
