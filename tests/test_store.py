@@ -1117,3 +1117,25 @@ def test_scenarios_are_upserted_per_as_of_like_the_summary(tmp_path: Path) -> No
     ):
         rs.write_scenarios(pd.concat([rerun, rerun]))
     assert rs.read_scenarios(as_of="2030-01-01").empty
+
+
+def test_merged_price_table_equals_the_generic_conversion(tmp_path: Path) -> None:
+    """The merge's direct conversion gives the very table of the generic, validating one."""
+    store = PriceStore(tmp_path)
+    first = prices(pd.bdate_range("2024-01-01", periods=60))
+    first.iloc[3, list(first.columns).index("open")] = np.nan  # a missing value becomes a null
+    first["adj_close"] = np.nan  # a source without adjusted closes
+    store.merge("KO", first, source="files", fetched_at=T0)
+    later = prices(pd.bdate_range("2024-03-01", periods=30), seed=3)
+    store.merge("KO", later, source="yahoo", fetched_at=T1)
+    records = store.read("KO", with_provenance=True)
+    assert records is not None and set(records["source"]) == {"files", "yahoo"}
+    fast = store_mod._merged_price_table(records, "KO")
+    assert fast.equals(store_mod._price_table(records, "KO"))
+    assert fast.schema == PRICE_SCHEMA
+    assert pq.read_table(store.path_for("KO")).cast(PRICE_SCHEMA).equals(fast)
+    # A time of day is not a trading date: refused, as by the generic conversion.
+    odd = records.copy()
+    odd.index = odd.index + pd.Timedelta(hours=1)
+    with pytest.raises(DataValidationError, match="time of day"):
+        store_mod._merged_price_table(odd, "KO")

@@ -680,6 +680,32 @@ def _price_table(records: pd.DataFrame, symbol: str) -> pa.Table:
     return table_from_frame(frame.loc[:, list(PRICE_SCHEMA.names)], PRICE_SCHEMA, symbol)
 
 
+def _merged_price_table(records: pd.DataFrame, symbol: str) -> pa.Table:
+    """:func:`_price_table` of the merge's own records, without the generic conversion.
+
+    ``records`` comes from validated frames (float64 prices, a ``DatetimeIndex``, UTC
+    ``fetched_at``, text ``source``), so each column converts directly; the price invariants
+    (:func:`~sensitivity.prices.check_price_frame`), midnight dates and the non-nullable
+    columns are still checked.  Gives the same table as :func:`_price_table` (tested).
+    """
+    check_price_frame(records, symbol)
+    stamps = records.index.to_numpy(dtype="datetime64[ns]")
+    days = stamps.astype("datetime64[D]")
+    if not np.array_equal(days.astype("datetime64[ns]"), stamps):
+        return _price_table(records, symbol)  # a time of day: the generic path names it
+    arrays: list[pa.Array] = [pa.array(days, type=pa.date32())]
+    for c in PRICE_COLUMNS:
+        arrays.append(pa.array(records[c].to_numpy(dtype=np.float64), type=pa.float64(), from_pandas=True))
+    try:
+        fetched = pa.Array.from_pandas(records["fetched_at"]).cast(pa.timestamp("us", tz="UTC"), safe=True)
+        source = pa.Array.from_pandas(records["source"]).cast(pa.string())
+    except (pa.ArrowException, ValueError, TypeError):
+        return _price_table(records, symbol)  # the generic path says what is wrong
+    if fetched.null_count or source.null_count:
+        return _price_table(records, symbol)
+    return pa.Table.from_arrays([*arrays, fetched, source], schema=PRICE_SCHEMA)
+
+
 def price_table(frame: pd.DataFrame, *, symbol: str, source: str, fetched_at: dt.datetime) -> pa.Table:
     """Validate a price frame (see :mod:`sensitivity.prices`) and convert it to PRICE_SCHEMA.
 
@@ -951,7 +977,7 @@ class PriceStore:
             if old_coverage is None or (not old_coverage and not old.empty):
                 old_coverage = self._old_coverage(path, old)
             coverage = _merge_ranges([*old_coverage, span])
-        table = _price_table(combined, sym)
+        table = _merged_price_table(combined, sym)
         meta = dict(table.schema.metadata or {})
         meta[COVERAGE_KEY] = json.dumps([[a.isoformat(), b.isoformat()] for a, b in coverage]).encode()
         write_table_atomic(path, table.replace_schema_metadata(meta))
