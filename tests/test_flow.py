@@ -240,7 +240,8 @@ def _flow_module():  # type: ignore[no-untyped-def]
     import sys
 
     spec = importlib.util.spec_from_file_location("flows_pipeline_batches", ROOT / "flows" / "pipeline.py")
-    assert spec is not None and spec.loader is not None
+    assert spec is not None
+    assert spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)

@@ -1129,7 +1129,8 @@ def test_merged_price_table_equals_the_generic_conversion(tmp_path: Path) -> Non
     later = prices(pd.bdate_range("2024-03-01", periods=30), seed=3)
     store.merge("KO", later, source="yahoo", fetched_at=T1)
     records = store.read("KO", with_provenance=True)
-    assert records is not None and set(records["source"]) == {"files", "yahoo"}
+    assert records is not None
+    assert set(records["source"]) == {"files", "yahoo"}
     fast = store_mod._merged_price_table(records, "KO")
     assert fast.equals(store_mod._price_table(records, "KO"))
     assert fast.schema == PRICE_SCHEMA
