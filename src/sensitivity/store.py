@@ -1149,7 +1149,9 @@ class ReportStore:
             )
         in_order = bool(np.all(order[1:] > order[:-1]))
         ordered = table if in_order else table.take(pa.array(order))  # one pass, or none
-        starts = np.flatnonzero(np.r_[True, sorted_combo[1:] != sorted_combo[:-1]]) if len(order) else []
+        starts: list[int] = (
+            np.flatnonzero(np.r_[True, sorted_combo[1:] != sorted_combo[:-1]]).tolist() if len(order) else []
+        )
         ends = [*starts[1:], len(order)]
         plans: list[tuple[Path, pa.Table]] = []
         for lo, hi in zip(starts, ends, strict=True):
