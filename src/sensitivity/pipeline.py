@@ -476,13 +476,16 @@ def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:
                 f"no date between {u.start} and {u.resolved_end} on which both it and "
                 f"{u.index} traded twice in a row (no aligned return)"
             )
-    table = table[~table["ticker"].isin(list(no_data))]
+    dropped = table["ticker"].isin(list(no_data))
+    if dropped.any():  # (a filtered copy of the whole table costs seconds: only when needed)
+        table = table[~dropped]
     if table.empty:
         raise ModelFitError(
             f"no ticker has an aligned return against {u.index} between {u.start} and "
             f"{u.resolved_end}; check the symbols and the dates"
         )
-    fitted = table.dropna(subset=["sensitivity"]).groupby("ticker", sort=False).size().to_dict()
+    # Fitted rows per ticker (a count, not a filtered copy of the whole table).
+    fitted = table["sensitivity"].notna().groupby(table["ticker"], sort=False).sum().to_dict()
     summary = summary_table(table)
     summary["fit"] = m.fit
     scenarios = scenario_table(summary, m.scenarios, fit=m.fit)
