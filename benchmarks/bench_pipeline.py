@@ -173,6 +173,64 @@ def run_cli(args: list[str], env: dict[str, str], log: Path) -> RunResult:
     return RunResult(seconds, usage.ru_maxrss * 1024, proc.returncode, log.read_text())
 
 
+def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """``prefect server start`` on 127.0.0.1 (a free port); returns the process and its API URL."""
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = Path(sys.executable).parent / "prefect"
+    cmd = [str(exe), "server", "start", "--host", "127.0.0.1", "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"prefect server start exited with {proc.returncode}; see {log}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                if response.status == 200:
+                    return proc, url
+        except OSError:
+            time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"the Prefect server did not answer within 180 s; see {log}")
+
+
+def step_times(prefect_home: Path) -> list[tuple[str, float, float, float]]:
+    """Per flow run (oldest first): (flow run name, fetch s, fit s, report s) from the Prefect
+    database of ``prefect_home`` (the start and end of each task run); empty if unreadable."""
+    import sqlite3
+
+    path = prefect_home / "prefect.db"
+    if not path.exists():
+        return []
+    out: list[tuple[str, float, float, float]] = []
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True) as db:
+            flows = db.execute(
+                "select id, name from flow_run where parent_task_run_id is null order by start_time"
+            ).fetchall()
+            for flow_id, name in flows:
+                spans = {}
+                for task, lo, hi in db.execute(
+                    "select t.name, min(t.start_time), max(t.end_time) from task_run t "
+                    "left join flow_run f on t.flow_run_id = f.id "
+                    "where t.flow_run_id = ? or f.parent_task_run_id in "
+                    "(select id from task_run where flow_run_id = ?) group by substr(t.name, 1, 5)",
+                    (flow_id, flow_id),
+                ):
+                    spans[task[:5]] = (
+                        dt.datetime.fromisoformat(hi) - dt.datetime.fromisoformat(lo)
+                    ).total_seconds()
+                out.append((name, spans.get("fetch", 0.0), spans.get("fit-s", 0.0), spans.get("write", 0.0)))
+    except (sqlite3.Error, ValueError, TypeError):
+        return []
+    return out
+
+
 def rows_written(data_dir: Path) -> tuple[int, int]:
     """(sensitivity rows, sensitivity files) under ``data_dir``."""
     import pyarrow.dataset as ds
@@ -192,6 +250,12 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
     parser.add_argument("--keep", action="store_true", help="keep the work folder")
     parser.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="run against a `prefect server start` on 127.0.0.1 (as scheduled deployments do) "
+        "instead of the CLI's temporary server",
+    )
     args = parser.parse_args()
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
@@ -209,7 +273,11 @@ def main() -> None:
     env["PREFECT_HOME"] = str(work / "prefect-home")
     env.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
+    server = None
+    if args.server:
+        server, env["PREFECT_API_URL"] = start_server(env, work / "server.log")
     print(f"# {args.symbols} symbols + index x {days} trading days ({args.years} years), {args.format} files")
+    print(f"# Prefect: {'a running server' if server else 'the temporary server the CLI starts'}")
     print(f"# {platform.python_version()}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}")
     print(f"# work folder: {work}")
 
@@ -229,6 +297,9 @@ def main() -> None:
         print(second.output[-4000:])
         raise SystemExit(f"the incremental run failed with exit status {second.returncode}")
     rows_inc, files_inc = rows_written(data_dir)
+    if server is not None:
+        server.terminate()
+        server.wait(timeout=30)
 
     print(f"\n| {'run':<34} | {'wall s':>8} | {'peak RSS MB':>11} | {'rows in sensitivity/':>20} |")
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 13}|{'-' * 22}|")
@@ -237,6 +308,16 @@ def main() -> None:
         ("next day (incremental)", second, rows_inc),
     ):
         print(f"| {label:<34} | {res.seconds:8.1f} | {res.peak_rss / 2**20:11.0f} | {rows:>20,} |")
+    steps = step_times(work / "prefect-home")
+    if len(steps) >= 2:
+        print(f"\n| {'steps (task runs, s)':<34} | {'fetch':>8} | {'fit':>8} | {'report':>8} | {'rest':>8} |")
+        print(f"|{'-' * 36}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
+        for label, res, (_, fetch, fit, report) in zip(
+            ("full backfill", "next day (incremental)"), (first, second), steps[-2:], strict=True
+        ):
+            rest = res.seconds - fetch - fit - report
+            print(f"| {label:<34} | {fetch:8.1f} | {fit:8.1f} | {report:8.1f} | {rest:8.1f} |")
+        print("rest: Python and Prefect start-up (imports, the API server unless one runs), exit.")
     print("\npeak RSS: the largest process of each run (wait4's ru_maxrss of the run's process tree).")
     print(f"files in sensitivity/: {files_full} after the backfill, {files_inc} after the next day")
     print(f"load average now: {os.getloadavg()[0]:.2f}")
