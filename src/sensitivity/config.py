@@ -274,6 +274,14 @@ class OutputConfig(_Section):
             return Path(v)
         return v
 
+    @field_validator("data_dir")
+    @classmethod
+    def _not_a_file(cls, v: Path) -> Path:
+        # Refused before any work: otherwise every symbol would fail on its own.
+        if v.exists() and not v.is_dir():
+            raise ValueError("must be a folder, not a file (name a new or existing folder)")
+        return v
+
 
 class RuntimeConfig(_Section):
     """Where the work runs."""

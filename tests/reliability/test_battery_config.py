@@ -142,6 +142,11 @@ OPTION_CASES = [
         ["--source", "files", "--source-path", "c.toml"],
         r"source\.path 'c\.toml' is not a folder",
     ),
+    (
+        "data-dir-is-a-file",
+        ["--data-dir", "c.toml"],
+        r"output\.data_dir must be a folder, not a file \(name a new or existing folder\), got 'c\.toml'",
+    ),
 ]
 
 #: (id, options, text of the usage error): typer/click's own refusals, before our code runs.
