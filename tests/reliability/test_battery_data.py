@@ -353,9 +353,13 @@ def test_stale_temporary_file_is_ignored_and_cleaned(files_universe: Universe) -
     battery.assert_same_tables(clean, battery.tables(u.data))
 
 
-def test_data_dir_that_is_a_file_is_a_store_error(files_universe: Universe, tmp_path: Path) -> None:
+def test_data_dir_that_is_a_file_is_refused(files_universe: Universe, tmp_path: Path) -> None:
     target = tmp_path / "a-file"
     target.write_text("not a folder")
     outcome = battery.run(files_universe.config, target)
-    battery.assert_refused(outcome, 4, r"^error: cannot (create|read) .*a-file/prices")
+    battery.assert_refused(
+        outcome,
+        2,
+        r"output\.data_dir must be a folder, not a file \(name a new or existing folder\), got '.*a-file'",
+    )
     assert target.read_text() == "not a folder"
