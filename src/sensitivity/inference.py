@@ -479,22 +479,6 @@ def student_t_two_sided_p(t: Tensor, dof: Tensor) -> Tensor:
     """
     t = t.to(torch.float64)
     nu = dof.to(torch.float64).expand_as(t) if dof.shape != t.shape else dof.to(torch.float64)
-    shape = t.shape
-    t, nu = t.reshape(-1), nu.reshape(-1)
-    # Elementwise, in cache-sized chunks: the work is bound by memory traffic over temporaries.
-    parts = [
-        _student_t_two_sided_p_flat(t[i : i + _P_CHUNK], nu[i : i + _P_CHUNK])
-        for i in range(0, t.numel(), _P_CHUNK)
-    ]
-    return (torch.cat(parts) if parts else torch.empty_like(t)).reshape(shape)
-
-
-#: Elements per chunk of :func:`student_t_two_sided_p` (about 0.5 MB per float64 operand).
-_P_CHUNK = 1 << 16
-
-
-def _student_t_two_sided_p_flat(t: Tensor, nu: Tensor) -> Tensor:
-    """:func:`student_t_two_sided_p` of 1-d float64 ``t`` and ``nu``."""
     bad = ~(torch.isfinite(nu) & (nu > 0)) | torch.isnan(t)
     nu = torch.where(bad, 1.0, nu)
     tt = torch.where(bad | torch.isinf(t), 0.0, t) ** 2
