@@ -465,6 +465,14 @@ def _huber_columns(
         return _latest_huber_columns(x, y, fit, last_row=last_row, level=level)
     rows = None if huber == "all" else last_row
     alpha, beta, gamma, cov = huber_rolling(x, y, fit, rows=rows)
+    return _huber_outputs(fit, x, alpha, beta, gamma, cov, level=level)
+
+
+def _huber_outputs(
+    fit: QuadraticFit, x: Tensor, alpha: Tensor, beta: Tensor, gamma: Tensor, cov: Tensor, *, level: float
+) -> dict[str, Tensor]:
+    """The ``huber_*`` columns from Huber coefficients and covariances in the shape of ``fit``
+    (whose ``n_obs`` and ``dof`` the sensitivity's interval uses)."""
     hfit = replace(
         fit,
         alpha=alpha,
@@ -517,41 +525,30 @@ def _latest_huber_columns(
     fitted = fit.valid[rows, cols]
     cols, rows = cols[fitted], rows[fitted]
     h = huber_cells(x, y, fit, cols, rows)  # [9, M]
-    cov = h[3:].T[None]  # [1, M, 6]
 
     def at_cells(v: Tensor) -> Tensor:
-        return v[rows, cols][None]
+        return v[rows, cols][None]  # [1, M]: the cells as a one-row panel
 
+    # The OLS fit at the cells; _huber_outputs replaces its coefficients with the Huber ones.
     cell_fit = replace(
         fit,
         n_obs=at_cells(fit.n_obs),
-        alpha=h[0][None],
-        beta=h[1][None],
-        gamma=h[2][None],
-        cov_unique=cov,
-        alpha_se=cov[..., 0].clamp(min=0.0).sqrt(),
-        beta_se=cov[..., 3].clamp(min=0.0).sqrt(),
-        gamma_se=cov[..., 5].clamp(min=0.0).sqrt(),
+        alpha=at_cells(fit.alpha),
+        beta=at_cells(fit.beta),
+        gamma=at_cells(fit.gamma),
+        cov_unique=at_cells(fit.cov_unique),
+        alpha_se=at_cells(fit.alpha_se),
+        beta_se=at_cells(fit.beta_se),
+        gamma_se=at_cells(fit.gamma_se),
         rss=at_cells(fit.rss),
         r2=at_cells(fit.r2),
         linear_beta=at_cells(fit.linear_beta),
         dof=at_cells(fit.dof),
     )
-    sens = daily_sensitivity(cell_fit, at_cells(x), level=level)
-    named = {
-        "huber_alpha": h[0],
-        "huber_beta": h[1],
-        "huber_gamma": h[2],
-        "huber_alpha_se": cell_fit.alpha_se[0],
-        "huber_beta_se": cell_fit.beta_se[0],
-        "huber_gamma_se": cell_fit.gamma_se[0],
-        "huber_cov_alpha_beta": h[4],
-        "huber_cov_alpha_gamma": h[5],
-        "huber_cov_beta_gamma": h[7],
-        "huber_sensitivity": sens.sensitivity[0],
-        "huber_sensitivity_se": sens.sensitivity_se[0],
-    }
-    return {name: _Cells(cols, rows, value) for name, value in named.items()}
+    named = _huber_outputs(
+        cell_fit, at_cells(x), h[0][None], h[1][None], h[2][None], h[3:].T[None], level=level
+    )
+    return {name: _Cells(cols, rows, value[0]) for name, value in named.items()}
 
 
 def _ticker_major_numpy(v: Any) -> np.ndarray[Any, Any]:
