@@ -9,16 +9,20 @@ number of figures a report creates does not grow with the number of tickers.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from test_report import STOCKS, Stock, history_of, make_sensitivity, with_inference
 
-from sensitivity import report
+from sensitivity import process_pool, report
 from sensitivity.report import (
     characteristic_curve,
     characteristic_curve_figure,
@@ -132,3 +136,59 @@ def test_a_report_creates_a_handful_of_figures_whatever_the_number_of_tickers(
     assert page.count('data-chart="sparkline"') == 8
     assert page.count('data-chart="characteristic"') == 8
     assert len(created) == 5  # the sparkline, one per kind of section chart, the heatmap
+
+
+@dataclass(frozen=True)
+class Universe:
+    frame: pd.DataFrame
+    summary: pd.DataFrame
+    page: bytes  # drawn without workers
+
+
+@pytest.fixture(scope="module")
+def universe() -> Universe:
+    """Seven tickers with every optional column, one without any fit, and their page."""
+    stocks = [*STOCKS, *(Stock(f"S{i:02d}", beta=0.5 + 0.15 * i, gamma=8.0 * (i - 1)) for i in range(3))]
+    frame = with_inference(make_sensitivity(stocks))
+    summary = summary_table(frame)
+    return Universe(frame, summary, render_report(frame, summary, {}, workers=0))
+
+
+def test_sections_drawn_in_worker_processes_give_the_same_page(
+    universe: Universe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The caller draws slowly here, so that the workers draw most sections.
+    drawn_here: list[str] = []
+    section_of = report._section_of
+
+    def slow_section_of(job: Any, charts: Any) -> str:
+        time.sleep(1.0)
+        drawn_here.append(str(job[0]["ticker"]))
+        return section_of(job, charts)
+
+    monkeypatch.setattr(report, "_section_of", slow_section_of)
+    assert render_report(universe.frame, universe.summary, {}, workers=2) == universe.page
+    sections = universe.page.count(b'data-chart="characteristic"')
+    assert sections >= 6
+    assert len(drawn_here) < sections  # the rest came from the workers
+
+
+def test_worker_processes_draw_with_the_callers_matplotlib_settings(universe: Universe) -> None:
+    with rc_context({"lines.linewidth": 3.0, "font.size": 13.0, "axes.facecolor": "#fff8e0"}):
+        here = render_report(universe.frame, universe.summary, {}, workers=0)
+        pooled = render_report(universe.frame, universe.summary, {}, workers=2)
+    assert here != universe.page  # the settings change the pixels ...
+    assert pooled == here  # ... in the workers as in the caller
+
+
+def test_a_report_whose_workers_fail_is_still_complete(
+    universe: Universe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process_pool, "_BOOT", "import os; os._exit(1)")
+    assert render_report(universe.frame, universe.summary, {}, workers=2) == universe.page
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True, "2"])
+def test_render_report_rejects_a_bad_worker_count(universe: Universe, workers: object) -> None:
+    with pytest.raises(ValueError, match="workers must be None or an integer >= 0"):
+        render_report(universe.frame, universe.summary, {}, workers=workers)  # type: ignore[arg-type]

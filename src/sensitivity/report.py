@@ -1,7 +1,8 @@
 """Tables, charts and the HTML report: frames in, frames, figures and bytes out.
 
 Nothing here reads or writes files, talks to the network or imports Prefect; the store writes
-what these functions return.
+what these functions return.  :func:`render_report` may draw ticker sections in worker
+processes of its own (:mod:`sensitivity.process_pool`), which do the same.
 
 * :func:`summary_table` picks each (``index_ticker``, ``ticker``, ``window``) combination's
   latest day from the per-day sensitivity table and stamps it with ``as_of``.
@@ -58,6 +59,8 @@ from matplotlib.lines import Line2D
 from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 from PIL import Image
+
+from sensitivity.process_pool import ProcessPool, available_cpus
 
 __all__ = [
     "CHART_LIMIT",
@@ -155,6 +158,12 @@ SPARK_SIZE: Final[tuple[float, float]] = (1.6, 0.36)
 SPARK_DAYS: Final[int] = 365
 #: zlib level of the embedded PNGs: 7 is within about 6% of the smallest (9) at a sixth of its time.
 PNG_COMPRESS_LEVEL: Final[int] = 7
+#: Charted sections per worker process below which the report draws them all itself: a
+#: worker takes about 1.3 s to start (a fresh interpreter importing matplotlib and pandas),
+#: a section about 0.35 s to draw.
+SECTIONS_PER_WORKER: Final[int] = 8
+#: Most worker processes one report starts.
+MAX_WORKERS: Final[int] = 8
 #: Space around a chart's parts (axes, title, labels, legend), in inches: constrained layout's pad.
 _PAD_IN: Final[float] = 3.0 / 72.0
 
@@ -1938,6 +1947,7 @@ def render_report(
     *,
     scenarios: pd.DataFrame | None = None,
     chart_limit: int = CHART_LIMIT,
+    workers: int | None = None,
 ) -> bytes:
     """The HTML report of one ``as_of``, as UTF-8 bytes; self-contained (charts embedded).
 
@@ -1960,9 +1970,17 @@ def render_report(
     ``chart_limit`` tickers per (index, window) only the ``chart_limit // 2`` most and least
     sensitive get charts (a note lists the others).  Raises ``ValueError`` for an empty or
     incomplete frame.
+
+    ``workers``: processes that draw ticker sections beside the caller (matplotlib holds the
+    GIL, so threads would not help); None picks one per spare CPU, at most
+    :data:`MAX_WORKERS` and one per :data:`SECTIONS_PER_WORKER` sections; 0 draws everything
+    here.  The page is byte for byte the same either way (the workers take this process's
+    ``sys.path`` and matplotlib ``rcParams``); see :mod:`sensitivity.process_pool`.
     """
     if isinstance(chart_limit, bool) or not isinstance(chart_limit, int) or chart_limit < 2:
         raise ValueError(f"chart_limit must be an integer >= 2, got {chart_limit!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ValueError(f"workers must be None or an integer >= 0, got {workers!r}")
     frame = _checked_frame(sensitivity, "sensitivity", SENSITIVITY_COLUMNS)
     table = _checked_frame(summary, "summary", ("as_of", *SENSITIVITY_COLUMNS))
     if not isinstance(manifest, Mapping):
@@ -1984,12 +2002,85 @@ def render_report(
     min_obs = _min_obs(manifest)
     hac_lags = _hac_lags(manifest)
     sparkline = _Sparkline()
-    section_charts = _SectionCharts.new()
 
     groups = [
         (str(cast(tuple[Any, Any], key)[0]), int(cast(tuple[Any, Any], key)[1]), group)
         for key, group in table.groupby(["index_ticker", "window"], sort=True)
     ]
+    # Started now, so that the workers boot while the overview is drawn here.
+    pool = _section_pool(sum(min(len(g[2]), chart_limit) for g in groups), workers)
+    try:
+        page = _render_page(
+            frame,
+            table,
+            groups,
+            histories,
+            manifest,
+            what_if,
+            min_obs,
+            hac_lags,
+            sparkline,
+            chart_limit,
+            as_of,
+            pool,
+        )
+    finally:
+        pool.close()
+    return "\n".join(p for p in page if p).encode("utf-8")
+
+
+def _section_pool(sections: int, workers: int | None) -> ProcessPool:
+    """The worker processes for ``sections`` charted sections (none when too few to pay off)."""
+    if workers is None:
+        workers = min(available_cpus() - 1, sections // SECTIONS_PER_WORKER, MAX_WORKERS)
+    return ProcessPool(
+        "sensitivity.report:_worker_section",
+        min(workers, sections),
+        initializer="sensitivity.report:_worker_setup",
+        initargs=({k: v for k, v in rcParams.items() if k != "backend"},),
+    )
+
+
+#: A worker process's figures, reused from section to section (see :class:`_Chart`).
+_WORKER_CHARTS: _SectionCharts | None = None
+
+
+def _worker_setup(rc: Mapping[str, Any]) -> None:
+    """In a worker process: the caller's matplotlib settings, so the pixels are the same."""
+    rcParams.update(cast(dict[Any, Any], rc))
+
+
+def _worker_section(*job: Any) -> str:
+    """In a worker process: :func:`_section_of` the job, in this process's figures."""
+    global _WORKER_CHARTS
+    if _WORKER_CHARTS is None:
+        _WORKER_CHARTS = _SectionCharts.new()
+    return _section_of(job, _WORKER_CHARTS)
+
+
+def _section_of(job: Sequence[Any], charts: _SectionCharts) -> str:
+    """:func:`_ticker_section` of a job ``(row, anchor, history, min_obs, scenarios, hac_lags)``."""
+    row, anchor, history, min_obs, scenarios, hac_lags = job
+    return _ticker_section(
+        row, anchor, history, min_obs, scenarios=scenarios, hac_lags=hac_lags, charts=charts
+    )
+
+
+def _render_page(
+    frame: pd.DataFrame,
+    table: pd.DataFrame,
+    groups: list[tuple[str, int, pd.DataFrame]],
+    histories: Mapping[tuple[str, str, int], pd.DataFrame],
+    manifest: Mapping[str, Any],
+    what_if: pd.DataFrame | None,
+    min_obs: int | None,
+    hac_lags: tuple[int, ...],
+    sparkline: _Sparkline,
+    chart_limit: int,
+    as_of: dt.date,
+    pool: ProcessPool,
+) -> list[str]:
+    """The parts of the page, in order (see :func:`render_report`)."""
     indexes = sorted({g[0] for g in groups})
     windows = sorted({g[1] for g in groups})
     fitted_rows = table.loc[table["sensitivity_se"].notna()]
@@ -2011,7 +2102,9 @@ def render_report(
 
     overview: list[str] = []
     heatmaps: list[str] = []
-    sections: list[str] = []
+    # A charted section is a job of the pool (a worker may draw it while the overview is drawn
+    # here; the rest are drawn here and there at the end) until it is drawn.
+    sections: list[str | int] = []
     n_anchor = 0
     for n_group, (index_ticker, window, group) in enumerate(groups, start=1):
         stale = (_timestamps(group["date"], "summary.date").dt.date < as_of).to_numpy()
@@ -2054,16 +2147,9 @@ def render_report(
                     )
             body.append(_overview_row(row, columns, anchors[ticker], as_of, spark))
             if ticker in charted:
+                scenario_rows = _scenario_rows(what_if, (index_ticker, ticker, window))
                 sections.append(
-                    _ticker_section(
-                        row,
-                        anchors[ticker],
-                        history,
-                        min_obs,
-                        scenarios=_scenario_rows(what_if, (index_ticker, ticker, window)),
-                        hac_lags=hac_lags,
-                        charts=section_charts,
-                    )
+                    pool.submit(row, anchors[ticker], history, min_obs, scenario_rows, tuple(hac_lags))
                 )
         omitted = [str(r["ticker"]) for r in ordered if str(r["ticker"]) not in charted]
         if omitted:
@@ -2085,7 +2171,13 @@ def render_report(
         n_top = chart_limit // 2 if len(shown) == chart_limit else len(shown)
         heatmaps.append(_heatmap_html(in_group, shown, len(ordered), index_ticker, n_top))
 
-    page = [
+    charts = _SectionCharts.new()
+
+    def draw_here(*job: Any) -> str:
+        return _section_of(job, charts)
+
+    drawn = pool.gather(draw_here)
+    return [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -2099,11 +2191,10 @@ def render_report(
         "</section>",
         _howto(crit, has_p=_has(table, "gamma_p")),
         "<h2>Per ticker</h2>",
-        *sections,
+        *(drawn[part] if isinstance(part, int) else part for part in sections),
         _manifest_html(manifest),
         "</body></html>",
     ]
-    return "\n".join(p for p in page if p).encode("utf-8")
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,0 +1,305 @@
+"""A small pool of worker processes for a pure function, with the caller as one more worker.
+
+The report draws dozens of charts, and matplotlib holds the GIL while it draws, so threads do
+not help; processes do.  The standard pools do not fit a library:
+
+* ``spawn`` and ``forkserver`` children (``multiprocessing``, ``ProcessPoolExecutor``) re-run
+  the caller's ``__main__`` script to rebuild its module, so a user's unguarded script runs
+  its top level again in every worker;
+* ``fork`` copies a process whose other threads (Prefect's event loop, its log shipper) may
+  hold locks at that instant: the child can deadlock on them.
+
+So each worker here is a fresh interpreter started as ``python -c <bootstrap>``: it takes the
+caller's ``sys.path`` (the same modules), runs an optional initializer, imports the target
+function by name and answers jobs on its standard input and output (length-prefixed pickles;
+what the worker prints goes to its standard error, never into the protocol).  Nothing of the
+caller's ``__main__`` is imported.  The pickles travel only on the private pipes between the
+caller and the workers it started, never through a file or a socket.
+
+:meth:`ProcessPool.submit` queues a job, which a free worker takes at once; the caller goes on
+with its own work meanwhile, and :meth:`ProcessPool.gather` has it run the jobs still queued
+with ``local`` beside the workers, so the pool is never slower than the caller alone by more
+than the workers' start.  A job a worker fails on -- it raised, it
+died, it hung for ``hang_s`` or could not be sent -- is run again by ``local`` in the caller,
+so results (and exceptions) are those of the caller running everything itself.  The workers
+and the caller must compute the same function; this module does not know what it computes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from importlib import import_module
+from typing import IO, Any
+
+__all__ = ["ProcessPool", "available_cpus"]
+
+_log = logging.getLogger(__name__)
+
+#: Length prefix of every message: an unsigned 64-bit big-endian byte count.
+_HEADER = struct.Struct(">Q")
+
+#: The worker's program.  It keeps its original standard output for the protocol and points
+#: file descriptor 1 (and ``sys.stdout``) at standard error, reads the setup message, takes the
+#: caller's ``sys.path`` and hands over to :func:`serve`.
+_BOOT = """\
+import os, pickle, struct, sys
+proto = os.fdopen(os.dup(1), "wb")
+os.dup2(2, 1)
+sys.stdout = sys.stderr
+src = sys.stdin.buffer
+(size,) = struct.unpack(">Q", src.read(8))
+setup = pickle.loads(src.read(size))
+sys.path[:] = setup["sys_path"]
+from sensitivity.process_pool import serve
+serve(src, proto, setup)
+"""
+
+#: Marks a job no worker has answered.
+_PENDING = object()
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform has one), at least 1."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - platforms without sched_getaffinity
+        return max(1, os.cpu_count() or 1)
+
+
+def _resolve(name: str) -> Callable[..., Any]:
+    """``"package.module:function"`` -> the function."""
+    module, _, qualname = name.partition(":")
+    obj: Any = import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise TypeError(f"{name} is not callable")
+    return obj  # type: ignore[no-any-return]
+
+
+def _send(stream: IO[bytes], obj: object) -> None:
+    data = pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+    stream.write(_HEADER.pack(len(data)))
+    stream.write(data)
+    stream.flush()
+
+
+def _receive(stream: IO[bytes]) -> Any:
+    """The next message, or raise ``EOFError`` when the other side has gone."""
+    head = stream.read(_HEADER.size)
+    if len(head) < _HEADER.size:
+        raise EOFError("the other side closed the pipe")
+    (size,) = _HEADER.unpack(head)
+    data = stream.read(size)
+    if len(data) < size:
+        raise EOFError("the other side closed the pipe mid-message")
+    return pickle.loads(data)
+
+
+def serve(source: IO[bytes], sink: IO[bytes], setup: dict[str, Any]) -> None:
+    """The worker's loop: answer ``(job, args)`` with ``(job, ok, result or error text)`` until
+    ``None`` or end of input."""
+    initializer = setup.get("initializer")
+    if initializer is not None:
+        _resolve(initializer)(*setup.get("initargs", ()))
+    function = _resolve(setup["function"])
+    while True:
+        try:
+            message = _receive(source)
+        except EOFError:
+            return
+        if message is None:
+            return
+        job, args = message
+        try:
+            answer = (job, True, function(*args))
+        except Exception as exc:  # reported, and the caller runs the job itself
+            answer = (job, False, f"{type(exc).__name__}: {exc}")
+        _send(sink, answer)
+
+
+class ProcessPool:
+    """Up to ``processes`` worker interpreters running ``function`` (``"module:name"``).
+
+    ``initializer`` (``"module:name"``) runs once in each worker with ``initargs`` before any
+    job, as in :class:`concurrent.futures.ProcessPoolExecutor`.  A worker that cannot be
+    started is left out (the caller does its share).  Use as a context manager, or call
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        function: str,
+        processes: int,
+        *,
+        initializer: str | None = None,
+        initargs: Sequence[Any] = (),
+        hang_s: float = 300.0,
+    ) -> None:
+        self._hang_s = hang_s
+        self._procs: list[subprocess.Popen[bytes]] = []
+        self._jobs: list[tuple[Any, ...]] = []
+        self._results: list[Any] = []
+        self._todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._feeders: list[tuple[threading.Thread, subprocess.Popen[bytes]]] = []
+        setup = {
+            "sys_path": list(sys.path),
+            "function": function,
+            "initializer": initializer,
+            "initargs": tuple(initargs),
+        }
+        if not sys.executable:
+            return
+        for _ in range(max(0, processes)):
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-c", _BOOT],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                _log.warning("could not start a worker process (%s); the caller does its share", exc)
+                break
+            assert proc.stdin is not None  # for mypy: PIPE was asked for
+            try:
+                _send(proc.stdin, setup)
+            except OSError:
+                _kill(proc)
+                continue
+            self._procs.append(proc)
+            feeder = threading.Thread(
+                target=self._feed, args=(proc,), name="process-pool-feeder", daemon=True
+            )
+            feeder.start()
+            self._feeders.append((feeder, proc))
+
+    @property
+    def processes(self) -> int:
+        """Workers started and not yet closed."""
+        return len(self._procs)
+
+    def __enter__(self) -> ProcessPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def submit(self, *args: Any) -> int:
+        """Queue one job (a worker may start on it at once); returns its place in :meth:`gather`."""
+        i = len(self._jobs)
+        self._jobs.append(args)
+        self._results.append(_PENDING)
+        self._todo.put(i)
+        return i
+
+    def gather(self, local: Callable[..., Any]) -> list[Any]:
+        """The results of every job submitted, in order; the caller runs jobs with ``local`` too.
+
+        The caller takes queued jobs until none is left, then waits for the workers' last ones.
+        Every job a worker did not answer with a result (it raised, died or hung) is run by
+        ``local`` afterwards, in the caller, whose exception, if any, propagates.  The workers
+        take no jobs after this; later submissions run in the caller at the next call.
+        """
+        try:
+            while True:
+                try:
+                    i = self._todo.get_nowait()
+                except queue.Empty:
+                    break
+                if i is not None:
+                    self._results[i] = local(*self._jobs[i])
+        finally:
+            self._stop_feeders()
+        results, jobs = self._results, self._jobs
+        self._results, self._jobs = [], []
+        for i, value in enumerate(results):
+            if value is _PENDING:
+                results[i] = local(*jobs[i])
+        return results
+
+    def map(self, jobs: Sequence[tuple[Any, ...]], local: Callable[..., Any]) -> list[Any]:
+        """``[local(*args) for args in jobs]``, shared between the workers and the caller."""
+        for args in jobs:
+            self.submit(*args)
+        return self.gather(local)
+
+    def _stop_feeders(self) -> None:
+        """Empty the queue and let each worker finish its job in hand (stopped after ``hang_s``)."""
+        while True:
+            try:
+                self._todo.get_nowait()
+            except queue.Empty:
+                break
+        feeders, self._feeders = self._feeders, []
+        for _ in feeders:
+            self._todo.put(None)
+        for feeder, proc in feeders:
+            feeder.join(self._hang_s)
+            if feeder.is_alive():
+                _log.warning("a worker process took over %.0f s on one job; stopped it", self._hang_s)
+                _kill(proc)
+                feeder.join()
+
+    def _feed(self, proc: subprocess.Popen[bytes]) -> None:
+        """Hand ``proc`` one queued job at a time until told to stop or the worker fails."""
+        assert proc.stdin is not None
+        assert proc.stdout is not None
+        while True:
+            i = self._todo.get()
+            if i is None:
+                return
+            try:
+                _send(proc.stdin, (i, self._jobs[i]))
+                job, ok, value = _receive(proc.stdout)
+            except (OSError, EOFError, pickle.PickleError, AttributeError, TypeError) as exc:
+                # Not sent (an argument that does not pickle) or no answer (the worker died):
+                # the job stays pending and the caller runs it; this worker takes no more.
+                _log.warning(
+                    "worker process failed (%s: %s); the caller takes its jobs", type(exc).__name__, exc
+                )
+                _kill(proc)
+                return
+            if ok and job == i:
+                self._results[i] = value
+            else:
+                _log.debug("worker could not run job %d (%s); the caller runs it", i, value)
+
+    def close(self) -> None:
+        """Stop every worker (a clean exit when idle; killed if it does not exit in 5 s).
+
+        Jobs not gathered yet are dropped.
+        """
+        self._stop_feeders()
+        procs, self._procs = self._procs, []
+        for proc in procs:
+            try:
+                assert proc.stdin is not None
+                _send(proc.stdin, None)
+                proc.stdin.close()
+            except OSError:
+                pass
+        for proc in procs:
+            try:
+                proc.wait(timeout=5.0)
+            except subprocess.TimeoutExpired:
+                _kill(proc)
+            if proc.stdout is not None:
+                proc.stdout.close()
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill ``proc`` and reap it (its pipes are closed by :meth:`ProcessPool.close`)."""
+    with contextlib.suppress(OSError):
+        proc.kill()
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5.0)

@@ -1,0 +1,145 @@
+"""The worker-process pool: same results as the caller alone, whatever a worker does.
+
+Every test runs jobs both ways and compares; the faults (a worker that cannot start, one that
+raises, one that hangs, an argument that does not pickle, a worker that prints) must leave the
+results those of the caller running everything itself, and never re-run a caller's script.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sensitivity import process_pool
+from sensitivity.process_pool import ProcessPool, available_cpus
+
+
+def slow_pid(*_: Any) -> int:
+    """The caller's stand-in for ``os:getpid``, slow enough that the workers get jobs too."""
+    time.sleep(0.05)
+    return os.getpid()
+
+
+def test_jobs_are_shared_and_results_come_back_in_order() -> None:
+    with ProcessPool("os:getpid", 2) as pool:
+        assert pool.processes == 2
+        time.sleep(0.5)  # let the workers boot
+        pids = pool.map([() for _ in range(40)], slow_pid)
+    assert len(pids) == 40
+    workers = set(pids) - {os.getpid()}
+    assert workers, "no job ran in a worker"
+    assert len(workers) <= 2
+    with ProcessPool("math:sqrt", 2) as pool:
+        values = pool.map([(float(i),) for i in range(200)], math.sqrt)
+    assert values == [math.sqrt(i) for i in range(200)]
+
+
+def test_submit_then_gather_keeps_the_submission_order() -> None:
+    with ProcessPool("math:sqrt", 1) as pool:
+        places = [pool.submit(float(i)) for i in range(30)]
+        time.sleep(0.3)  # the worker starts on them while the caller does something else
+        values = pool.gather(math.sqrt)
+        assert places == list(range(30))
+        assert values == [math.sqrt(i) for i in range(30)]
+        # After gather the workers take no more jobs; later ones run in the caller.
+        pool.submit(4.0)
+        assert pool.gather(math.sqrt) == [2.0]
+
+
+def test_a_worker_that_cannot_start_leaves_the_jobs_to_the_caller(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(process_pool, "_BOOT", "import sys; sys.exit(3)")
+    with (
+        caplog.at_level(logging.WARNING, logger="sensitivity.process_pool"),
+        ProcessPool("math:sqrt", 2) as pool,
+    ):
+        time.sleep(0.3)
+        values = pool.map([(float(i),) for i in range(50)], math.sqrt)
+    assert values == [math.sqrt(i) for i in range(50)]
+
+
+def test_a_job_the_worker_fails_is_run_by_the_caller_whose_error_propagates() -> None:
+    with ProcessPool("math:sqrt", 2) as pool:
+        time.sleep(0.3)
+        pool.submit(4.0)
+        pool.submit(-1.0)  # ValueError in the worker, then in the caller
+        time.sleep(0.3)
+        with pytest.raises(ValueError, match="math domain error"):
+            pool.gather(math.sqrt)
+
+
+def test_a_hung_worker_is_stopped_and_its_job_run_by_the_caller() -> None:
+    with ProcessPool("time:sleep", 1, hang_s=0.5) as pool:
+        time.sleep(0.5)
+        pool.submit(60.0)
+        time.sleep(0.5)  # the worker has it
+        start = time.monotonic()
+        assert pool.gather(lambda seconds: f"caller slept {seconds}") == ["caller slept 60.0"]
+        assert time.monotonic() - start < 10.0
+
+
+def test_an_argument_that_does_not_pickle_runs_in_the_caller() -> None:
+    with ProcessPool("builtins:callable", 1) as pool:
+        time.sleep(0.3)
+        pool.submit(lambda: None)
+        time.sleep(0.3)
+        assert pool.gather(callable) == [True]
+
+
+def test_what_a_worker_prints_does_not_reach_the_results(capfd: pytest.CaptureFixture[str]) -> None:
+    with ProcessPool("builtins:print", 1) as pool:
+        time.sleep(0.3)
+        for i in range(5):
+            pool.submit(f"printed by job {i}")
+        time.sleep(0.5)
+        results = pool.gather(lambda text: "caller")
+    assert None in results  # answered by the worker, through the protocol its prints did not break
+    assert set(results) <= {None, "caller"}
+
+
+def test_no_workers_means_the_caller_runs_everything() -> None:
+    with ProcessPool("math:sqrt", 0) as pool:
+        assert pool.processes == 0
+        assert pool.map([(9.0,)], math.sqrt) == [3.0]
+    assert available_cpus() >= 1
+
+
+def test_the_callers_script_is_never_run_again(tmp_path: Path) -> None:
+    """Unlike spawn/forkserver pools, a worker does not re-import the caller's ``__main__``."""
+    marker = tmp_path / "runs.txt"
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import math, time
+            from pathlib import Path
+            from sensitivity.process_pool import ProcessPool
+
+            marker = Path({str(marker)!r})
+            marker.write_text(marker.read_text() + "run\\n" if marker.exists() else "run\\n")
+            def slow_sqrt(v):
+                time.sleep(0.01)
+                return math.sqrt(v)
+
+            with ProcessPool("math:sqrt", 2) as pool:
+                time.sleep(0.5)
+                print(pool.map([(float(i),) for i in range(100)], slow_sqrt))
+            """
+        )
+    )
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert marker.read_text() == "run\n"
+    assert done.stdout.strip() == str([math.sqrt(i) for i in range(100)])
