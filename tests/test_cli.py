@@ -6,7 +6,10 @@ import os
 import re
 import subprocess
 import sys
+import threading
 from pathlib import Path
+from types import SimpleNamespace
+from typing import ClassVar
 
 import pandas as pd
 import pytest
@@ -82,8 +85,10 @@ def test_run_subprocess_end_to_end(tmp_path: Path) -> None:
         "2017-01-01",
         "--data-dir",
         str(data),
+        "--verbose",
     )
     assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.count("Stopping temporary server on http://127.0.0.1:") == 1, proc.stderr
     assert "Sensitivity as of 2019-02-22" in proc.stdout
     assert "KO" in proc.stdout
     assert "MSFT" in proc.stdout
@@ -111,3 +116,60 @@ def test_run_subprocess_failed_symbol_exit_status(tmp_path: Path) -> None:
     assert errors[0].startswith("error: ZZZZ: "), proc.stderr
     assert "Traceback" not in proc.stderr
     assert set(pd.read_parquet(tmp_path / "reports" / "sensitivity")["ticker"]) == {"KO"}
+
+
+class _FakeServer:
+    """Stands in for Prefect's ``SubprocessASGIServer``: records where and when it starts."""
+
+    calls: ClassVar[list[tuple[str, int | None]]] = []
+    release = threading.Event()
+
+    def start(self, timeout: int | None = None) -> None:
+        _FakeServer.calls.append((threading.current_thread().name, timeout))
+        assert _FakeServer.release.wait(10), "the body never ran while the server started"
+
+
+def _settings(url: str | None) -> SimpleNamespace:
+    ephemeral = SimpleNamespace(enabled=True, startup_timeout_seconds=77)
+    return SimpleNamespace(api=SimpleNamespace(url=url), server=SimpleNamespace(ephemeral=ephemeral))
+
+
+def test_the_temporary_server_boots_while_the_flow_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.server.api.server
+    import prefect.settings
+
+    from sensitivity import cli as cli_module
+
+    monkeypatch.setattr(prefect.server.api.server, "SubprocessASGIServer", _FakeServer)
+    monkeypatch.setattr(_FakeServer, "calls", [])
+    monkeypatch.setattr(_FakeServer, "release", threading.Event())
+    monkeypatch.setattr(prefect.settings, "get_current_settings", lambda: _settings(None))
+    with cli_module._temporary_server_started_early():
+        _FakeServer.release.set()  # the body runs while start() still waits: they overlap
+    assert _FakeServer.calls == [("prefect-server-start", 77)]
+
+    # Against a configured server (PREFECT_API_URL, as deployments run) nothing is started.
+    monkeypatch.setattr(_FakeServer, "calls", [])
+    monkeypatch.setattr(
+        prefect.settings, "get_current_settings", lambda: _settings("http://127.0.0.1:4200/api")
+    )
+    with cli_module._temporary_server_started_early():
+        pass
+    assert _FakeServer.calls == []
+
+
+def test_a_failed_early_start_is_left_to_the_flow_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    import prefect.server.api.server
+    import prefect.settings
+
+    from sensitivity import cli as cli_module
+
+    class Broken:
+        def start(self, timeout: int | None = None) -> None:
+            raise RuntimeError("Timed out while attempting to connect to ephemeral Prefect API server.")
+
+    monkeypatch.setattr(prefect.server.api.server, "SubprocessASGIServer", Broken)
+    monkeypatch.setattr(prefect.settings, "get_current_settings", lambda: _settings(None))
+    with cli_module._temporary_server_started_early():
+        ran = True
+    assert ran  # no exception: the flow run starts (and reports) the server itself

@@ -15,8 +15,11 @@ a summary table.  Errors become one line per culprit on stderr and a documented 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -67,6 +70,46 @@ def load_pipeline_flow() -> Any:
 
     path, name = FLOW_ENTRYPOINT.split(":")
     return load_flow_from_entrypoint(f"{project_root() / path}:{name}", use_placeholder_flow=False)
+
+
+@contextlib.contextmanager
+def _temporary_server_started_early() -> Iterator[None]:
+    """Start Prefect's temporary API server now, and let the body run while it boots.
+
+    Without ``PREFECT_API_URL`` a flow run starts a temporary server (a subprocess importing
+    Prefect's server: 5 to 15 s) and waits for it before anything else.  Started here from a
+    thread, it boots on one core while the body imports the flow and the steps' libraries on
+    the other; the flow run then finds it up (Prefect keeps one temporary server per process).
+    Everything Prefect needs is imported before the thread starts, so the thread imports
+    nothing.  If the early start fails, the flow run starts the server itself, as without this.
+    """
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        yield
+        return
+    from prefect.server.api.server import SubprocessASGIServer
+
+    server = SubprocessASGIServer()
+    timeout = int(settings.server.ephemeral.startup_timeout_seconds)
+
+    def start() -> None:
+        with contextlib.suppress(Exception):  # the flow run retries and reports it
+            server.start(timeout=timeout)
+
+    thread = threading.Thread(target=start, name="prefect-server-start", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        thread.join()
+
+
+def _import_the_steps() -> None:
+    """Import what the fit and the report use (torch, matplotlib) before the flow runs."""
+    import sensitivity.api
+    import sensitivity.report  # noqa: F401
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -221,7 +264,9 @@ def run(
         "data_dir": overrides["data_dir"],
     }
     try:
-        flow = load_pipeline_flow()
+        with _temporary_server_started_early():
+            flow = load_pipeline_flow()
+            _import_the_steps()
         columns = (
             SpinnerColumn(),
             TextColumn("{task.description}"),
