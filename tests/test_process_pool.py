@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -143,3 +144,18 @@ def test_the_callers_script_is_never_run_again(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr
     assert marker.read_text() == "run\n"
     assert done.stdout.strip() == str([math.sqrt(i) for i in range(100)])
+
+
+def test_workers_leave_ctrl_c_to_the_caller() -> None:
+    """Ctrl-C reaches the whole process group; the workers ignore it (no tracebacks), the caller
+    handles it and closing the pool ends them."""
+    with ProcessPool("math:sqrt", 1) as pool:
+        time.sleep(0.5)
+        (worker,) = pool._procs
+        os.kill(worker.pid, signal.SIGINT)
+        time.sleep(0.3)
+        assert worker.poll() is None
+        pool.submit(16.0)
+        time.sleep(0.2)
+        assert pool.gather(lambda v: "caller") == [4.0]
+    assert worker.poll() == 0

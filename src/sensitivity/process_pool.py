@@ -47,11 +47,13 @@ _log = logging.getLogger(__name__)
 #: Length prefix of every message: an unsigned 64-bit big-endian byte count.
 _HEADER = struct.Struct(">Q")
 
-#: The worker's program.  It keeps its original standard output for the protocol and points
-#: file descriptor 1 (and ``sys.stdout``) at standard error, reads the setup message, takes the
+#: The worker's program.  It ignores Ctrl-C (the caller handles it and closes the pool, which
+#: ends the worker), keeps its original standard output for the protocol and points file
+#: descriptor 1 (and ``sys.stdout``) at standard error, reads the setup message, takes the
 #: caller's ``sys.path`` and hands over to :func:`serve`.
 _BOOT = """\
-import os, pickle, struct, sys
+import os, pickle, signal, struct, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
 proto = os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)
 sys.stdout = sys.stderr
@@ -261,7 +263,7 @@ class ProcessPool:
             try:
                 _send(proc.stdin, (i, self._jobs[i]))
                 job, ok, value = _receive(proc.stdout)
-            except (OSError, EOFError, pickle.PickleError, AttributeError, TypeError) as exc:
+            except Exception as exc:
                 # Not sent (an argument that does not pickle) or no answer (the worker died):
                 # the job stays pending and the caller runs it; this worker takes no more.
                 _log.warning(
