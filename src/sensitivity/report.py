@@ -1975,7 +1975,8 @@ def render_report(
     GIL, so threads would not help); None picks one per spare CPU, at most
     :data:`MAX_WORKERS` and one per :data:`SECTIONS_PER_WORKER` sections; 0 draws everything
     here.  The page is byte for byte the same either way (the workers take this process's
-    ``sys.path`` and matplotlib ``rcParams``); see :mod:`sensitivity.process_pool`.
+    ``sys.path`` and matplotlib ``rcParams``, though not fonts added at run time with
+    ``font_manager.fontManager.addfont``: pass 0 then); see :mod:`sensitivity.process_pool`.
     """
     if isinstance(chart_limit, bool) or not isinstance(chart_limit, int) or chart_limit < 2:
         raise ValueError(f"chart_limit must be an integer >= 2, got {chart_limit!r}")
