@@ -159,3 +159,51 @@ def test_workers_leave_ctrl_c_to_the_caller() -> None:
         time.sleep(0.2)
         assert pool.gather(lambda v: "caller") == [4.0]
     assert worker.poll() == 0
+
+
+def test_a_worker_whose_caller_was_killed_ends_at_once(tmp_path: Path) -> None:
+    """``kill -9`` of the caller: its worker stops within a second instead of finishing its job."""
+    script = tmp_path / "caller.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import sys, time
+            from sensitivity.process_pool import ProcessPool
+
+            pool = ProcessPool("time:sleep", 1)
+            time.sleep(0.5)
+            pool.submit(60.0)
+            time.sleep(0.5)
+            print(pool._procs[0].pid, flush=True)
+            time.sleep(60)
+            """
+        )
+    )
+    caller = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    assert caller.stdout is not None
+    worker = int(caller.stdout.readline())
+    assert _running(worker)  # sleeping in its 60 s job
+    caller.kill()
+    caller.wait()
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        if not _running(worker):
+            return
+        time.sleep(0.1)
+    os.kill(worker, signal.SIGKILL)
+    pytest.fail("the worker outlived its killed caller by 5 s")
+
+
+def _running(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie waiting for whoever adopted it to reap it does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: ask the kernel
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

@@ -36,6 +36,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Sequence
 from importlib import import_module
 from typing import IO, Any
@@ -109,7 +110,16 @@ def _receive(stream: IO[bytes]) -> Any:
 
 def serve(source: IO[bytes], sink: IO[bytes], setup: dict[str, Any]) -> None:
     """The worker's loop: answer ``(job, args)`` with ``(job, ok, result or error text)`` until
-    ``None`` or end of input."""
+    ``None`` or end of input.  A worker whose caller died (``kill -9``) ends at once instead of
+    finishing its job unseen."""
+    parent = os.getppid()
+
+    def orphaned() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.25)
+        os._exit(1)
+
+    threading.Thread(target=orphaned, name="process-pool-orphan-watch", daemon=True).start()
     initializer = setup.get("initializer")
     if initializer is not None:
         _resolve(initializer)(*setup.get("initargs", ()))
