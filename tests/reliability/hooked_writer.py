@@ -16,6 +16,7 @@ import datetime as dt
 import fnmatch
 import io
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,9 @@ def _steps(config: str, data_dir: str) -> None:
 
 def main() -> None:
     pattern, mode, *rest = sys.argv[1:]
+    # Ctrl-C as at a terminal: a suite started from a background job (``make test &``) passes
+    # SIGINT down ignored (POSIX), and Python then installs no KeyboardInterrupt handler.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     _hook(pattern)
     if os.environ.get("QUICK_REPORT") == "1":
         _quick_report()
