@@ -949,6 +949,31 @@ def test_lock_is_exclusive_across_processes(tmp_path: Path, holder: subprocess.P
         assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
+def test_threads_waiting_behind_another_runs_lock_all_name_that_run(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    """Several threads of one run wait for another run's lock: whichever gives up first -- the
+    one polling the file lock or one queued behind it in this process -- names the other run."""
+    errors: list[BaseException] = []
+
+    def fetch() -> None:
+        try:
+            with store_lock(tmp_path, timeout_s=0.3, poll_s=0.05):
+                pass
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=fetch) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(errors) == 4
+    for exc in errors:
+        assert isinstance(exc, StoreLockedError)
+        assert f"another run (pid {holder.pid}, started " in str(exc), str(exc)
+
+
 def test_lock_of_a_killed_holder_is_released(tmp_path: Path, holder: subprocess.Popen[str]) -> None:
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=10)

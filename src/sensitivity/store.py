@@ -1382,6 +1382,16 @@ def _holder(path: Path) -> str:
     return f"pid {pid}, started {started}"
 
 
+def _holder_pid(path: Path) -> int | None:
+    """The pid the lock file names (the holder writes it; it is emptied on release), if any."""
+    try:
+        info = json.loads(path.read_text(encoding="utf-8") or "{}")
+    except (OSError, ValueError):
+        return None
+    pid = info.get("pid") if isinstance(info, dict) else None
+    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+
 def _take_file_lock(path: Path, data_dir: Path, deadline: float, poll_s: float) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
@@ -1449,6 +1459,14 @@ def store_lock(data_dir: str | Path, *, timeout_s: float = 600, poll_s: float = 
             _LOCKS[key] = state
     got = state.rlock.acquire(timeout=timeout_s) if timeout_s > 0 else state.rlock.acquire(blocking=False)
     if not got:
+        holder = _holder_pid(path)
+        if holder is not None and holder != os.getpid():
+            # The thread ahead of this one is itself waiting for another run's lock (and may
+            # not have given up yet): name the run that holds it, as that thread will.
+            raise StoreLockedError(
+                f"another run ({_holder(path)}) is writing to {folder}; wait for it to finish or pass "
+                "a different --data-dir"
+            )
         raise StoreLockedError(
             f"another thread of this process (pid {os.getpid()}) is writing to {folder}; wait for it "
             "to finish or pass a different --data-dir"
