@@ -19,10 +19,11 @@ caller and the workers it started, never through a file or a socket.
 :meth:`ProcessPool.submit` queues a job, which a free worker takes at once; the caller goes on
 with its own work meanwhile, and :meth:`ProcessPool.gather` has it run the jobs still queued
 with ``local`` beside the workers, so the pool is never slower than the caller alone by more
-than the workers' start.  A job a worker fails on -- it raised, it
-died, it hung for ``hang_s`` or could not be sent -- is run again by ``local`` in the caller,
-so results (and exceptions) are those of the caller running everything itself.  The workers
-and the caller must compute the same function; this module does not know what it computes.
+than the workers' start.  A job a worker fails on -- it raised, it died, it hung for
+``hang_s`` or could not be sent -- is run again by ``local`` in the caller, so results (and
+exceptions) are those of the caller running everything itself.  The workers and the caller
+must compute the same function; this module does not know what it computes.  A worker ignores
+Ctrl-C (the caller handles it) and ends when its caller dies.
 """
 
 from __future__ import annotations
