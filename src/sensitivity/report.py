@@ -2002,7 +2002,6 @@ def render_report(
         ).reset_index(drop=True)
     min_obs = _min_obs(manifest)
     hac_lags = _hac_lags(manifest)
-    sparkline = _Sparkline()
 
     groups = [
         (str(cast(tuple[Any, Any], key)[0]), int(cast(tuple[Any, Any], key)[1]), group)
@@ -2020,7 +2019,6 @@ def render_report(
             what_if,
             min_obs,
             hac_lags,
-            sparkline,
             chart_limit,
             as_of,
             pool,
@@ -2076,12 +2074,12 @@ def _render_page(
     what_if: pd.DataFrame | None,
     min_obs: int | None,
     hac_lags: tuple[int, ...],
-    sparkline: _Sparkline,
     chart_limit: int,
     as_of: dt.date,
     pool: ProcessPool,
 ) -> list[str]:
     """The parts of the page, in order (see :func:`render_report`)."""
+    sparkline = _Sparkline()
     indexes = sorted({g[0] for g in groups})
     windows = sorted({g[1] for g in groups})
     fitted_rows = table.loc[table["sensitivity_se"].notna()]

@@ -1371,25 +1371,26 @@ _LOCKS: dict[str, _ProcessLock] = {}
 _LOCKS_GUARD = threading.Lock()
 
 
-def _holder(path: Path) -> str:
-    """``pid N, started T`` from the lock file, as far as it can be read."""
+def _holder(path: Path) -> tuple[int | None, str]:
+    """The holder's pid (None when the lock file names none: it is emptied on release) and
+    ``pid N, started T``, from one read of the lock file, as far as it can be read."""
     try:
         info = json.loads(path.read_text(encoding="utf-8") or "{}")
     except (OSError, ValueError):
         info = {}
-    pid = info.get("pid", "unknown") if isinstance(info, dict) else "unknown"
-    started = info.get("started", "at an unknown time") if isinstance(info, dict) else "at an unknown time"
-    return f"pid {pid}, started {started}"
+    if not isinstance(info, dict):
+        info = {}
+    pid = info.get("pid")
+    started = info.get("started", "at an unknown time")
+    number = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+    return number, f"pid {info.get('pid', 'unknown')}, started {started}"
 
 
-def _holder_pid(path: Path) -> int | None:
-    """The pid the lock file names (the holder writes it; it is emptied on release), if any."""
-    try:
-        info = json.loads(path.read_text(encoding="utf-8") or "{}")
-    except (OSError, ValueError):
-        return None
-    pid = info.get("pid") if isinstance(info, dict) else None
-    return pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+def _another_run(described: str, data_dir: Path) -> StoreLockedError:
+    return StoreLockedError(
+        f"another run ({described}) is writing to {data_dir}; wait for it to finish or pass a "
+        "different --data-dir"
+    )
 
 
 def _take_file_lock(path: Path, data_dir: Path, deadline: float, poll_s: float) -> int:
@@ -1405,10 +1406,7 @@ def _take_file_lock(path: Path, data_dir: Path, deadline: float, poll_s: float) 
             except BlockingIOError:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise StoreLockedError(
-                        f"another run ({_holder(path)}) is writing to {data_dir}; wait for it to "
-                        "finish or pass a different --data-dir"
-                    ) from None
+                    raise _another_run(_holder(path)[1], data_dir) from None
                 time.sleep(min(poll_s, remaining))
         info = {"pid": os.getpid(), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
@@ -1459,14 +1457,11 @@ def store_lock(data_dir: str | Path, *, timeout_s: float = 600, poll_s: float = 
             _LOCKS[key] = state
     got = state.rlock.acquire(timeout=timeout_s) if timeout_s > 0 else state.rlock.acquire(blocking=False)
     if not got:
-        holder = _holder_pid(path)
-        if holder is not None and holder != os.getpid():
+        pid, described = _holder(path)
+        if pid is not None and pid != os.getpid():
             # The thread ahead of this one is itself waiting for another run's lock (and may
             # not have given up yet): name the run that holds it, as that thread will.
-            raise StoreLockedError(
-                f"another run ({_holder(path)}) is writing to {folder}; wait for it to finish or pass "
-                "a different --data-dir"
-            )
+            raise _another_run(described, folder)
         raise StoreLockedError(
             f"another thread of this process (pid {os.getpid()}) is writing to {folder}; wait for it "
             "to finish or pass a different --data-dir"
