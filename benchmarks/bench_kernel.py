@@ -159,12 +159,19 @@ def kernel(x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int) -> tuple
 def floor_pass(x_nt: torch.Tensor, y_nt: torch.Tensor) -> None:
     """Read x and y once and write the cumulative sums of the nine moment arrays.
 
-    Ticker chunks of at most 2^15 cells, one per thread at a time, each into the thread's
-    own reused ``[9, chunk, T]`` buffer (no page faults): the fastest form found here.
+    Ticker chunks of about 2^17 cells, one per thread at a time, each into the thread's own
+    reused ``[9, chunk, T]`` buffer (no page faults), every thread running torch
+    single-threaded: the fastest form found here (the kernel's own scheme).  Measured on 2
+    cores: chunks of 2^15 cells (the form used before) took 1.4x as long.
     """
     n, t = y_nt.shape
-    chunk = max(1, (1 << 15) // max(t, 1))
+    chunk = max(1, (1 << 17) // max(t, 1))
     local = threading.local()
+    caller_threads = torch.get_num_threads()
+
+    def single_threaded() -> None:
+        torch.get_num_threads()
+        torch.set_num_threads(1)
 
     def one(c0: int) -> None:
         buf = getattr(local, "buf", None)
@@ -186,10 +193,13 @@ def floor_pass(x_nt: torch.Tensor, y_nt: torch.Tensor) -> None:
             p.cumsum_(-1)
 
     starts = range(0, n, chunk)
-    workers = max(1, min(torch.get_num_threads(), len(starts)))
-    with torch.no_grad(), ThreadPoolExecutor(workers) as pool:
-        for _ in pool.map(one, starts):
-            pass
+    workers = max(1, min(caller_threads, len(starts)))
+    try:
+        with torch.no_grad(), ThreadPoolExecutor(workers, initializer=single_threaded) as pool:
+            for _ in pool.map(one, starts):
+                pass
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 def cumsum_pass(y_nt: torch.Tensor, repeat: int) -> tuple[float, float]:

@@ -8,6 +8,7 @@ the raw design is too ill-conditioned for statsmodels itself.
 from __future__ import annotations
 
 import math
+import threading
 
 import mpmath
 import numpy as np
@@ -296,6 +297,29 @@ def test_quadratic_fit_results_do_not_depend_on_chunk_size_or_dtype(panel):
     f32 = quadratic_fit(torch.from_numpy(x).float(), torch.from_numpy(y).float(), window=50, min_obs=20)
     assert f32.beta.dtype == torch.float64
     assert default_chunk_size(5000) >= 1
+
+
+def test_quadratic_fit_on_worker_threads_gives_the_same_bits_and_puts_back_torch_threads(panel):
+    x, y = panel
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        # One chunk: the caller's thread; one column per chunk: two single-threaded workers.
+        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+        whole = quadratic_fit(xt, yt, window=50, min_obs=20, chunk_size=x.shape[1])
+        split = quadratic_fit(xt, yt, window=50, min_obs=20, chunk_size=1)
+        assert torch.get_num_threads() == 2
+        # The workers set torch's process-wide default to 1; a thread started afterwards must
+        # get the caller's count back, not the workers'.
+        seen: list[int] = []
+        thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert seen == [2]
+    finally:
+        torch.set_num_threads(before)
+    for name in ("alpha", "beta", "gamma", "cov_unique", "rss", "r2", "linear_beta", "dof", "n_obs"):
+        torch.testing.assert_close(getattr(split, name), getattr(whole, name), rtol=0, atol=0, equal_nan=True)
 
 
 def test_quadratic_fit_covariance_is_symmetric_and_matches_unique_entries(panel):

@@ -36,11 +36,12 @@ Algorithm (O(N*T) work, no Python loop over tickers or windows)
        from the same centred moments; a closed-form linear map takes coefficients and
        covariance back to the raw ``(1, x, x^2)`` parametrisation.
     All of it is elementwise tensor arithmetic over ``[tickers, rows]`` planes.  On the CPU,
-    columns go in chunks of at most 2^15 cells, each written into a workspace reused from
+    columns go in chunks of about 2^17 cells, each written into a workspace reused from
     chunk to chunk (fresh buffers cost more in page faults than the arithmetic), and the
-    chunks run side by side on ``torch.get_num_threads()`` threads (each operation on one
-    thread: no per-operation fork-join, which stalls when the cores are shared).  On CUDA the
-    chunks are large (about 1 GiB of workspace) and run one after the other.
+    chunks run side by side on ``torch.get_num_threads()`` threads, each thread running its
+    operations single-threaded: no per-operation fork-join, which stalls when the cores are
+    shared.  On CUDA the chunks are large (about 1 GiB of workspace) and run one after the
+    other.
 
 Accuracy
     Measured on return-like data with gaps: coefficients agree with an exact (60-digit)
@@ -60,6 +61,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
@@ -128,10 +130,14 @@ COV_ENTRIES: tuple[str, ...] = (
 #: fraction of its mean square about the column's mean.
 _TSS_RATIO_MIN: float = 1e-12
 
-#: Cells (tickers x rows) per chunk on the CPU: torch's parallel grain, so that every
-#: operation on a chunk's plane runs on the calling thread (see :func:`_chunk_workers`), and
-#: the working set of a chunk (about 40 such planes, 10 MiB) stays in the last-level cache.
-_CPU_CHUNK_CELLS: int = 1 << 15
+#: Cells (tickers x rows) per chunk on the CPU (at least one column per chunk).  A chunk costs
+#: about 130 tensor operations whatever its size, each with a few microseconds of dispatch
+#: that holds the GIL; chunks of torch's parallel grain (2^15) spent a quarter of the time
+#: there, and with two threads most of the rest waiting for each other's GIL hand-offs.
+#: Measured on 2 cores, best of repeats (window 252): 500 x 5,000 took 0.36 s at 2^15, 0.28 s
+#: at 2^16, 0.24 s at 2^17 and 2^18, 0.30 s at 2^19 (the ~40 planes of two chunks no longer
+#: fit the last-level cache); 3,000 x 7,500 took 5.2, 4.3, 2.5, 2.8 and 3.4 s.
+_CPU_CHUNK_CELLS: int = 1 << 17
 
 #: Float64 planes of one chunk's size held at once by the kernel (its workspace).
 _WORKSPACE_PLANES: int = 28
@@ -368,11 +374,9 @@ def quadratic_fit(
                 )
 
         starts = range(0, n_cols, chunk)
-        workers = _chunk_workers(dev, chunk * r_pad, len(starts))
+        workers = _chunk_workers(dev, len(starts))
         if workers > 1:
-            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="quadratic-fit") as pool:
-                for _ in pool.map(fit_columns, starts):
-                    pass
+            _run_single_threaded(fit_columns, starts, workers, "quadratic-fit")
         else:
             for c0 in starts:
                 fit_columns(c0)
@@ -392,19 +396,41 @@ def quadratic_fit(
     )
 
 
-def _chunk_workers(device: torch.device, plane_cells: int, chunks: int) -> int:
-    """Threads that fit chunks side by side: torch's intra-op thread count on the CPU, else 1.
-
-    On the CPU a chunk's planes are kept below torch's parallel grain (2^15 elements), so
-    each operation runs on the thread that calls it and the chunks run in parallel on a
-    thread pool instead (torch releases the GIL inside operations).  That avoids one
-    OpenMP fork-join per operation -- thousands per fit -- which stalls badly whenever the
-    machine's cores are shared with other work.  Planes larger than the grain (very long
-    series) keep torch's own threading and one chunk at a time.
-    """
-    if device.type != "cpu" or plane_cells > _CPU_CHUNK_CELLS:
+def _chunk_workers(device: torch.device, chunks: int) -> int:
+    """Threads that fit chunks side by side: torch's intra-op thread count on the CPU, else 1."""
+    if device.type != "cpu":
         return 1
     return max(1, min(torch.get_num_threads(), chunks))
+
+
+def _run_single_threaded(job: Callable[[int], None], starts: Iterable[int], workers: int, name: str) -> None:
+    """``job(start)`` for every start on ``workers`` threads, each running torch single-threaded.
+
+    The chunks are the unit of parallelism: torch releases the GIL inside its operations, so
+    the threads compute side by side, and each operation runs on the thread that calls it.
+    Left to itself torch would split every operation above its parallel grain over an OpenMP
+    team of its own (a fork-join per operation: thousands per fit, each stalling whenever
+    another process holds a core; and one team per thread would oversubscribe the cores).
+
+    ``torch.set_num_threads(1)`` in a worker sets that thread's OpenMP thread count; it also
+    sets torch's process-wide default, which only threads that have not yet run a parallel
+    operation read, so the caller's count is put back as soon as the pool is done.  Results do
+    not depend on any of this (each cell's arithmetic is the same on any thread).
+    """
+    caller_threads = torch.get_num_threads()
+
+    def single_threaded() -> None:
+        torch.get_num_threads()  # settle this thread's lazy set-up before changing it
+        torch.set_num_threads(1)
+
+    try:
+        with ThreadPoolExecutor(
+            max_workers=workers, thread_name_prefix=name, initializer=single_threaded
+        ) as pool:
+            for _ in pool.map(job, starts):
+                pass
+    finally:
+        torch.set_num_threads(caller_threads)
 
 
 def _ticker_major(v: Tensor) -> Tensor:
@@ -479,7 +505,6 @@ def _fit_chunk(
     n, t_rows = x.shape
     mom = ws.moments[:, :n]
     sums, kx, ky, cx, cy = _moment_planes(x, y, mom, t_rows)
-    # Every operation below works on one plane at a time (see _chunk_workers).
     if window == 0:
         sums = torch.empty((9, n, 1), dtype=mom.dtype, device=mom.device)
         for p, total in zip(mom, sums, strict=True):

@@ -112,8 +112,9 @@ def daily_sensitivity(
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise DataValidationError(f"x must be a tensor of the fit's shape {fit.shape}, got {got}")
     device = fit.beta.device
-    # Work ticker-major, the layout of the fit's storage.
-    r_m = x.to(device=device, dtype=torch.float64).T
+    # Work ticker-major, the layout of the fit's storage (a [T, N] panel is copied once rather
+    # than read across its rows by every operation below).
+    r_m = x.to(device=device, dtype=torch.float64).T.contiguous()
     if r_m.numel() == 0:
         empty = torch.empty(fit.shape, dtype=torch.float64, device=device)
         return SensitivityResult(empty, empty, empty, empty, level=lvl)
@@ -141,8 +142,10 @@ def daily_sensitivity(
             b = min(n_rows, a + step)
             grads, s_ab = _panel_slope_and_gradient(alpha[a:b], beta[a:b], gamma[a:b], r_m[a:b])
             var = torch.zeros_like(s_ab)
+            product = torch.empty_like(s_ab)
             for k, (i, j) in enumerate(_UNIQUE_PAIRS):
-                var.addcmul_(grads[i] * grads[j], cov[k, a:b], value=1.0 if i == j else 2.0)
+                torch.mul(grads[i], grads[j], out=product)
+                var.addcmul_(product, cov[k, a:b], value=1.0 if i == j else 2.0)
             se_ab = var.clamp_(min=0.0).sqrt_()
             if use_t:
                 q = quantiles[dof_index[a:b]]
