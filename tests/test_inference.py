@@ -33,6 +33,7 @@ from sensitivity.inference import (
 from sensitivity.model import QuadraticFit, quadratic_fit
 from sensitivity.returns import aligned_returns
 from sensitivity.store import read_price_file
+from sensitivity.threads import CHUNK_CELLS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_model import synthetic_panel, window_rows
@@ -294,6 +295,37 @@ def test_student_t_two_sided_p_matches_an_exact_oracle():
     nan = student_t_two_sided_p(torch.tensor([math.nan, 1.0, 1.0]), torch.tensor([5.0, math.nan, 0.0]))
     assert torch.isnan(nan).all()
     assert student_t_two_sided_p(torch.tensor([math.inf]), torch.tensor([10.0])).item() == 0.0
+
+
+def test_student_t_two_sided_p_is_the_same_bits_in_any_chunking_and_shape():
+    """Large panels go in chunks on several threads, with elements frozen and compacted as they
+    converge: each element's value must not depend on its neighbours, on the chunking or on
+    the threads (pieces below one chunk take the direct path)."""
+    rng = np.random.default_rng(12)
+    n = 5 * (CHUNK_CELLS // 2 + 12_345)  # three chunks, five columns
+    t = rng.standard_normal(n) * rng.choice([0.3, 2.0, 6.0, 50.0], n)
+    t[::97], t[::101], t[::107] = math.nan, -math.inf, 0.0
+    dof = rng.integers(1, 400, n).astype(float)
+    dof[::89], dof[::113] = math.nan, 0.0
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        whole = student_t_two_sided_p(
+            torch.from_numpy(t).reshape(-1, 5), torch.from_numpy(dof).reshape(-1, 5)
+        )
+    finally:
+        torch.set_num_threads(before)
+    assert whole.shape == (n // 5, 5)
+    pieces = torch.cat(
+        [
+            student_t_two_sided_p(torch.from_numpy(t[i : i + 5_000]), torch.from_numpy(dof[i : i + 5_000]))
+            for i in range(0, n, 5_000)
+        ]
+    )
+    torch.testing.assert_close(whole.reshape(-1), pieces, rtol=0, atol=0, equal_nan=True)
+    sample = rng.choice(np.flatnonzero(np.isfinite(t) & (dof > 0) & np.isfinite(dof)), 40, replace=False)
+    expected = np.array([exact_t_p(t[i], int(dof[i])) for i in sample])
+    np.testing.assert_allclose(whole.reshape(-1).numpy()[sample], expected, rtol=1e-11, atol=1e-300)
 
 
 def test_normal_two_sided_p_matches_scipy():

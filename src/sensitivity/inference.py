@@ -53,6 +53,7 @@ from torch import Tensor
 
 from sensitivity.errors import ConfigError, DataValidationError
 from sensitivity.model import QuadraticFit
+from sensitivity.threads import CHUNK_CELLS, chunk_workers, run_single_threaded
 
 __all__ = [
     "SE_TYPES",
@@ -475,10 +476,34 @@ def student_t_two_sided_p(t: Tensor, dof: Tensor) -> Tensor:
 
     The regularized incomplete beta ``I_x(dof/2, 1/2)``, ``x = dof / (dof + t^2)``, by its
     continued fraction (modified Lentz), each tail in the form that keeps full relative
-    precision.  NaN in ``t`` or ``dof`` (or ``dof <= 0``) gives NaN.
+    precision.  NaN in ``t`` or ``dof`` (or ``dof <= 0``) gives NaN.  Large inputs go in
+    chunks of :data:`~sensitivity.threads.CHUNK_CELLS` cells on the CPU's threads; every
+    element's arithmetic is its own, so the result is the same bits in any chunking.
     """
     t = t.to(torch.float64)
     nu = dof.to(torch.float64).expand_as(t) if dof.shape != t.shape else dof.to(torch.float64)
+    n = t.numel()
+    if n <= CHUNK_CELLS:
+        return _t_two_sided_p(t, nu)
+    flat_t, flat_nu = t.reshape(-1), nu.reshape(-1)
+    out = torch.empty(n, dtype=torch.float64, device=t.device)
+
+    def one_chunk(start: int) -> None:
+        stop = min(n, start + CHUNK_CELLS)
+        out[start:stop] = _t_two_sided_p(flat_t[start:stop], flat_nu[start:stop])
+
+    starts = range(0, n, CHUNK_CELLS)
+    workers = chunk_workers(t.device, len(starts))
+    if workers > 1:
+        run_single_threaded(one_chunk, starts, workers, "student-t-p")
+    else:
+        for start in starts:
+            one_chunk(start)
+    return out.reshape(t.shape)
+
+
+def _t_two_sided_p(t: Tensor, nu: Tensor) -> Tensor:
+    """:func:`student_t_two_sided_p` of float64 ``t`` and ``nu`` of the same shape."""
     bad = ~(torch.isfinite(nu) & (nu > 0)) | torch.isnan(t)
     nu = torch.where(bad, 1.0, nu)
     tt = torch.where(bad | torch.isinf(t), 0.0, t) ** 2
@@ -520,38 +545,49 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
 
     Elementwise; each element iterates until its own step is within 1e-15 of 1 and is then
     frozen, so its value never depends on which other elements share the batch (the same
-    inputs give the same bits in any batch).  Only unconverged elements are iterated (a few
-    need hundreds of steps where most need twenty).
+    inputs give the same bits in any batch).  Only elements still iterating are computed on:
+    a frozen element is carried (unchanged) until a quarter of the batch has frozen, then the
+    frozen ones are written out and the rest compacted (a few need hundreds of steps where
+    most need twenty; compacting every step cost more in gathers than the steps themselves).
     """
     tiny = 1e-300
     shape = x.shape
+    h = torch.empty(x.numel(), dtype=x.dtype, device=x.device)
     a, b, x = a.reshape(-1), b.reshape(-1), x.reshape(-1)
     qab, qap, qam = a + b, a + 1.0, a - 1.0
     c = torch.ones_like(x)
     d = 1.0 - qab * x / qap
     d = torch.where(d.abs() < tiny, tiny, d).reciprocal()
-    h = d.clone()
-    active = torch.arange(x.numel(), device=x.device)
+    value = d.clone()
+    at = torch.arange(x.numel(), device=x.device)  # where each element's value goes in h
+    live = torch.ones_like(x, dtype=torch.bool)
     for m in range(1, 10_001):
-        if not active.numel():
+        if not at.numel():
             break
-        aa, bb, xx = a[active], b[active], x[active]
-        cc, dd = c[active], d[active]
         m2 = 2.0 * m
-        num = m * (bb - m) * xx / ((qam[active] + m2) * (aa + m2))
-        dd = 1.0 + num * dd
+        num = m * (b - m) * x / ((qam + m2) * (a + m2))
+        dd = 1.0 + num * d
         dd = torch.where(dd.abs() < tiny, tiny, dd).reciprocal()
-        cc = 1.0 + num / cc
+        cc = 1.0 + num / c
         cc = torch.where(cc.abs() < tiny, tiny, cc)
-        hh = h[active] * dd * cc
-        num = -(aa + m) * (qab[active] + m) * xx / ((aa + m2) * (qap[active] + m2))
+        hh = value * dd * cc
+        num = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
         dd = 1.0 + num * dd
         dd = torch.where(dd.abs() < tiny, tiny, dd).reciprocal()
         cc = 1.0 + num / cc
         cc = torch.where(cc.abs() < tiny, tiny, cc)
         step = dd * cc
-        h[active] = hh * step
-        c[active] = cc
-        d[active] = dd
-        active = active[(step - 1.0).abs() > 1e-15]
+        value = torch.where(live, hh * step, value)
+        c = torch.where(live, cc, c)
+        d = torch.where(live, dd, d)
+        live &= (step - 1.0).abs() > 1e-15
+        remaining = int(live.sum())
+        if remaining <= 0.75 * live.numel():
+            done = ~live
+            h[at[done]] = value[done]
+            at, a, b, x, qab, qap, qam, c, d, value = (
+                v[live] for v in (at, a, b, x, qab, qap, qam, c, d, value)
+            )
+            live = torch.ones_like(x, dtype=torch.bool)
+    h[at] = value
     return h.reshape(shape)

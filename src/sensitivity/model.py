@@ -61,8 +61,6 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -71,6 +69,7 @@ import torch
 from torch import Tensor
 
 from sensitivity.errors import ConfigError, DataValidationError
+from sensitivity.threads import CHUNK_CELLS, chunk_workers, run_single_threaded
 
 __all__ = [
     "COV_ENTRIES",
@@ -137,7 +136,7 @@ _TSS_RATIO_MIN: float = 1e-12
 #: Measured on 2 cores, best of repeats (window 252): 500 x 5,000 took 0.36 s at 2^15, 0.28 s
 #: at 2^16, 0.24 s at 2^17 and 2^18, 0.30 s at 2^19 (the ~40 planes of two chunks no longer
 #: fit the last-level cache); 3,000 x 7,500 took 5.2, 4.3, 2.5, 2.8 and 3.4 s.
-_CPU_CHUNK_CELLS: int = 1 << 17
+_CPU_CHUNK_CELLS: int = CHUNK_CELLS
 
 #: Float64 planes of one chunk's size held at once by the kernel (its workspace).
 _WORKSPACE_PLANES: int = 28
@@ -374,9 +373,9 @@ def quadratic_fit(
                 )
 
         starts = range(0, n_cols, chunk)
-        workers = _chunk_workers(dev, len(starts))
+        workers = chunk_workers(dev, len(starts))
         if workers > 1:
-            _run_single_threaded(fit_columns, starts, workers, "quadratic-fit")
+            run_single_threaded(fit_columns, starts, workers, "quadratic-fit")
         else:
             for c0 in starts:
                 fit_columns(c0)
@@ -394,43 +393,6 @@ def quadratic_fit(
         cov_unique=store[len(_PLANES) :].permute(2, 1, 0),
         **planes,
     )
-
-
-def _chunk_workers(device: torch.device, chunks: int) -> int:
-    """Threads that fit chunks side by side: torch's intra-op thread count on the CPU, else 1."""
-    if device.type != "cpu":
-        return 1
-    return max(1, min(torch.get_num_threads(), chunks))
-
-
-def _run_single_threaded(job: Callable[[int], None], starts: Iterable[int], workers: int, name: str) -> None:
-    """``job(start)`` for every start on ``workers`` threads, each running torch single-threaded.
-
-    The chunks are the unit of parallelism: torch releases the GIL inside its operations, so
-    the threads compute side by side, and each operation runs on the thread that calls it.
-    Left to itself torch would split every operation above its parallel grain over an OpenMP
-    team of its own (a fork-join per operation: thousands per fit, each stalling whenever
-    another process holds a core; and one team per thread would oversubscribe the cores).
-
-    ``torch.set_num_threads(1)`` in a worker sets that thread's OpenMP thread count; it also
-    sets torch's process-wide default, which only threads that have not yet run a parallel
-    operation read, so the caller's count is put back as soon as the pool is done.  Results do
-    not depend on any of this (each cell's arithmetic is the same on any thread).
-    """
-    caller_threads = torch.get_num_threads()
-
-    def single_threaded() -> None:
-        torch.get_num_threads()  # settle this thread's lazy set-up before changing it
-        torch.set_num_threads(1)
-
-    try:
-        with ThreadPoolExecutor(
-            max_workers=workers, thread_name_prefix=name, initializer=single_threaded
-        ) as pool:
-            for _ in pool.map(job, starts):
-                pass
-    finally:
-        torch.set_num_threads(caller_threads)
 
 
 def _ticker_major(v: Tensor) -> Tensor:
