@@ -2011,16 +2011,18 @@ def render_report(
     pool = _section_pool(sum(min(len(g[2]), chart_limit) for g in groups), workers)
     try:
         page = _render_page(
-            frame,
-            table,
-            groups,
-            histories,
-            manifest,
-            what_if,
-            min_obs,
-            hac_lags,
-            chart_limit,
-            as_of,
+            _PageInputs(
+                frame=frame,
+                table=table,
+                groups=groups,
+                histories=histories,
+                manifest=manifest,
+                what_if=what_if,
+                min_obs=min_obs,
+                hac_lags=hac_lags,
+                chart_limit=chart_limit,
+                as_of=as_of,
+            ),
             pool,
         )
     finally:
@@ -2065,20 +2067,32 @@ def _section_of(job: Sequence[Any], charts: _SectionCharts) -> str:
     )
 
 
-def _render_page(
-    frame: pd.DataFrame,
-    table: pd.DataFrame,
-    groups: list[tuple[str, int, pd.DataFrame]],
-    histories: Mapping[tuple[str, str, int], pd.DataFrame],
-    manifest: Mapping[str, Any],
-    what_if: pd.DataFrame | None,
-    min_obs: int | None,
-    hac_lags: tuple[int, ...],
-    chart_limit: int,
-    as_of: dt.date,
-    pool: ProcessPool,
-) -> list[str]:
+@dataclass(frozen=True)
+class _PageInputs:
+    """What one report page is drawn from, checked and grouped by :func:`render_report`."""
+
+    #: The per-day table (``date`` as timestamps).
+    frame: pd.DataFrame
+    #: The summary rows of the page's ``as_of``.
+    table: pd.DataFrame
+    #: ``(index_ticker, window, summary rows)`` per overview group, in page order.
+    groups: list[tuple[str, int, pd.DataFrame]]
+    #: Each (index_ticker, ticker, window)'s per-day rows, oldest first.
+    histories: Mapping[tuple[str, str, int], pd.DataFrame]
+    manifest: Mapping[str, Any]
+    #: The what-if rows of ``as_of`` (None without a scenario table).
+    what_if: pd.DataFrame | None
+    min_obs: int | None
+    hac_lags: tuple[int, ...]
+    chart_limit: int
+    as_of: dt.date
+
+
+def _render_page(inputs: _PageInputs, pool: ProcessPool) -> list[str]:
     """The parts of the page, in order (see :func:`render_report`)."""
+    frame, table, groups, histories = inputs.frame, inputs.table, inputs.groups, inputs.histories
+    manifest, what_if, min_obs, hac_lags = inputs.manifest, inputs.what_if, inputs.min_obs, inputs.hac_lags
+    chart_limit, as_of = inputs.chart_limit, inputs.as_of
     sparkline = _Sparkline()
     indexes = sorted({g[0] for g in groups})
     windows = sorted({g[1] for g in groups})
