@@ -476,14 +476,14 @@ def student_t_two_sided_p(t: Tensor, dof: Tensor) -> Tensor:
 
     The regularized incomplete beta ``I_x(dof/2, 1/2)``, ``x = dof / (dof + t^2)``, by its
     continued fraction (modified Lentz), each tail in the form that keeps full relative
-    precision.  NaN in ``t`` or ``dof`` (or ``dof <= 0``) gives NaN.  Large inputs go in
-    chunks of :data:`~sensitivity.threads.CHUNK_CELLS` cells on the CPU's threads; every
+    precision.  NaN in ``t`` or ``dof`` (or ``dof <= 0``) gives NaN.  Large inputs on the CPU
+    go in chunks of :data:`~sensitivity.threads.CHUNK_CELLS` cells on its threads; every
     element's arithmetic is its own, so the result is the same bits in any chunking.
     """
     t = t.to(torch.float64)
     nu = dof.to(torch.float64).expand_as(t) if dof.shape != t.shape else dof.to(torch.float64)
     n = t.numel()
-    if n <= CHUNK_CELLS:
+    if n <= CHUNK_CELLS or t.device.type != "cpu":  # an accelerator takes the panel at once
         return _t_two_sided_p(t, nu)
     flat_t, flat_nu = t.reshape(-1), nu.reshape(-1)
     out = torch.empty(n, dtype=torch.float64, device=t.device)

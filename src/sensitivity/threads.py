@@ -21,7 +21,8 @@ CHUNK_CELLS: int = 1 << 17
 
 
 def chunk_workers(device: torch.device, chunks: int) -> int:
-    """Threads that fit chunks side by side: torch's intra-op thread count on the CPU, else 1."""
+    """Threads for ``chunks`` chunks side by side: torch's intra-op thread count on the CPU, else 1
+    (on an accelerator the chunks are large and run one after the other)."""
     if device.type != "cpu":
         return 1
     return max(1, min(torch.get_num_threads(), chunks))
