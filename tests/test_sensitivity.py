@@ -8,6 +8,8 @@ quadratic, ``sqrt(g' Sigma g)`` with statsmodels' ``cov_params``, and ``scipy.st
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -56,6 +58,40 @@ def test_daily_sensitivity_matches_central_finite_differences(fitted):
     fd = (up - down) / (2 * h)  # exact for a quadratic up to rounding
     ok = torch.isfinite(fd)
     torch.testing.assert_close(res.sensitivity[ok], fd[ok], rtol=1e-8, atol=1e-9)
+
+
+def test_daily_sensitivity_works_in_inference_mode_and_on_inference_tensors(fitted):
+    """Autograd refuses inference tensors; the results must not depend on how the caller ran."""
+    x, y, _, res = fitted
+    with torch.inference_mode():
+        xi = torch.from_numpy(x).clone()
+        fit = quadratic_fit(xi, torch.from_numpy(y).clone(), window=60, min_obs=30)
+        inside = daily_sensitivity(fit, xi)
+    outside = daily_sensitivity(fit, xi)
+    for got in (inside, outside):
+        for name in ("sensitivity", "sensitivity_se", "sensitivity_ci_lower", "sensitivity_ci_upper"):
+            torch.testing.assert_close(getattr(got, name), getattr(res, name), rtol=0, atol=0, equal_nan=True)
+
+
+def test_daily_sensitivity_does_not_load_torchs_compiler():
+    """torch.func's transforms import torch._dynamo on first use: 1.5 to 1.9 s of every process
+    that computes a sensitivity.  A fresh interpreter checks that the path stays clear of it."""
+    code = (
+        "import sys, torch\n"
+        "from sensitivity.model import quadratic_fit\n"
+        "from sensitivity.sensitivity import daily_sensitivity\n"
+        "before = 'torch._dynamo' in sys.modules\n"
+        "x = torch.linspace(-0.02, 0.03, 200, dtype=torch.float64).reshape(100, 2)\n"
+        "fit = quadratic_fit(x, 0.5 * x + x * x * x, window=50, min_obs=20)\n"
+        "daily_sensitivity(fit, x)\n"
+        "print(before, 'torch._dynamo' in sys.modules)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    ).stdout.split()
+    if out[0] == "True":
+        pytest.skip("this torch loads torch._dynamo on import")
+    assert out == ["False", "False"]
 
 
 def test_daily_sensitivity_se_matches_delta_method_with_statsmodels_cov(fitted):

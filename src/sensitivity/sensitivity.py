@@ -3,9 +3,11 @@
 For the fit of day ``t`` (``alpha_t, beta_t, gamma_t``) the fitted return is
 ``r_hat(r_m) = alpha_t + beta_t*r_m + gamma_t*r_m**2`` and the day's sensitivity is its slope at
 that day's index return, ``d r_hat / d r_m`` at ``r_m = x_t``.  :func:`daily_sensitivity`
-obtains it with ``torch.func.grad`` of the fitted model (never from a hand-written derivative),
-and its gradient with respect to ``(alpha, beta, gamma)`` -- ``(0, 1, 2*x_t)`` -- by
-differentiating once more; both are vectorised over every ticker and day with ``torch.func.vmap``.
+obtains it with ``torch.autograd.grad`` of the fitted model (never from a hand-written
+derivative), and its gradient with respect to ``(alpha, beta, gamma)`` -- ``(0, 1, 2*x_t)`` --
+by differentiating once more.  Both run on whole panels at once: the model is elementwise (each
+day's fitted return depends only on that day's coefficients and index return), so the
+vector-Jacobian product with a panel of ones is every cell's own derivative.
 
 Standard errors use the delta method with a covariance ``Sigma`` of the coefficients -- by
 default the fit's classical one, or a robust one (HC1, HAC: :mod:`sensitivity.inference`):
@@ -64,12 +66,31 @@ def fitted_return(alpha: Tensor, beta: Tensor, gamma: Tensor, r_m: Tensor) -> Te
     return alpha + beta * r_m + gamma * r_m * r_m
 
 
-#: d r_hat / d r_m for one observation (scalar tensors).
-_slope = torch.func.grad(fitted_return, argnums=3)
-#: ((d slope / d alpha, d slope / d beta, d slope / d gamma), slope) for one observation.
-_slope_and_gradient = torch.func.grad_and_value(_slope, argnums=(0, 1, 2))
-#: The same over a [N, T] panel.
-_panel_slope_and_gradient = torch.func.vmap(torch.func.vmap(_slope_and_gradient))
+def _slope_and_gradient(
+    alpha: Tensor, beta: Tensor, gamma: Tensor, r_m: Tensor
+) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+    """``((d slope / d alpha, d slope / d beta, d slope / d gamma), slope)`` of every cell, where
+    ``slope = d r_hat / d r_m`` of :func:`fitted_return`, by two passes of autograd.
+
+    ``torch.autograd.grad`` rather than ``torch.func.grad``: the latter imports torch's
+    compiler stack (``torch._dynamo``) on its first call, 1.5 to 1.9 s of every process that
+    computes a sensitivity (measured), for the same derivatives.
+    """
+    # Autograd runs even when the caller is in inference mode or holds inference tensors
+    # (those are copied: they cannot require gradients).
+    with torch.inference_mode(False), torch.enable_grad():
+        params = tuple(_leaf(v) for v in (alpha, beta, gamma))
+        at = _leaf(r_m)
+        fitted = fitted_return(*params, at)
+        (slope,) = torch.autograd.grad(fitted, at, torch.ones_like(fitted), create_graph=True)
+        grads = torch.autograd.grad(slope, params, torch.ones_like(slope), allow_unused=True)
+    d_alpha, d_beta, d_gamma = (torch.zeros_like(slope) if g is None else g.detach() for g in grads)
+    return (d_alpha, d_beta, d_gamma), slope.detach()
+
+
+def _leaf(v: Tensor) -> Tensor:
+    """``v`` as a fresh autograd leaf (a copy only for an inference tensor)."""
+    return (v.clone() if v.is_inference() else v.detach()).requires_grad_()
 
 
 def daily_sensitivity(
@@ -140,7 +161,7 @@ def daily_sensitivity(
         step = max(1, _CHUNK_CELLS // max(n_days, 1))
         for a in range(0, n_rows, step):
             b = min(n_rows, a + step)
-            grads, s_ab = _panel_slope_and_gradient(alpha[a:b], beta[a:b], gamma[a:b], r_m[a:b])
+            grads, s_ab = _slope_and_gradient(alpha[a:b], beta[a:b], gamma[a:b], r_m[a:b])
             var = torch.zeros_like(s_ab)
             product = torch.empty_like(s_ab)
             for k, (i, j) in enumerate(_UNIQUE_PAIRS):
