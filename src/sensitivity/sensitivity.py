@@ -7,7 +7,7 @@ obtains it with ``torch.autograd.grad`` of the fitted model (never from a hand-w
 derivative), and its gradient with respect to ``(alpha, beta, gamma)`` -- ``(0, 1, 2*x_t)`` --
 by differentiating once more.  Both run on whole panels at once: the model is elementwise (each
 day's fitted return depends only on that day's coefficients and index return), so the
-vector-Jacobian product with a panel of ones is every cell's own derivative.
+gradient of the panel's sum is every cell's own derivative.
 
 Standard errors use the delta method with a covariance ``Sigma`` of the coefficients -- by
 default the fit's classical one, or a robust one (HC1, HAC: :mod:`sensitivity.inference`):
@@ -81,9 +81,12 @@ def _slope_and_gradient(
     with torch.inference_mode(False), torch.enable_grad():
         params = tuple(_leaf(v) for v in (alpha, beta, gamma))
         at = _leaf(r_m)
+        # The gradient of a sum is each cell's own derivative (the model is elementwise);
+        # summing also spares autograd's shape check of explicit grad_outputs, whose first use
+        # imports torch.fx's symbolic shapes (0.4 s).
         fitted = fitted_return(*params, at)
-        (slope,) = torch.autograd.grad(fitted, at, torch.ones_like(fitted), create_graph=True)
-        grads = torch.autograd.grad(slope, params, torch.ones_like(slope), allow_unused=True)
+        (slope,) = torch.autograd.grad(fitted.sum(), at, create_graph=True)
+        grads = torch.autograd.grad(slope.sum(), params, allow_unused=True)
     d_alpha, d_beta, d_gamma = (torch.zeros_like(slope) if g is None else g.detach() for g in grads)
     return (d_alpha, d_beta, d_gamma), slope.detach()
 
