@@ -79,7 +79,7 @@ def _slope_and_gradient(
     # Autograd runs even when the caller is in inference mode or holds inference tensors
     # (those are copied: they cannot require gradients).
     with torch.inference_mode(False), torch.enable_grad():
-        params = tuple(_leaf(v) for v in (alpha, beta, gamma))
+        params = (_leaf(alpha), _leaf(beta), _leaf(gamma))
         at = _leaf(r_m)
         # The gradient of a sum is each cell's own derivative (the model is elementwise);
         # summing also spares autograd's shape check of explicit grad_outputs, whose first use
