@@ -35,8 +35,9 @@ def read_deployments(root: Path) -> list[dict[str, Any]]:
     return deployments
 
 
-def build_deployments(root: Path, names: Sequence[str] | None = None) -> list[Any]:
-    """Runner deployments for the entries of prefect.yaml (all, or those named)."""
+def build_deployments(root: Path, names: Sequence[str] | None = None, *, schedules: bool = True) -> list[Any]:
+    """Runner deployments for the entries of prefect.yaml (all, or those named); with
+    ``schedules=False`` none gets its cron schedules (runs start only when triggered)."""
     entries = read_deployments(root)
     known = [str(e.get("name")) for e in entries]
     if names:
@@ -50,9 +51,9 @@ def build_deployments(root: Path, names: Sequence[str] | None = None) -> list[An
     for entry in entries:
         path, func = str(entry["entrypoint"]).split(":")
         flow = load_flow_from_entrypoint(f"{root / path}:{func}", use_placeholder_flow=False)
-        schedules = [
+        crons = [
             CronSchedule(cron=s["cron"], timezone=s.get("timezone", "UTC"))
-            for s in entry.get("schedules") or []
+            for s in (entry.get("schedules") or [] if schedules else [])
             if s.get("cron") and s.get("active", True)
         ]
         limit = entry.get("concurrency_limit") or None
@@ -68,7 +69,7 @@ def build_deployments(root: Path, names: Sequence[str] | None = None) -> list[An
             flow.to_deployment(
                 name=str(entry["name"]),
                 description=entry.get("description"),
-                schedules=schedules or None,
+                schedules=crons or None,
                 parameters=entry.get("parameters") or {},
                 tags=entry.get("tags") or [],
                 concurrency_limit=concurrency,
@@ -78,6 +79,8 @@ def build_deployments(root: Path, names: Sequence[str] | None = None) -> list[An
     return out
 
 
-def serve_deployments(root: Path, names: Sequence[str] | None = None, limit: int = 1) -> None:
-    """Serve the deployments until interrupted."""
-    serve(*build_deployments(root, names), limit=limit)
+def serve_deployments(
+    root: Path, names: Sequence[str] | None = None, limit: int = 1, *, schedules: bool = True
+) -> None:
+    """Serve the deployments until interrupted (without their schedules if ``schedules`` is False)."""
+    serve(*build_deployments(root, names, schedules=schedules), limit=limit)

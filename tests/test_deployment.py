@@ -96,7 +96,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
             time.sleep(0.5)
         procs.append(
             subprocess.Popen(
-                [str(BIN / "sensitivity"), "serve"],
+                # Without the daily cron: a scheduled run would fetch from Yahoo (the network)
+                # into the project's data/ folder if the suite ran at 18:30 New York time.
+                [str(BIN / "sensitivity"), "serve", "--no-schedules"],
                 env=env,
                 cwd=ROOT,
                 stdout=(logs / "serve.log").open("wb"),
@@ -173,3 +175,22 @@ def test_deployment_run_bad_param_fails_with_clear_message(server: dict[str, str
     assert run["state_type"] == "FAILED"
     assert "model.window must be >= 0, got -5" in str(run["state"]["message"])  # type: ignore[index]
     assert not data.exists()
+
+
+def test_serving_without_schedules_drops_only_the_cron() -> None:
+    """`sensitivity serve --no-schedules` (used above) must keep everything else of prefect.yaml."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deployments_under_test", ROOT / "flows" / "deployments.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    scheduled = {d.name: d for d in module.build_deployments(ROOT)}
+    bare = {d.name: d for d in module.build_deployments(ROOT, schedules=False)}
+    assert [s.schedule.cron for s in scheduled["daily"].schedules] == ["30 18 * * 1-5"]
+    assert not bare["daily"].schedules
+    assert not bare["backfill"].schedules
+    for name, d in bare.items():
+        assert d.parameters == scheduled[name].parameters
+        assert d.concurrency_limit == scheduled[name].concurrency_limit

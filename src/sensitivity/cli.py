@@ -294,6 +294,13 @@ def serve(
         list[str] | None, typer.Option(help="Serve only these deployments (by name).")
     ] = None,
     limit: Annotated[int, typer.Option(help="Most runs at once in this process.", min=1)] = 1,
+    schedules: Annotated[
+        bool,
+        typer.Option(
+            help="Keep the cron schedules of prefect.yaml; --no-schedules serves the deployments "
+            "for triggered runs only (a staging or test server that must not start the daily run)."
+        ),
+    ] = True,
 ) -> None:
     """Serve the deployments of prefect.yaml from this process (no work pool needed)."""
     import importlib.util
@@ -308,7 +315,7 @@ def serve(
         module = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(module)
         os.chdir(root)  # deployments' relative paths (config/, data/) are relative to the project
-        module.serve_deployments(root, names=deployment or None, limit=limit)
+        module.serve_deployments(root, names=deployment or None, limit=limit, schedules=schedules)
     except SensitivityError as exc:
         _fail(exc, False)
 
