@@ -47,7 +47,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -56,6 +55,7 @@ import torch
 
 from sensitivity.model import quadratic_fit
 from sensitivity.sensitivity import daily_sensitivity
+from sensitivity.threads import CHUNK_CELLS, for_each_chunk
 
 QUICK: tuple[tuple[int, int], ...] = ((100, 2500), (500, 5000), (1000, 7500), (3000, 7500))
 FULL: tuple[tuple[int, int], ...] = tuple((n, t) for n in (100, 500, 1000, 3000) for t in (2500, 5000, 7500))
@@ -161,17 +161,13 @@ def floor_pass(x_nt: torch.Tensor, y_nt: torch.Tensor) -> None:
 
     Ticker chunks of about 2^17 cells, one per thread at a time, each into the thread's own
     reused ``[9, chunk, T]`` buffer (no page faults), every thread running torch
-    single-threaded: the fastest form found here (the kernel's own scheme).  Measured on 2
-    cores: chunks of 2^15 cells (the form used before) took 1.4x as long.
+    single-threaded: the fastest form found here (the kernel's own scheme,
+    :func:`sensitivity.threads.for_each_chunk`).  Measured on 2 cores: chunks of 2^15 cells
+    (the form used before) took 1.4x as long.
     """
     n, t = y_nt.shape
-    chunk = max(1, (1 << 17) // max(t, 1))
+    chunk = max(1, CHUNK_CELLS // max(t, 1))
     local = threading.local()
-    caller_threads = torch.get_num_threads()
-
-    def single_threaded() -> None:
-        torch.get_num_threads()
-        torch.set_num_threads(1)
 
     def one(c0: int) -> None:
         buf = getattr(local, "buf", None)
@@ -192,14 +188,8 @@ def floor_pass(x_nt: torch.Tensor, y_nt: torch.Tensor) -> None:
         for p in v:
             p.cumsum_(-1)
 
-    starts = range(0, n, chunk)
-    workers = max(1, min(caller_threads, len(starts)))
-    try:
-        with torch.no_grad(), ThreadPoolExecutor(workers, initializer=single_threaded) as pool:
-            for _ in pool.map(one, starts):
-                pass
-    finally:
-        torch.set_num_threads(caller_threads)
+    with torch.no_grad():
+        for_each_chunk(one, range(0, n, chunk), torch.device("cpu"), "floor")
 
 
 def cumsum_pass(y_nt: torch.Tensor, repeat: int) -> tuple[float, float]:

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from sensitivity.errors import ConfigError, DataValidationError
 from sensitivity.model import QuadraticFit
-from sensitivity.threads import CHUNK_CELLS, chunk_workers, run_single_threaded
+from sensitivity.threads import CHUNK_CELLS, for_each_chunk
 
 __all__ = [
     "SE_TYPES",
@@ -492,13 +492,7 @@ def student_t_two_sided_p(t: Tensor, dof: Tensor) -> Tensor:
         stop = min(n, start + CHUNK_CELLS)
         out[start:stop] = _t_two_sided_p(flat_t[start:stop], flat_nu[start:stop])
 
-    starts = range(0, n, CHUNK_CELLS)
-    workers = chunk_workers(t.device, len(starts))
-    if workers > 1:
-        run_single_threaded(one_chunk, starts, workers, "student-t-p")
-    else:
-        for start in starts:
-            one_chunk(start)
+    for_each_chunk(one_chunk, range(0, n, CHUNK_CELLS), t.device, "student-t-p")
     return out.reshape(t.shape)
 
 

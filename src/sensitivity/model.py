@@ -69,7 +69,7 @@ import torch
 from torch import Tensor
 
 from sensitivity.errors import ConfigError, DataValidationError
-from sensitivity.threads import CHUNK_CELLS, chunk_workers, run_single_threaded
+from sensitivity.threads import CHUNK_CELLS, for_each_chunk
 
 __all__ = [
     "COV_ENTRIES",
@@ -128,15 +128,6 @@ COV_ENTRIES: tuple[str, ...] = (
 #: ``y`` counts as constant in a window (R^2 undefined: NaN) when its variance is below this
 #: fraction of its mean square about the column's mean.
 _TSS_RATIO_MIN: float = 1e-12
-
-#: Cells (tickers x rows) per chunk on the CPU (at least one column per chunk).  A chunk costs
-#: about 130 tensor operations whatever its size, each with a few microseconds of dispatch
-#: that holds the GIL; chunks of torch's parallel grain (2^15) spent a quarter of the time
-#: there, and with two threads most of the rest waiting for each other's GIL hand-offs.
-#: Measured on 2 cores, best of repeats (window 252): 500 x 5,000 took 0.36 s at 2^15, 0.28 s
-#: at 2^16, 0.24 s at 2^17 and 2^18, 0.30 s at 2^19 (the ~40 planes of two chunks no longer
-#: fit the last-level cache); 3,000 x 7,500 took 5.2, 4.3, 2.5, 2.8 and 3.4 s.
-_CPU_CHUNK_CELLS: int = CHUNK_CELLS
 
 #: Float64 planes of one chunk's size held at once by the kernel (its workspace).
 _WORKSPACE_PLANES: int = 28
@@ -220,7 +211,7 @@ def default_chunk_size(n_rows: int, device: DeviceLike = None) -> int:
     dev = resolve_device(device)
     rows = max(1, n_rows)
     if dev.type == "cpu":
-        return max(1, _CPU_CHUNK_CELLS // rows)
+        return max(1, CHUNK_CELLS // rows)
     return max(1, _DEVICE_BUDGET_BYTES // (rows * _WORKSPACE_PLANES * 8))
 
 
@@ -372,13 +363,7 @@ def quadratic_fit(
                     n_store[c0:c1],
                 )
 
-        starts = range(0, n_cols, chunk)
-        workers = chunk_workers(dev, len(starts))
-        if workers > 1:
-            run_single_threaded(fit_columns, starts, workers, "quadratic-fit")
-        else:
-            for c0 in starts:
-                fit_columns(c0)
+        for_each_chunk(fit_columns, range(0, n_cols, chunk), dev, "quadratic-fit")
     if w == 0:
         store = store.expand(-1, -1, t_rows)
         n_store = n_store.expand(-1, t_rows)
