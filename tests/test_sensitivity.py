@@ -7,6 +7,7 @@ quadratic, ``sqrt(g' Sigma g)`` with statsmodels' ``cov_params``, and ``scipy.st
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -135,6 +136,36 @@ def test_daily_sensitivity_is_nan_where_the_fit_is(fitted):
     assert missing.any()
     for v in (res.sensitivity, res.sensitivity_se, res.sensitivity_ci_lower, res.sensitivity_ci_upper):
         assert torch.isnan(v[missing]).all()
+
+
+def test_daily_sensitivity_in_chunks_on_threads_equals_each_ticker_alone():
+    """A panel of several chunks (2^17 cells each) on worker threads gives every ticker the
+    bits it gets alone; so do rows cut from a fit (one row, as the API evaluates the latest)
+    and a full-sample fit, whose largest dof is not bounded by a window."""
+    x, y = panel(seed=5, t_rows=4000, n=80)  # 320,000 cells: three chunks
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for window in (252, 0):
+        fit = quadratic_fit(xt, yt, window=window, min_obs=30)
+        whole = daily_sensitivity(fit, xt)
+        assert torch.isfinite(whole.sensitivity).sum() > 100_000
+        for j in (0, 3, 41, 79):
+            alone_fit = quadratic_fit(xt[:, j : j + 1], yt[:, j : j + 1], window=window, min_obs=30)
+            alone = daily_sensitivity(alone_fit, xt[:, j : j + 1])
+            for name in ("sensitivity", "sensitivity_se", "sensitivity_ci_lower", "sensitivity_ci_upper"):
+                got, want = getattr(whole, name)[:, j], getattr(alone, name)[:, 0]
+                assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0)), (window, j, name)
+        last = dataclasses.replace(
+            fit,
+            **{
+                f.name: getattr(fit, f.name)[-1:]
+                for f in dataclasses.fields(fit)
+                if f.name not in ("window", "min_obs")
+            },
+        )
+        one = daily_sensitivity(last, xt[-1:])
+        assert torch.equal(
+            one.sensitivity_ci_upper.nan_to_num(7.0), whole.sensitivity_ci_upper[-1:].nan_to_num(7.0)
+        )
 
 
 def test_daily_sensitivity_other_level():

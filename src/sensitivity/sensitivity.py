@@ -31,6 +31,7 @@ from torch import Tensor
 
 from sensitivity.errors import ConfigError, DataValidationError
 from sensitivity.model import QuadraticFit
+from sensitivity.threads import CHUNK_CELLS, for_each_chunk
 
 if TYPE_CHECKING:
     from sensitivity.inference import CoefficientInference
@@ -68,9 +69,10 @@ def fitted_return(alpha: Tensor, beta: Tensor, gamma: Tensor, r_m: Tensor) -> Te
 
 def _slope_and_gradient(
     alpha: Tensor, beta: Tensor, gamma: Tensor, r_m: Tensor
-) -> tuple[tuple[Tensor, Tensor, Tensor], Tensor]:
+) -> tuple[tuple[Tensor | None, Tensor | None, Tensor | None], Tensor]:
     """``((d slope / d alpha, d slope / d beta, d slope / d gamma), slope)`` of every cell, where
-    ``slope = d r_hat / d r_m`` of :func:`fitted_return`, by two passes of autograd.
+    ``slope = d r_hat / d r_m`` of :func:`fitted_return`, by two passes of autograd.  A
+    derivative the slope does not depend on at all (autograd: unused) is None.
 
     ``torch.autograd.grad`` rather than ``torch.func.grad``: the latter imports torch's
     compiler stack (``torch._dynamo``) on its first call, 1.5 to 1.9 s of every process that
@@ -87,7 +89,7 @@ def _slope_and_gradient(
         fitted = fitted_return(*params, at)
         (slope,) = torch.autograd.grad(fitted.sum(), at, create_graph=True)
         grads = torch.autograd.grad(slope.sum(), params, allow_unused=True)
-    d_alpha, d_beta, d_gamma = (torch.zeros_like(slope) if g is None else g.detach() for g in grads)
+    d_alpha, d_beta, d_gamma = (None if g is None else g.detach() for g in grads)
     return (d_alpha, d_beta, d_gamma), slope.detach()
 
 
@@ -136,43 +138,50 @@ def daily_sensitivity(
         got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
         raise DataValidationError(f"x must be a tensor of the fit's shape {fit.shape}, got {got}")
     device = fit.beta.device
-    # Work ticker-major, the layout of the fit's storage (a [T, N] panel is copied once rather
-    # than read across its rows by every operation below).
-    r_m = x.to(device=device, dtype=torch.float64).T.contiguous()
-    if r_m.numel() == 0:
-        empty = torch.empty(fit.shape, dtype=torch.float64, device=device)
-        return SensitivityResult(empty, empty, empty, empty, level=lvl)
-    with torch.no_grad():
-        # Delta method: var = g' Sigma g with g = (0, 1, 2 r_m) from autograd.
-        cov_unique = fit.cov_unique if inference is None else inference.cov_unique
-        cov = cov_unique.permute(2, 1, 0)  # [6, N, T], the order of COV_ENTRIES
-        alpha, beta, gamma, dof = fit.alpha.T, fit.beta.T, fit.gamma.T, fit.dof.T
-        use_t = inference is None or inference.use_t
-        if use_t:
-            # dof is n_obs - 3 (an integer) where the fit exists and NaN elsewhere: 0 marks NaN.
-            dof_index = dof.nan_to_num(0.0).to(torch.int64)
-            quantiles = _t_quantile_table(0.5 + lvl / 2.0, dof_index)
-        z = NormalDist().inv_cdf(0.5 + lvl / 2.0)
-        sens = torch.empty_like(r_m)
-        se = torch.empty_like(r_m)
-        lower = torch.empty_like(r_m)
-        upper = torch.empty_like(r_m)
-        # Ticker chunks of about _CHUNK_CELLS cells: temporaries of a few MB that the allocator
-        # reuses, not fresh panel-sized ones (each cell's arithmetic is the same in any chunk,
-        # so the results are the same bits).
-        n_rows, n_days = r_m.shape
-        step = max(1, _CHUNK_CELLS // max(n_days, 1))
-        for a in range(0, n_rows, step):
-            b = min(n_rows, a + step)
-            grads, s_ab = _slope_and_gradient(alpha[a:b], beta[a:b], gamma[a:b], r_m[a:b])
+    x_dev = x.to(device=device, dtype=torch.float64)
+    n_days, n_rows = fit.shape
+    # Outputs ticker-major, the layout of the fit's storage; returned as [T, N] views.
+    sens, se, lower, upper = (
+        torch.empty((n_rows, n_days), dtype=torch.float64, device=device) for _ in range(4)
+    )
+    if sens.numel() == 0:
+        return SensitivityResult(sens.T, se.T, lower.T, upper.T, level=lvl)
+    cov_unique = fit.cov_unique if inference is None else inference.cov_unique
+    cov = cov_unique.permute(2, 1, 0)  # [6, N, T], the order of COV_ENTRIES
+    alpha, beta, gamma, dof = fit.alpha.T, fit.beta.T, fit.gamma.T, fit.dof.T
+    use_t = inference is None or inference.use_t
+    crit = 0.5 + lvl / 2.0
+    if use_t:
+        # dof is n_obs - 3 (an integer) where the fit exists and NaN elsewhere.  n_obs never
+        # exceeds a rolling window, so the table of every dof up to window - 3 serves every
+        # row without a pass over the panel (a full-sample fit's largest dof is looked up).
+        # Indexed by dof; NaN at 0, which stands for a missing fit.
+        top = fit.window - 3 if fit.window > 0 else int(dof.nan_to_num(0.0).max().item())
+        quantiles = _t_quantile_table(crit, torch.arange(max(top, 0) + 1, device=device))
+    z = NormalDist().inv_cdf(crit)
+    # Ticker chunks of about CHUNK_CELLS cells, side by side on the fit's single-threaded
+    # workers (each cell's arithmetic is the same in any chunk and on any thread, so the
+    # results are the same bits); temporaries of a few MB that the allocator reuses.
+    step = max(1, CHUNK_CELLS // max(n_days, 1)) if device.type == "cpu" else n_rows
+
+    def chunk(a: int) -> None:
+        b = min(n_rows, a + step)
+        r_m = x_dev[:, a:b].T.contiguous()  # ticker-major, as the fit
+        grads, s_ab = _slope_and_gradient(alpha[a:b], beta[a:b], gamma[a:b], r_m)
+        with torch.no_grad():
+            # Delta method: var = g' Sigma g with g = (0, 1, 2 r_m) from autograd; a gradient
+            # autograd reports as unused (None: that of alpha) is zero, and so are its terms.
             var = torch.zeros_like(s_ab)
             product = torch.empty_like(s_ab)
             for k, (i, j) in enumerate(_UNIQUE_PAIRS):
-                torch.mul(grads[i], grads[j], out=product)
+                gi, gj = grads[i], grads[j]
+                if gi is None or gj is None:
+                    continue
+                torch.mul(gi, gj, out=product)
                 var.addcmul_(product, cov[k, a:b], value=1.0 if i == j else 2.0)
             se_ab = var.clamp_(min=0.0).sqrt_()
             if use_t:
-                q = quantiles[dof_index[a:b]]
+                q = quantiles[dof[a:b].nan_to_num(0.0).to(torch.int64)]
             else:
                 q = torch.full_like(s_ab, z).masked_fill_(torch.isnan(dof[a:b]), math.nan)
             half = q.mul_(se_ab)
@@ -180,6 +189,8 @@ def daily_sensitivity(
             se[a:b] = se_ab
             torch.sub(s_ab, half, out=lower[a:b])
             torch.add(half, s_ab, out=upper[a:b])
+
+    for_each_chunk(chunk, range(0, n_rows, step), device, "sensitivity")
     return SensitivityResult(
         sensitivity=sens.T,
         sensitivity_se=se.T,
@@ -221,10 +232,6 @@ def student_t_quantile(p: float, dof: Tensor) -> Tensor:
     if float(p) == 0.5:
         return torch.zeros_like(d).masked_fill_(missing, math.nan)
     return _t_quantile_of_integers(float(p), clean.to(torch.int64)).masked_fill_(missing, math.nan)
-
-
-#: Cells per chunk of :func:`daily_sensitivity` (2 MB per float64 temporary; measured best of 2^16..2^20).
-_CHUNK_CELLS = 1 << 18
 
 
 def _t_quantile_of_integers(p: float, idx: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """Chunks of elementwise tensor work run side by side on threads that run torch single-threaded.
 
-The kernels (:mod:`sensitivity.model`, :mod:`sensitivity.inference`) cut their panels into
+The kernels (:mod:`sensitivity.model`, :mod:`sensitivity.sensitivity`,
+:mod:`sensitivity.inference`) cut their panels into
 chunks of about 2^17 cells and hand them to :func:`for_each_chunk`: torch releases the
 GIL inside its operations, so the chunks compute in parallel, and no operation pays torch's
 per-operation OpenMP fork-join (which stalls whenever another process holds a core).
