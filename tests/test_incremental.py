@@ -425,6 +425,44 @@ def test_fetch_starts_over_when_another_run_rewrote_the_file(tmp_path: Path, csv
     back = stored(tmp_path)
     pd.testing.assert_frame_equal(back.loc["2024-01-01":], history, check_freq=False)
     pd.testing.assert_frame_equal(back.loc[:"2023-12-31"], other.loc[:"2023-12-31"], check_freq=False)
+    assert not list((tmp_path / "prices").glob(".*")), "the merge prepared first was not removed"
+
+
+def test_fetch_writes_the_merged_file_before_taking_the_store_lock(
+    tmp_path: Path, csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Parquet encoding and fsync happen outside the lock; under it only the identity
+    check and the rename: another writer can take the lock while the file is written."""
+    import threading
+
+    import sensitivity.store as store_mod
+
+    write_csv(csv, "ACME", prices("2024-01-01", 30))
+    cfg = config(tmp_path, D(2024, 1, 1), D(2024, 2, 9), path=csv)
+    free_during_write: list[bool] = []
+    real = store_mod.PreparedFile
+
+    class Probe(real):  # type: ignore[misc, valid-type]
+        def __init__(self, path: Any, write: Any) -> None:
+            def probed(fh: Any) -> None:
+                def other_writer() -> None:
+                    try:
+                        with store_mod.store_lock(tmp_path, timeout_s=0):
+                            free_during_write.append(True)
+                    except StoreError:
+                        free_during_write.append(False)
+
+                t = threading.Thread(target=other_writer)
+                t.start()
+                t.join()
+                write(fh)
+
+            super().__init__(path, probed)
+
+    monkeypatch.setattr(store_mod, "PreparedFile", Probe)
+    fetch_symbol(cfg, "ACME", source=FilesSource(csv))
+    assert free_during_write == [True]
+    assert len(stored(tmp_path)) == 30
 
 
 def test_fetch_gives_up_when_the_file_keeps_changing(tmp_path: Path, csv: Path) -> None:
@@ -443,6 +481,7 @@ def test_fetch_gives_up_when_the_file_keeps_changing(tmp_path: Path, csv: Path) 
         StoreError, match=r"^ACME: another run rewrote its stored prices during each of 3 fetches"
     ):
         fetch_symbol(cfg, "ACME", source=Always(source, lambda: None))
+    assert not list((tmp_path / "prices").glob(".*")), "a merge prepared in vain was left behind"
 
 
 # -- the same through real yfinance against the stub -----------------------------------------------------

@@ -949,6 +949,25 @@ def test_lock_is_exclusive_across_processes(tmp_path: Path, holder: subprocess.P
         assert json.loads(path.read_text())["pid"] == os.getpid()
 
 
+def test_a_waiting_run_takes_the_lock_soon_after_it_is_released(
+    tmp_path: Path, holder: subprocess.Popen[str]
+) -> None:
+    """Writers hold the lock for milliseconds at a time: a waiter polls from a millisecond up
+    (doubling to poll_s), so it does not sleep a whole poll_s after the lock came free."""
+    assert holder.stdin is not None
+
+    def release_soon() -> None:
+        time.sleep(0.3)
+        holder.stdin.write("\n")  # type: ignore[union-attr]
+        holder.stdin.flush()  # type: ignore[union-attr]
+
+    threading.Thread(target=release_soon).start()
+    t0 = time.monotonic()
+    with store_lock(tmp_path, timeout_s=30, poll_s=10.0):
+        waited = time.monotonic() - t0
+    assert 0.25 <= waited < 3.0  # at most one doubled wait late, never the 10 s poll_s
+
+
 def test_threads_waiting_behind_another_runs_lock_all_name_that_run(
     tmp_path: Path, holder: subprocess.Popen[str]
 ) -> None:

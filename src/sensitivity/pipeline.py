@@ -374,18 +374,25 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
                     ", ".join(str(d.date()) for d in gone),
                 )
             mode = "refetch"
-        with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
-            if _fingerprint(store.path_for(sym)) != stored.fingerprint:
-                log.info("%s: another run rewrote the stored prices meanwhile; starting over", sym)
-                continue
-            merged = store.merge(
-                sym,
-                got.frame,
-                source=src.name,
-                replace=mode == "refetch",
-                covers=covers,
-                stored=(stored.frame, stored.coverage),
-            )
+        # The merged file is written (and fsynced) before the lock is taken; under the lock
+        # only the check that the stored file is still the one read and the rename remain,
+        # so concurrent fetches hold it for about a millisecond each.
+        prepared = store.prepare_merge(
+            sym,
+            got.frame,
+            source=src.name,
+            replace=mode == "refetch",
+            covers=covers,
+            stored=(stored.frame, stored.coverage),
+        )
+        try:
+            with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
+                if _fingerprint(store.path_for(sym)) != stored.fingerprint:
+                    log.info("%s: another run rewrote the stored prices meanwhile; starting over", sym)
+                    continue
+                merged = prepared.commit()
+        finally:
+            prepared.discard()
         _log_quality(sym, got.quality)
         outcome = FetchOutcome(
             symbol=sym,

@@ -57,7 +57,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final, Literal, cast
+from typing import IO, Any, Final, Literal, NoReturn, cast
 
 import numpy as np
 import pandas as pd
@@ -354,34 +354,67 @@ def write_atomic(path: str | Path, write: Callable[[IO[bytes]], None], *, sync_d
     ``path`` is left exactly as it was; I/O and Arrow errors become a
     :class:`~sensitivity.errors.StoreError` naming ``path``.  Returns ``path``.
     """
-    target = Path(path)
-    folder = target.parent
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(
-            f"cannot create folder {folder} for {target.name}: {_describe_os_error(exc)}"
-        ) from exc
-    _remove_stale_temps(folder)
-    tmp = folder / _temp_name(target.name)
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+    return PreparedFile(path, write).commit(sync_dir=sync_dir)
+
+
+class PreparedFile:
+    """A file written and fsynced beside ``path`` under a temporary name, not yet in place.
+
+    :meth:`commit` puts it in place atomically (``os.replace``, then the folder's fsync);
+    :meth:`discard` removes it.  Splitting :func:`write_atomic` lets a writer do the slow
+    part (encoding, fsync) before it takes the store's lock and hold the lock only for the
+    check that nothing changed meanwhile and the rename.  A prepared file never committed
+    is removed by :meth:`discard` (call it in a ``finally``), or, if its process dies, by
+    the next writer in the folder.  Errors are as in :func:`write_atomic`.
+    """
+
+    def __init__(self, path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+        self.target = Path(path)
+        folder = self.target.parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(
+                f"cannot create folder {folder} for {self.target.name}: {_describe_os_error(exc)}"
+            ) from exc
+        _remove_stale_temps(folder)
+        self._tmp: Path | None = folder / _temp_name(self.target.name)
+        try:
+            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            with os.fdopen(fd, "wb") as fh:
+                write(fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+        except BaseException as exc:
+            self._failed(exc)
+
+    def commit(self, *, sync_dir: bool = True) -> Path:
+        """Replace the target with the prepared file (and fsync the folder); returns the target."""
+        if self._tmp is None:
+            raise StoreError(f"{self.target}: the prepared file was already committed or discarded")
+        try:
+            os.replace(self._tmp, self.target)
+        except BaseException as exc:
+            self._failed(exc)
+        self._tmp = None
+        if sync_dir:
+            _sync_folder(self.target.parent, self.target.name)
+        return self.target
+
+    def discard(self) -> None:
+        """Remove the prepared file unless it was committed (idempotent)."""
+        tmp, self._tmp = self._tmp, None
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+    def _failed(self, exc: BaseException) -> NoReturn:
+        self.discard()
         if isinstance(exc, OSError | pa.ArrowException):
             raise StoreError(
-                f"cannot write {target}: {_describe_os_error(exc)}; the previous file was left unchanged"
+                f"cannot write {self.target}: {_describe_os_error(exc)}; the previous file was left unchanged"
             ) from exc
-        raise
-    if sync_dir:
-        _sync_folder(folder, target.name)
-    return target
+        raise exc
 
 
 def _sync_folder(folder: Path, what: str) -> None:
@@ -407,6 +440,11 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
 
 def write_table_atomic(path: str | Path, table: pa.Table, *, sync_dir: bool = True) -> Path:
     """Write an Arrow ``table`` as zstd-compressed Parquet to ``path`` atomically."""
+    return prepare_table(path, table).commit(sync_dir=sync_dir)
+
+
+def prepare_table(path: str | Path, table: pa.Table) -> PreparedFile:
+    """:func:`write_table_atomic` up to the rename: the :class:`PreparedFile` to commit."""
 
     # Dictionary-encode the repetitive columns (symbols, sources, dates) but not the floats,
     # which are mostly distinct and compress better plain.
@@ -415,7 +453,7 @@ def write_table_atomic(path: str | Path, table: pa.Table, *, sync_dir: bool = Tr
     def _write(fh: IO[bytes]) -> None:
         pq.write_table(table, fh, compression=COMPRESSION, use_dictionary=dictionary)
 
-    return write_atomic(path, _write, sync_dir=sync_dir)
+    return PreparedFile(path, _write)
 
 
 def _io_workers(n: int) -> int:
@@ -798,6 +836,24 @@ class MergeResult:
     path: Path | None = None
 
 
+@dataclass
+class PreparedMerge:
+    """A merge written under a temporary name (:meth:`PriceStore.prepare_merge`)."""
+
+    #: What the merge does, once committed.
+    result: MergeResult
+    file: PreparedFile
+
+    def commit(self) -> MergeResult:
+        """Put the merged file in place atomically; returns :attr:`result`."""
+        self.file.commit()
+        return self.result
+
+    def discard(self) -> None:
+        """Drop the merged file unless it was committed (idempotent)."""
+        self.file.discard()
+
+
 class PriceStore:
     """Price histories under ``<data_dir>/prices/``, one Parquet file per symbol.
 
@@ -909,6 +965,27 @@ class PriceStore:
     ) -> MergeResult:
         """Merge a fetched price frame into the stored history of ``symbol``, atomically.
 
+        :meth:`prepare_merge` and its commit; see there.
+        """
+        prepared = self.prepare_merge(
+            symbol, frame, source=source, fetched_at=fetched_at, replace=replace, covers=covers, stored=stored
+        )
+        return prepared.commit()
+
+    def prepare_merge(
+        self,
+        symbol: str,
+        frame: pd.DataFrame,
+        *,
+        source: str,
+        fetched_at: dt.datetime | None = None,
+        replace: bool = False,
+        covers: DateRange | None = None,
+        stored: tuple[pd.DataFrame | None, list[DateRange] | None] | None = None,
+    ) -> PreparedMerge:
+        """The merge of a fetched price frame into the stored history of ``symbol``, written
+        beside the stored file and fsynced; :meth:`PreparedMerge.commit` puts it in place.
+
         The result is the union by date; on dates both have, the new fetch wins.  Stored rows
         outside the fetched range are kept: a partial fetch never drops stored prices.
         ``replace=True`` (a full refetch) makes the fetched frame the whole history, and also
@@ -917,9 +994,11 @@ class PriceStore:
         ``replace=True`` it becomes the coverage).  ``fetched_at`` defaults to now (UTC).  The
         frame is validated with :func:`~sensitivity.prices.check_price_frame` before anything
         is written.  ``stored``: the file's current contents as ``(frame with provenance,
-        coverage)`` (``(None, None)`` when there is no file), when the caller has just read
-        them and holds :func:`store_lock` with the file unchanged since; it spares reading the
-        file again.
+        coverage)`` (``(None, None)`` when there is no file), as the caller has just read
+        them; it spares reading the file again.  The merge is built on what was read, so
+        commit it only while holding :func:`store_lock` and with the stored file unchanged
+        since that read (``pipeline.fetch_symbol`` checks its identity under the lock, so that
+        only the rename is done there), and :meth:`PreparedMerge.discard` it otherwise.
         """
         sym = self._norm(symbol)
         path = self.path_for(sym)
@@ -980,8 +1059,7 @@ class PriceStore:
         table = _merged_price_table(combined, sym)
         meta = dict(table.schema.metadata or {})
         meta[COVERAGE_KEY] = json.dumps([[a.isoformat(), b.isoformat()] for a, b in coverage]).encode()
-        write_table_atomic(path, table.replace_schema_metadata(meta))
-        return MergeResult(
+        result = MergeResult(
             symbol=sym,
             rows_before=len(old),
             rows_after=len(combined),
@@ -992,6 +1070,7 @@ class PriceStore:
             rows_removed=rows_removed,
             path=path,
         )
+        return PreparedMerge(result, prepare_table(path, table.replace_schema_metadata(meta)))
 
     @staticmethod
     def _norm(symbol: str) -> str:
@@ -1393,12 +1472,20 @@ def _another_run(described: str, data_dir: Path) -> StoreLockedError:
     )
 
 
+#: The first wait of a process for another's store lock (the waits then double up to poll_s).
+_FIRST_POLL_S: float = 0.001
+
+
 def _take_file_lock(path: Path, data_dir: Path, deadline: float, poll_s: float) -> int:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     except OSError as exc:
         raise StoreError(f"cannot open the lock file {path}: {_describe_os_error(exc)}") from exc
     try:
+        # Polls with waits that start at a millisecond and double up to poll_s: writers hold
+        # the lock for milliseconds at a time (one symbol's merge), and a waiter that slept a
+        # whole poll_s at the first refusal left the store idle for most of that time.
+        wait_s = min(_FIRST_POLL_S, poll_s)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1407,7 +1494,8 @@ def _take_file_lock(path: Path, data_dir: Path, deadline: float, poll_s: float) 
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     raise _another_run(_holder(path)[1], data_dir) from None
-                time.sleep(min(poll_s, remaining))
+                time.sleep(min(wait_s, remaining))
+                wait_s = min(2.0 * wait_s, poll_s)
         info = {"pid": os.getpid(), "started": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, json.dumps(info).encode(), 0)
@@ -1499,9 +1587,12 @@ __all__ = [
     "SUMMARY_SCHEMA",
     "DateRange",
     "MergeResult",
+    "PreparedFile",
+    "PreparedMerge",
     "PriceStore",
     "ReportStore",
     "frame_from_price_table",
+    "prepare_table",
     "price_table",
     "read_price_file",
     "read_table",

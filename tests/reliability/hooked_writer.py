@@ -3,7 +3,7 @@
     python hooked_writer.py PATTERN steps CONFIG DATA_DIR   the pipeline's steps, no Prefect
     python hooked_writer.py PATTERN cli ARGS...             the ``sensitivity`` command line
 
-Every file the store writes goes through ``sensitivity.store.write_atomic``.  The write of a
+Every file the store writes goes through ``sensitivity.store.PreparedFile``.  The write of a
 file whose name matches ``PATTERN`` (fnmatch) puts the first half of its bytes into the
 temporary file, flushes it, prints ``MIDWRITE <path>`` and sleeps, so that the parent test can
 kill the process right there.  With ``QUICK_REPORT=1`` the HTML renderer is replaced by a
@@ -26,25 +26,27 @@ from typing import IO, Any
 def _hook(pattern: str) -> None:
     import sensitivity.store as store
 
-    real = store.write_atomic
+    real = store.PreparedFile
 
-    def hooked(path: Any, write: Any, **kwargs: Any) -> Path:
-        if not fnmatch.fnmatch(Path(path).name, pattern):
-            return real(path, write, **kwargs)
+    class Hooked(real):  # type: ignore[misc, valid-type]
+        def __init__(self, path: Any, write: Any) -> None:
+            if not fnmatch.fnmatch(Path(path).name, pattern):
+                super().__init__(path, write)
+                return
 
-        def half(fh: IO[bytes]) -> None:
-            buffer = io.BytesIO()
-            write(buffer)
-            data = buffer.getvalue()
-            fh.write(data[: len(data) // 2])
-            fh.flush()
-            os.fsync(fh.fileno())
-            print(f"MIDWRITE {path}", flush=True)
-            time.sleep(300)
+            def half(fh: IO[bytes]) -> None:
+                buffer = io.BytesIO()
+                write(buffer)
+                data = buffer.getvalue()
+                fh.write(data[: len(data) // 2])
+                fh.flush()
+                os.fsync(fh.fileno())
+                print(f"MIDWRITE {path}", flush=True)
+                time.sleep(300)
 
-        return real(path, half, **kwargs)
+            super().__init__(path, half)
 
-    store.write_atomic = hooked  # type: ignore[assignment]
+    store.PreparedFile = Hooked  # type: ignore[misc]
 
 
 def _quick_report() -> None:

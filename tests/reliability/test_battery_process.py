@@ -125,19 +125,21 @@ def _failing_write(monkeypatch: pytest.MonkeyPatch, pattern: str, error: OSError
     """Every store write of a file named like ``pattern`` writes a few bytes, then fails."""
     import fnmatch
 
-    real = store_mod.write_atomic
+    real = store_mod.PreparedFile
 
-    def hooked(path: Any, write: Callable[[IO[bytes]], None], **kwargs: Any) -> Path:
-        if not fnmatch.fnmatch(Path(path).name, pattern):
-            return real(path, write, **kwargs)
+    class Hooked(real):  # type: ignore[misc, valid-type]
+        def __init__(self, path: Any, write: Callable[[IO[bytes]], None]) -> None:
+            if not fnmatch.fnmatch(Path(path).name, pattern):
+                super().__init__(path, write)
+                return
 
-        def broken(fh: IO[bytes]) -> None:
-            fh.write(b"PAR1 the first bytes")
-            raise error
+            def broken(fh: IO[bytes]) -> None:
+                fh.write(b"PAR1 the first bytes")
+                raise error
 
-        return real(path, broken, **kwargs)
+            super().__init__(path, broken)
 
-    monkeypatch.setattr(store_mod, "write_atomic", hooked)
+    monkeypatch.setattr(store_mod, "PreparedFile", Hooked)
 
 
 def _enospc() -> OSError:
