@@ -10,6 +10,7 @@ Entry point (for ``prefect.yaml``, ``sensitivity run`` and ``sensitivity serve``
 from __future__ import annotations
 
 import datetime as dt
+import logging
 import math
 import sys
 from collections.abc import Sequence
@@ -42,7 +43,16 @@ from sensitivity.errors import (
     StoreError,
     StoreLockedError,
 )
-from sensitivity.pipeline import FetchOutcome, fetch_symbol, fit_universe, write_run_report
+from sensitivity.pipeline import (
+    FetchOutcome,
+    failure_reason,
+    fetch_batch,
+    fetch_symbol,
+    fit_universe,
+    replay_records,
+    write_run_report,
+)
+from sensitivity.process_pool import ProcessPool, available_cpus
 
 DEFAULT_CONFIG = "config/default.toml"
 
@@ -102,35 +112,41 @@ def _log_outcome(logger: Any, outcome: FetchOutcome) -> None:
 
 
 @task(name="fetch-price-batch", task_run_name="fetch-{symbols[0]}-and-more", cache_policy=NO_CACHE)
-def fetch_price_batch(config: Config, symbols: list[str]) -> list[dict[str, Any]]:
+def fetch_price_batch(
+    config: Config, symbols: list[str], workers: ProcessPool | None = None
+) -> list[dict[str, Any]]:
     """Fetch several symbols from a local source (``files``, ``sample``) into the price store.
 
     One task per symbol costs Prefect's bookkeeping (a task run, its states, its logs) on
-    every symbol, more than reading a local file; a batch pays it once.  A failed symbol never
-    stops the others: each entry is ``{"symbol", "outcome"}`` or ``{"symbol", "error",
-    "store_error", "locked"}`` (the message, and whether it was a store problem, which stops
-    the run once every fetch has finished).  Local sources are not retried: a missing file or
-    bad data stays so on a second read.
+    every symbol, more than reading a local file; a batch pays it once.  With ``workers``
+    the batch runs in one of those worker processes (reading, checking and merging files is
+    Python work that holds the GIL: threads of one process take turns at it) and this task's
+    thread only waits; the worker's log records are replayed here.  A failed symbol never
+    stops the others (entries as :func:`sensitivity.pipeline.fetch_batch` returns them; a
+    store problem stops the run once every fetch has finished).  Local sources are not
+    retried: a missing file or bad data stays so on a second read.
     """
     logger = get_run_logger()
-    results: list[dict[str, Any]] = []
-    for symbol in symbols:
-        try:
-            outcome = fetch_symbol(config, symbol)
-        except Exception as exc:  # recorded per symbol; the flow decides what stops the run
-            logger.error("%s: %s", symbol, _reason(symbol, exc))
-            results.append(
-                {
-                    "symbol": symbol,
-                    "error": _reason(symbol, exc),
-                    "store_error": isinstance(exc, StoreError),
-                    "locked": isinstance(exc, StoreLockedError),
-                }
-            )
-            continue
-        _log_outcome(logger, outcome)
-        results.append({"symbol": symbol, "outcome": outcome.to_dict()})
+    level = logging.getLogger("sensitivity").getEffectiveLevel()
+    if workers is None:
+        results = fetch_batch(config, symbols)
+    else:
+        results, records = workers.call(_fetch_batch_here, config, symbols, level)
+        replay_records(records)
+    for entry in results:
+        if "outcome" in entry:
+            _log_outcome(logger, FetchOutcome(**entry["outcome"]))
+        else:
+            logger.error("%s: %s", entry["symbol"], entry["error"])
     return results
+
+
+def _fetch_batch_here(
+    config: Config, symbols: list[str], level: int
+) -> tuple[list[dict[str, Any]], list[logging.LogRecord]]:
+    """What a worker process runs (``fetch_batch_logged``), run in this thread instead when
+    no worker can: its records went to this process's loggers already."""
+    return fetch_batch(config, symbols), []
 
 
 def fetch_batches(config: Config, symbols: Sequence[str]) -> list[list[str]]:
@@ -220,12 +236,55 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
     symbols = list(config.fetch_symbols)
     tracker = _ProgressArtifact(len(symbols))
     batches = fetch_batches(config, symbols)
+    workers = fetch_workers(config, batches)
+    try:
+        return _fetch_all(config, symbols, batches, workers, tracker)
+    finally:
+        if workers is not None:
+            workers.close()
+
+
+def fetch_workers(config: Config, batches: Sequence[Sequence[str]]) -> ProcessPool | None:
+    """The worker processes the local batches run in, or None to run them in the task threads.
+
+    One process per CPU, at most ``source.concurrency``, when the fetch is a local one (not
+    Yahoo's task per symbol) on the thread runner (Dask has processes of its own) with at
+    least :data:`PROCESS_MIN_SYMBOLS` symbols and two CPUs: a worker takes about a second
+    to start, the time of a few dozen local fetches.
+    """
+    if config.runtime.task_runner == "dask" or all(len(b) == 1 for b in batches):
+        return None
+    if sum(len(b) for b in batches) < PROCESS_MIN_SYMBOLS:
+        return None
+    processes = min(config.source.concurrency, available_cpus(), len(batches))
+    if processes < 2:
+        return None
+    return ProcessPool("sensitivity.pipeline:fetch_batch_logged", processes, hang_s=_BATCH_HANG_S)
+
+
+#: Fewest symbols for which the local fetches go to worker processes (see :func:`fetch_workers`).
+PROCESS_MIN_SYMBOLS = 64
+
+#: A batch a worker has not finished after this long is taken back and run in the task's
+#: thread (a day: a fetch may legitimately wait ``runtime.lock_timeout_s`` per symbol for
+#: another run's store lock).
+_BATCH_HANG_S = 86_400.0
+
+
+def _fetch_all(
+    config: Config,
+    symbols: list[str],
+    batches: list[list[str]],
+    workers: ProcessPool | None,
+    tracker: _ProgressArtifact,
+) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """:func:`fetch_universe`'s work: the fetch tasks, then their results as they complete."""
     futures: Any
     if all(len(b) == 1 for b in batches):
         fetch = fetch_prices.with_options(**fetch_options(config))
         futures = fetch.map(config=unmapped(config), symbol=[b[0] for b in batches])
     else:
-        futures = fetch_price_batch.map(config=unmapped(config), symbols=batches)
+        futures = fetch_price_batch.map(config=unmapped(config), symbols=batches, workers=unmapped(workers))
     batch_of = dict(zip(futures, batches, strict=True))
     outcomes: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
@@ -247,7 +306,7 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
                 done = outcomes[symbol] = entry["outcome"]
                 extra = {"mode": done.get("mode"), "restated": bool(done.get("restated"))}
             elif "exception" in entry:
-                failures[symbol] = _reason(symbol, entry["exception"])
+                failures[symbol] = failure_reason(symbol, entry["exception"])
                 if isinstance(entry["exception"], StoreError):
                     store_errors.append(entry["exception"])
             else:
@@ -306,16 +365,6 @@ class _ProgressArtifact:
             return
         if self.id is None:
             self.id = result
-
-
-def _reason(symbol: str, exc: object) -> str:
-    """The failure's message as one line, without the leading ``SYMBOL: ``."""
-    if isinstance(exc, BaseException):
-        text = " ".join(str(exc).split()) or type(exc).__name__
-    else:
-        text = "the fetch did not complete"
-    prefix = f"{symbol}: "
-    return text[len(prefix) :] if text.startswith(prefix) else text
 
 
 def _publish(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -233,6 +235,71 @@ def test_flow_excess_returns_robust_errors_and_huber(flow, tmp_path: Path) -> No
             flow, tmp_path / "data2", tickers=["KO"], source="files", source_path=str(src), config=str(config)
         )
     assert not (tmp_path / "data2" / "reports").exists()
+
+
+def test_flow_local_fetch_in_worker_processes_gives_the_same_store(  # type: ignore[no-untyped-def]
+    flow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The local batches run in worker processes (forced here for a small universe): the
+    store and the tables are those of the run in the task threads, a failed symbol is
+    reported the same way, and the workers' log records reach this process's loggers."""
+    src = tmp_path / "csv"
+    src.mkdir()
+    for sym in ("^GSPC", "KO", "MSFT", "SPY", "AAPL"):
+        frame = pd.read_parquet(SAMPLE / f"{sym}.parquet")
+        if sym == "AAPL":  # a row without any price: dropped by the files source, logged
+            frame.loc[frame.index[40], ["open", "high", "low", "close", "adj_close"]] = np.nan
+        _write_csv(frame, src / f"{sym}.csv")
+    tickers = ["KO", "MSFT", "SPY", "AAPL", "NOFILE"]
+    config = tmp_path / "c.toml"  # two at once: three batches of two symbols
+    config.write_text(
+        (ROOT / "config" / "sample.toml").read_text().replace('kind = "sample"', "concurrency = 2")
+    )
+    globals_ = flow.fn.__globals__
+    caplog.set_level(logging.INFO, logger="sensitivity")
+    results = {}
+    for mode, min_symbols in (("threads", 10_000), ("processes", 1)):
+        monkeypatch.setitem(globals_, "PROCESS_MIN_SYMBOLS", min_symbols)
+        monkeypatch.setitem(globals_, "available_cpus", lambda: 2)
+        caplog.clear()
+        with pytest.raises(PartialRunError, match="NOFILE"):
+            run(
+                flow,
+                tmp_path / mode,
+                tickers=tickers,
+                source="files",
+                source_path=str(src),
+                config=str(config),
+            )
+        pids = {
+            r.process
+            for r in caplog.records
+            if r.name.startswith("sensitivity.") and "fetch" in r.getMessage()
+        }
+        quality = {
+            r.process for r in caplog.records if "dropped 1 row(s) without any price" in r.getMessage()
+        }
+        results[mode] = (pids, quality)
+    assert results["threads"][0] == {os.getpid()}
+    assert results["processes"][0], "no fetch record came back from the workers"
+    assert os.getpid() not in results["processes"][0]
+    # The files source's own record of the dropped row, from the process that read the file.
+    assert results["threads"][1] == {os.getpid()}
+    assert len(results["processes"][1]) == 1
+    assert results["processes"][1] <= results["processes"][0]
+    for what in ("prices", "reports/sensitivity", "reports/summary"):
+        left = files_in(tmp_path / "threads" / what)
+        right = files_in(tmp_path / "processes" / what)
+        assert left.keys() == right.keys()
+    for name in ("sensitivity", "summary"):
+        a = pd.read_parquet(tmp_path / "threads" / "reports" / name)
+        b = pd.read_parquet(tmp_path / "processes" / "reports" / name)
+        pd.testing.assert_frame_equal(a, b)
+    for mode in results:
+        manifest = json.loads(
+            next((tmp_path / mode / "reports" / "daily").rglob("manifest.json")).read_text()
+        )
+        assert list(manifest["failures"]) == ["NOFILE"]
 
 
 def _flow_module():  # type: ignore[no-untyped-def]

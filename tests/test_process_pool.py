@@ -207,3 +207,79 @@ def _running(pid: int) -> bool:
             return False
         return True
     return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def test_call_runs_each_threads_job_in_a_worker_and_returns_its_own_result() -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ProcessPool("os:getpid", 2) as pool:
+        time.sleep(0.5)  # let the workers boot
+        with ThreadPoolExecutor(4) as threads:
+            pids = list(threads.map(lambda _: pool.call(slow_pid), range(12)))
+    # Every job ran in a worker (the calling threads only waited), on at most two of them.
+    assert os.getpid() not in pids
+    assert 1 <= len(set(pids)) <= 2
+    with ProcessPool("math:sqrt", 2) as pool, ThreadPoolExecutor(3) as threads:
+        values = list(threads.map(lambda i: pool.call(math.sqrt, float(i)), range(60)))
+    assert values == [math.sqrt(i) for i in range(60)]
+
+
+def test_call_without_a_worker_runs_in_the_calling_thread_at_once() -> None:
+    with ProcessPool("os:getpid", 0) as pool:
+        start = time.monotonic()
+        assert pool.call(os.getpid) == os.getpid()
+        assert time.monotonic() - start < 0.1
+
+
+def test_call_runs_a_job_the_worker_fails_in_the_caller_whose_error_propagates() -> None:
+    with ProcessPool("math:sqrt", 1) as pool:
+        time.sleep(0.3)
+        assert pool.call(lambda x: "caller", -1.0) == "caller"  # the worker raised ValueError
+        with pytest.raises(ValueError):
+            pool.call(math.sqrt, -1.0)
+        assert pool.call(math.sqrt, 16.0) == 4.0  # the worker is still there
+
+
+def test_call_stops_a_hung_worker_and_runs_the_job_in_the_caller() -> None:
+    with ProcessPool("time:sleep", 1, hang_s=0.5) as pool:
+        time.sleep(0.5)
+        start = time.monotonic()
+        assert pool.call(lambda seconds: f"caller slept {seconds}", 60.0) == "caller slept 60.0"
+        assert time.monotonic() - start < 10.0
+        # The worker is gone: later calls run in the caller straight away.
+        assert pool.call(lambda seconds: "caller", 60.0) == "caller"
+
+
+def test_call_after_a_worker_died_runs_in_the_caller(tmp_path: Path) -> None:
+    with ProcessPool("os:_exit", 1) as pool:
+        time.sleep(0.3)
+        assert pool.call(lambda code: f"caller {code}", 3) == "caller 3"  # the worker exited
+        start = time.monotonic()
+        assert pool.call(lambda code: "caller again", 3) == "caller again"
+        assert time.monotonic() - start < 2.0
+
+
+def test_call_refuses_once_the_pool_is_closed_and_a_waiting_thread_does_not_run_the_job() -> None:
+    import threading
+
+    pool = ProcessPool("time:sleep", 1, hang_s=30.0)
+    time.sleep(0.3)
+    ran_here: list[float] = []
+    errors: list[BaseException] = []
+
+    def wait_for_worker() -> None:
+        try:
+            pool.call(ran_here.append, 3.0)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_for_worker)
+    waiter.start()
+    time.sleep(0.3)  # the worker sleeps on the job
+    pool.close()
+    waiter.join(10.0)
+    assert not waiter.is_alive()
+    assert ran_here == []
+    assert len(errors) == 1
+    with pytest.raises(RuntimeError, match="closed"):
+        pool.call(ran_here.append, 1.0)

@@ -5,6 +5,7 @@ dates), reads and writes through the store, and returns a small, JSON-friendly o
 ``flows/pipeline.py`` wires these steps as Prefect tasks; tests call them directly.
 
     fetch_symbol      source -> price store (one symbol)
+    fetch_batch       fetch_symbol for several symbols (in a worker process: fetch_batch_logged)
     fit_universe      price store -> returns -> model -> sensitivity + summary tables
     write_run_report  tables -> HTML report + manifest
 """
@@ -28,7 +29,7 @@ import pandas as pd
 
 from sensitivity import progress
 from sensitivity.config import Config
-from sensitivity.errors import ModelFitError, SourceError, StoreError
+from sensitivity.errors import ModelFitError, SourceError, StoreError, StoreLockedError
 from sensitivity.returns import (
     AlignedReturns,
     aligned_returns,
@@ -422,6 +423,84 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
         f"{sym}: another run rewrote its stored prices during each of {_MAX_STORE_RACES} fetches; "
         "rerun when the other run has finished"
     )
+
+
+def failure_reason(symbol: str, exc: object) -> str:
+    """A failed fetch's message as one line, without the leading ``SYMBOL: ``."""
+    if isinstance(exc, BaseException):
+        text = " ".join(str(exc).split()) or type(exc).__name__
+    else:
+        text = "the fetch did not complete"
+    prefix = f"{symbol}: "
+    return text[len(prefix) :] if text.startswith(prefix) else text
+
+
+def fetch_batch(config: Config, symbols: Sequence[str]) -> list[dict[str, Any]]:
+    """:func:`fetch_symbol` for each symbol in turn; a failed symbol never stops the others.
+
+    One entry per symbol, in order: ``{"symbol", "outcome"}`` (:meth:`FetchOutcome.to_dict`)
+    or ``{"symbol", "error", "store_error", "locked"}``: the one-line reason
+    (:func:`failure_reason`), and whether it was a store problem (another run holds the
+    lock, a full disk, a damaged file), which the caller treats as fatal once every fetch
+    has finished.
+    """
+    results: list[dict[str, Any]] = []
+    for symbol in symbols:
+        try:
+            outcome = fetch_symbol(config, symbol)
+        except Exception as exc:  # recorded per symbol; the caller decides what stops the run
+            results.append(
+                {
+                    "symbol": symbol,
+                    "error": failure_reason(symbol, exc),
+                    "store_error": isinstance(exc, StoreError),
+                    "locked": isinstance(exc, StoreLockedError),
+                }
+            )
+            continue
+        results.append({"symbol": symbol, "outcome": outcome.to_dict()})
+    return results
+
+
+def fetch_batch_logged(
+    config: Config, symbols: Sequence[str], level: int
+) -> tuple[list[dict[str, Any]], list[logging.LogRecord]]:
+    """:func:`fetch_batch` and the records the ``sensitivity`` loggers gave at ``level`` or above.
+
+    For a worker process (:class:`~sensitivity.process_pool.ProcessPool`): its records
+    cannot reach the caller's handlers, so they travel back with the results, made
+    picklable (message formatted, no arguments, exception text only), for the caller to
+    hand to its own loggers (:func:`replay_records`).  The records are not passed on here.
+    """
+    records: list[logging.LogRecord] = []
+
+    class _Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.exc_info and not record.exc_text:
+                record.exc_text = logging.Formatter().formatException(record.exc_info)
+            record.msg, record.args, record.exc_info = record.getMessage(), None, None
+            records.append(record)
+
+    root = logging.getLogger("sensitivity")
+    keep = _Keep(level)
+    previous = (root.level, root.propagate)
+    root.addHandler(keep)
+    root.setLevel(level)
+    root.propagate = False
+    try:
+        return fetch_batch(config, symbols), records
+    finally:
+        root.removeHandler(keep)
+        root.setLevel(previous[0])
+        root.propagate = previous[1]
+
+
+def replay_records(records: Sequence[logging.LogRecord]) -> None:
+    """Hand records captured by :func:`fetch_batch_logged` to this process's loggers."""
+    for record in records:
+        logger = logging.getLogger(record.name)
+        if logger.isEnabledFor(record.levelno):
+            logger.handle(record)
 
 
 def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:

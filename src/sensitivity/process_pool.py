@@ -1,7 +1,9 @@
 """A small pool of worker processes for a pure function, with the caller as one more worker.
 
 The report draws dozens of charts, and matplotlib holds the GIL while it draws, so threads do
-not help; processes do.  The standard pools do not fit a library:
+not help; processes do.  The same goes for the local fetches (pandas and pyarrow calls of a
+few milliseconds each), whose task threads hand their batches over with
+:meth:`ProcessPool.call`.  The standard pools do not fit a library:
 
 * ``spawn`` and ``forkserver`` children (``multiprocessing``, ``ProcessPoolExecutor``) re-run
   the caller's ``__main__`` script to rebuild its module, so a user's unguarded script runs
@@ -164,6 +166,12 @@ class ProcessPool:
         self._results: list[Any] = []
         self._todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
         self._feeders: list[tuple[threading.Thread, subprocess.Popen[bytes]]] = []
+        #: For :meth:`call`: one lock over the job lists, an event per job answered (or given
+        #: up) by a worker, and the worker and start time of each job in hand.
+        self._guard = threading.Lock()
+        self._answered: dict[int, threading.Event] = {}
+        self._in_hand: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self._closed = False
         setup = {
             "sys_path": list(sys.path),
             "function": function,
@@ -240,6 +248,46 @@ class ProcessPool:
                 results[i] = local(*jobs[i])
         return results
 
+    def call(self, local: Callable[..., Any], *args: Any) -> Any:
+        """``local(*args)`` as computed by a free worker; the calling thread waits for it.
+
+        Several threads may call at once (each gets its own job's result), so a thread pool
+        can hand its work to the workers without doing it under its own GIL.  When no worker
+        answers the job -- none is running, it raised, it died, or it hung for ``hang_s`` (then
+        it is stopped) -- the calling thread runs ``local(*args)`` itself, whose exception, if
+        any, propagates.  Do not mix with :meth:`submit` and :meth:`gather` on one pool.
+        Raises ``RuntimeError`` once the pool is closed (the caller is shutting it down, as
+        on Ctrl-C: the waiting threads must not start the work themselves).
+        """
+        if self._closed:
+            raise RuntimeError("the worker pool is closed")
+        if not self._feeders:
+            return local(*args)
+        answered = threading.Event()
+        with self._guard:
+            i = len(self._jobs)
+            self._jobs.append(args)
+            self._results.append(_PENDING)
+            self._answered[i] = answered
+        self._todo.put(i)
+        while not answered.wait(0.2):
+            if self._closed:
+                break
+            held = self._in_hand.get(i)
+            if held is not None and time.monotonic() - held[1] > self._hang_s:
+                _log.warning("a worker process took over %.0f s on one job; stopped it", self._hang_s)
+                _kill(held[0])  # its feeder sees the pipe close and gives the job up
+            elif held is None and not any(feeder.is_alive() for feeder, _ in self._feeders):
+                break  # no worker left to take it
+        with self._guard:
+            value = self._results[i]
+            self._results[i] = None  # (the pool keeps no result once handed over)
+            self._jobs[i] = ()
+            del self._answered[i]
+        if value is _PENDING and self._closed:
+            raise RuntimeError("the worker pool was closed before it answered")
+        return local(*args) if value is _PENDING else value
+
     def map(self, jobs: Sequence[tuple[Any, ...]], local: Callable[..., Any]) -> list[Any]:
         """``[local(*args) for args in jobs]``, shared between the workers and the caller."""
         for args in jobs:
@@ -271,6 +319,7 @@ class ProcessPool:
             i = self._todo.get()
             if i is None:
                 return
+            self._in_hand[i] = (proc, time.monotonic())
             try:
                 _send(proc.stdin, (i, self._jobs[i]))
                 job, ok, value = _receive(proc.stdout)
@@ -281,17 +330,27 @@ class ProcessPool:
                     "worker process failed (%s: %s); the caller takes its jobs", type(exc).__name__, exc
                 )
                 _kill(proc)
+                self._done_with(i)
                 return
             if ok and job == i:
                 self._results[i] = value
             else:
                 _log.debug("worker could not run job %d (%s); the caller runs it", i, value)
+            self._done_with(i)
+
+    def _done_with(self, i: int) -> None:
+        """Job ``i`` is answered or given up: wake its :meth:`call`, if any."""
+        self._in_hand.pop(i, None)
+        answered = self._answered.get(i)
+        if answered is not None:
+            answered.set()
 
     def close(self) -> None:
         """Stop every worker (a clean exit when idle; killed if it does not exit in 5 s).
 
-        Jobs not gathered yet are dropped.
+        Jobs not gathered yet are dropped; threads waiting in :meth:`call` get ``RuntimeError``.
         """
+        self._closed = True
         self._stop_feeders()
         procs, self._procs = self._procs, []
         for proc in procs:
