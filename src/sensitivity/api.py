@@ -40,6 +40,7 @@ from sensitivity.inference import (
 from sensitivity.model import DeviceLike, QuadraticFit, check_window, quadratic_fit, resolve_device
 from sensitivity.robust import huber_cells, huber_rolling
 from sensitivity.sensitivity import daily_sensitivity
+from sensitivity.store import PIPELINE_COLUMNS, SENSITIVITY_COLUMNS
 
 __all__ = [
     "FITS",
@@ -51,61 +52,19 @@ __all__ = [
     "up_down_min_obs",
 ]
 
-#: The Huber fit's columns (``huber_`` + the OLS column of the same meaning).
-HUBER_COLUMNS: tuple[str, ...] = (
-    "huber_alpha",
-    "huber_beta",
-    "huber_gamma",
-    "huber_alpha_se",
-    "huber_beta_se",
-    "huber_gamma_se",
-    "huber_cov_alpha_beta",
-    "huber_cov_alpha_gamma",
-    "huber_cov_beta_gamma",
-    "huber_sensitivity",
-    "huber_sensitivity_se",
-)
-
 #: The model's ``fit`` option: which estimator the headline scenarios use, and with
 #: ``"huber"`` a Huber fit of every rolling window (see :func:`quadratic_sensitivity`).
 FITS: tuple[str, ...] = ("ols", "huber")
 
-#: Columns of the per-day table, in order.  ``date`` is datetime64[ns] (tz-naive), ``ticker``
-#: and ``se_type`` str, ``window`` and ``n_obs`` int64, every other column float64.
-OUTPUT_COLUMNS: tuple[str, ...] = (
-    "date",
-    "ticker",
-    "window",
-    "n_obs",
-    "index_return",
-    "stock_return",
-    "alpha",
-    "beta",
-    "gamma",
-    "sensitivity",
-    "sensitivity_se",
-    "sensitivity_ci_lower",
-    "sensitivity_ci_upper",
-    "alpha_se",
-    "beta_se",
-    "gamma_se",
-    "linear_beta",
-    "r2",
-    "se_type",
-    "risk_free_return",
-    "cov_alpha_beta",
-    "cov_alpha_gamma",
-    "cov_beta_gamma",
-    "gamma_t",
-    "gamma_p",
-    "aic_linear",
-    "aic_quadratic",
-    "delta_aic",
-    "secant_slope",
-    "up_beta",
-    "down_beta",
-    *HUBER_COLUMNS,
-)
+#: Columns of the per-day table, in order: those of the stored table
+#: (:data:`sensitivity.store.SENSITIVITY_COLUMNS`, the one list of them) that come from
+#: returns alone, without the ones the pipeline adds from the index symbol and the prices
+#: (:data:`sensitivity.store.PIPELINE_COLUMNS`).  ``date`` is datetime64[ns] (tz-naive),
+#: ``ticker`` and ``se_type`` str, ``window`` and ``n_obs`` int64, every other column float64.
+OUTPUT_COLUMNS: tuple[str, ...] = tuple(c for c in SENSITIVITY_COLUMNS if c not in PIPELINE_COLUMNS)
+
+#: The Huber fit's columns (``huber_`` + the OLS column of the same meaning).
+HUBER_COLUMNS: tuple[str, ...] = tuple(c for c in OUTPUT_COLUMNS if c.startswith("huber_"))
 
 #: The float64 columns of :data:`OUTPUT_COLUMNS`.
 FLOAT_COLUMNS: tuple[str, ...] = tuple(

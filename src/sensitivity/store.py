@@ -232,6 +232,10 @@ _UPGRADES: Final[dict[Kind, dict[int, dict[str, Any]]]] = {
 _V2_ADDED: Final = ("se_type", *_V2_VALUE_COLUMNS)
 
 SENSITIVITY_COLUMNS: Final[tuple[str, ...]] = tuple(SENSITIVITY_SCHEMA.names)
+#: The columns of ``reports/sensitivity/`` that the pipeline adds to the library's table
+#: (:data:`sensitivity.api.OUTPUT_COLUMNS`, the others in the same order) from the index
+#: symbol and the prices.
+PIPELINE_COLUMNS: Final[tuple[str, ...]] = ("index_ticker", "close", "prev_close", "dollar_sensitivity")
 SUMMARY_COLUMNS: Final[tuple[str, ...]] = tuple(SUMMARY_SCHEMA.names)
 SCENARIO_COLUMNS: Final[tuple[str, ...]] = tuple(SCENARIO_SCHEMA.names)
 
@@ -1576,6 +1580,7 @@ def store_lock(data_dir: str | Path, *, timeout_s: float = 600, poll_s: float = 
 __all__ = [
     "COMPRESSION",
     "COVERAGE_KEY",
+    "PIPELINE_COLUMNS",
     "PRICE_SCHEMA",
     "SCENARIO_COLUMNS",
     "SCENARIO_SCHEMA",
