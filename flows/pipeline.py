@@ -81,15 +81,17 @@ def _retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[An
     retry_condition_fn=_retry_if_transient,
     cache_policy=NO_CACHE,
 )
-def fetch_prices(config: Config, symbol: str) -> dict[str, Any]:
+def fetch_prices(config: Config, symbol: str) -> list[dict[str, Any]]:
     """Fetch one symbol into the price store (only what is new, unless the history was restated).
 
     Retries and their delays come from ``[source]`` (``retries``, ``retry_delay_s``, with
-    exponential backoff and jitter; see :func:`fetch_options`).
+    exponential backoff and jitter; see :func:`fetch_options`).  A failure raises (that is
+    what Prefect retries); success gives the one entry a batch would
+    (``[{"symbol", "outcome"}]``), so that :func:`fetch_universe` reads both alike.
     """
     outcome = fetch_symbol(config, symbol)
     _log_outcome(get_run_logger(), outcome)
-    return outcome.to_dict()
+    return [{"symbol": symbol, "outcome": outcome.to_dict()}]
 
 
 def _log_outcome(logger: Any, outcome: FetchOutcome) -> None:
@@ -293,11 +295,9 @@ def _fetch_all(
         batch = batch_of[future]
         result = future.result(raise_on_failure=False)
         entries: list[dict[str, Any]]
-        if isinstance(result, list):  # a batch: one entry per symbol
+        if isinstance(result, list):  # one entry per symbol of the task
             entries = result
-        elif isinstance(result, dict):
-            entries = [{"symbol": batch[0], "outcome": result}]
-        else:  # a single symbol's task failed, or a whole batch task crashed
+        else:  # the task raised: a single symbol's fetch failed, or a whole batch task crashed
             entries = [{"symbol": s, "exception": result} for s in batch]
         for entry in entries:
             symbol = str(entry["symbol"])
