@@ -139,7 +139,10 @@ def serve(source: IO[bytes], sink: IO[bytes], setup: dict[str, Any]) -> None:
             answer = (job, True, function(*args))
         except Exception as exc:  # reported, and the caller runs the job itself
             answer = (job, False, f"{type(exc).__name__}: {exc}")
-        _send(sink, answer)
+        try:
+            _send(sink, answer)
+        except OSError:  # the caller has gone (killed, or it closed the pipe): nothing to tell
+            return
 
 
 class ProcessPool:
