@@ -249,22 +249,29 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
 def fetch_workers(config: Config, batches: Sequence[Sequence[str]]) -> ProcessPool | None:
     """The worker processes the local batches run in, or None to run them in the task threads.
 
-    One process per CPU, at most ``source.concurrency``, when the fetch is a local one (not
-    Yahoo's task per symbol) on the thread runner (Dask has processes of its own) with at
-    least :data:`PROCESS_MIN_SYMBOLS` symbols and two CPUs: a worker takes about a second
-    to start, the time of a few dozen local fetches.
+    Only for a local fetch (not Yahoo's task per symbol) on the thread runner (Dask has
+    processes of its own).  ``runtime.fetch_processes``: ``"auto"`` is one process per CPU,
+    at most ``source.concurrency``, from :data:`PROCESS_MIN_SYMBOLS` symbols and two CPUs up
+    (a worker takes about a second to start, the time of a few dozen local fetches); 0 none;
+    N that many.  Never more than there are batches.
     """
     if config.runtime.task_runner == "dask" or all(len(b) == 1 for b in batches):
         return None
-    if sum(len(b) for b in batches) < PROCESS_MIN_SYMBOLS:
-        return None
-    processes = min(config.source.concurrency, available_cpus(), len(batches))
-    if processes < 2:
+    wanted = config.runtime.fetch_processes
+    if wanted == "auto":
+        if sum(len(b) for b in batches) < PROCESS_MIN_SYMBOLS:
+            return None
+        processes = min(config.source.concurrency, available_cpus())
+        processes = processes if processes >= 2 else 0
+    else:
+        processes = int(wanted)
+    processes = min(processes, len(batches))
+    if processes < 1:
         return None
     return ProcessPool("sensitivity.pipeline:fetch_batch_logged", processes, hang_s=_BATCH_HANG_S)
 
 
-#: Fewest symbols for which the local fetches go to worker processes (see :func:`fetch_workers`).
+#: Fewest symbols for which ``runtime.fetch_processes = "auto"`` starts worker processes.
 PROCESS_MIN_SYMBOLS = 64
 
 #: A batch a worker has not finished after this long is taken back and run in the task's
@@ -294,11 +301,11 @@ def _fetch_all(
     for future in as_completed(list(futures)):
         batch = batch_of[future]
         result = future.result(raise_on_failure=False)
-        entries: list[dict[str, Any]]
-        if isinstance(result, list):  # one entry per symbol of the task
-            entries = result
-        else:  # the task raised: a single symbol's fetch failed, or a whole batch task crashed
-            entries = [{"symbol": s, "exception": result} for s in batch]
+        # One entry per symbol of the task, or the exception it raised (a single symbol's fetch
+        # failed, or a whole batch task crashed) for each of its symbols.
+        entries: list[dict[str, Any]] = (
+            result if isinstance(result, list) else [{"symbol": s, "exception": result} for s in batch]
+        )
         for entry in entries:
             symbol = str(entry["symbol"])
             extra: dict[str, Any] = {}

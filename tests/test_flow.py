@@ -7,6 +7,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -238,11 +239,12 @@ def test_flow_excess_returns_robust_errors_and_huber(flow, tmp_path: Path) -> No
 
 
 def test_flow_local_fetch_in_worker_processes_gives_the_same_store(  # type: ignore[no-untyped-def]
-    flow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+    flow, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """The local batches run in worker processes (forced here for a small universe): the
-    store and the tables are those of the run in the task threads, a failed symbol is
-    reported the same way, and the workers' log records reach this process's loggers."""
+    """The local batches run in worker processes (``runtime.fetch_processes = 2``, for a
+    universe that "auto" would fetch in threads): the store and the tables are those of the
+    run in the task threads (``fetch_processes = 0``), a failed symbol is reported the same
+    way, and the workers' log records reach this process's loggers."""
     src = tmp_path / "csv"
     src.mkdir()
     for sym in ("^GSPC", "KO", "MSFT", "SPY", "AAPL"):
@@ -251,16 +253,12 @@ def test_flow_local_fetch_in_worker_processes_gives_the_same_store(  # type: ign
             frame.loc[frame.index[40], ["open", "high", "low", "close", "adj_close"]] = np.nan
         _write_csv(frame, src / f"{sym}.csv")
     tickers = ["KO", "MSFT", "SPY", "AAPL", "NOFILE"]
-    config = tmp_path / "c.toml"  # two at once: three batches of two symbols
-    config.write_text(
-        (ROOT / "config" / "sample.toml").read_text().replace('kind = "sample"', "concurrency = 2")
-    )
-    globals_ = flow.fn.__globals__
     caplog.set_level(logging.INFO, logger="sensitivity")
     results = {}
-    for mode, min_symbols in (("threads", 10_000), ("processes", 1)):
-        monkeypatch.setitem(globals_, "PROCESS_MIN_SYMBOLS", min_symbols)
-        monkeypatch.setitem(globals_, "available_cpus", lambda: 2)
+    for mode, processes in (("threads", "0"), ("processes", "2")):
+        config = tmp_path / f"{mode}.toml"  # two at once: three batches of two symbols
+        text = (ROOT / "config" / "sample.toml").read_text().replace('kind = "sample"', "concurrency = 2")
+        config.write_text(f"{text}\n[runtime]\nfetch_processes = {processes}\n")
         caplog.clear()
         with pytest.raises(PartialRunError, match="NOFILE"):
             run(
@@ -341,3 +339,43 @@ def test_fetch_batches_split_local_sources_and_keep_yahoo_per_symbol(
     batches = module.fetch_batches(cfg, symbols)
     assert [len(b) for b in batches] == sizes
     assert [s for b in batches for s in b] == symbols  # every symbol once, in order
+
+
+@pytest.mark.parametrize(
+    ("kind", "n", "runner", "processes", "cpus", "expected"),
+    [
+        ("files", 501, "threads", "auto", 2, 2),  # one per CPU ...
+        ("files", 501, "threads", "auto", 16, 4),  # ... up to source.concurrency
+        ("files", 501, "threads", "auto", 1, 0),  # one CPU: the task threads
+        ("files", 40, "threads", "auto", 2, 0),  # too few symbols to pay for the start
+        ("files", 40, "threads", 3, 2, 3),  # asked for: as many as asked
+        ("files", 6, "threads", 8, 2, 3),  # never more than there are batches
+        ("files", 501, "threads", 0, 2, 0),  # 0: none
+        ("files", 501, "dask", "auto", 2, 0),  # Dask has its own processes
+        ("yahoo", 501, "threads", 4, 2, 0),  # Yahoo: a task per symbol on threads
+    ],
+)
+def test_fetch_workers_follow_runtime_fetch_processes(
+    kind: str, n: int, runner: str, processes: Any, cpus: int, expected: int, tmp_path: Path
+) -> None:
+    from sensitivity.config import load_config
+
+    module = _flow_module()
+    module.available_cpus = lambda: cpus
+    cfg = load_config(
+        ROOT / "config" / "sample.toml",
+        {"source": kind, "source_path": str(tmp_path) if kind == "files" else None},
+    )
+    cfg = cfg.model_copy(
+        update={
+            "source": cfg.source.model_copy(update={"concurrency": 4 if n > 6 else 2}),
+            "runtime": cfg.runtime.model_copy(update={"task_runner": runner, "fetch_processes": processes}),
+        }
+    )
+    batches = module.fetch_batches(cfg, [f"S{i:04d}" for i in range(n)])
+    pool = module.fetch_workers(cfg, batches)
+    try:
+        assert (pool.processes if pool is not None else 0) == expected
+    finally:
+        if pool is not None:
+            pool.close()

@@ -299,11 +299,25 @@ class RuntimeConfig(_Section):
     lock_timeout_s: float = Field(
         600.0, ge=0, le=86_400, description="How long a run waits for another run's store lock, seconds."
     )
+    fetch_processes: Literal["auto"] | int = Field(
+        "auto",
+        description=(
+            "Worker processes for local fetches (files, sample) on the thread runner: auto (one "
+            "per CPU up to source.concurrency, from 64 symbols), 0 (none: the task threads), or N."
+        ),
+    )
 
     @field_validator("lock_timeout_s", mode="before")
     @classmethod
     def _timeout(cls, v: Any) -> Any:
         return float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+
+    @field_validator("fetch_processes", mode="before")
+    @classmethod
+    def _processes(cls, v: Any) -> Any:
+        if v == "auto" or (isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 64):
+            return v
+        raise ValueError('must be "auto" or a whole number from 0 to 64')
 
 
 class Config(_Section):

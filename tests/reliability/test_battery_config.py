@@ -62,6 +62,16 @@ TOML_CASES = [
         r"runtime\.lock_timeout_s must be <= 86400\.0, got nan",
     ),
     (
+        "fetch-processes-word",
+        _edit("lock_timeout_s = 5", 'lock_timeout_s = 5\nfetch_processes = "many"'),
+        r"runtime\.fetch_processes must be \"auto\" or a whole number from 0 to 64, got 'many'",
+    ),
+    (
+        "fetch-processes-negative",
+        _edit("lock_timeout_s = 5", "lock_timeout_s = 5\nfetch_processes = -1"),
+        r"runtime\.fetch_processes must be \"auto\" or a whole number from 0 to 64, got -1",
+    ),
+    (
         "empty-data-dir",
         _edit('data_dir = "unused-by-the-battery"', 'data_dir = ""'),
         r"output\.data_dir must not be empty \(name a folder\), got ''",
