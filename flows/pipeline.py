@@ -240,10 +240,17 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
     batches = fetch_batches(config, symbols)
     workers = fetch_workers(config, batches)
     try:
-        return _fetch_all(config, symbols, batches, workers, tracker)
-    finally:
+        result = _fetch_all(config, symbols, batches, workers, tracker)
+    except BaseException:
+        # Interrupted (Ctrl-C, a cancelled run) or failed: stop the workers now rather than
+        # after the batches in hand, which may be waiting for another run's store lock.  A
+        # killed fetch leaves the stored file as it was (the store writes atomically).
         if workers is not None:
-            workers.close()
+            workers.close(wait=False)
+        raise
+    if workers is not None:
+        workers.close()
+    return result
 
 
 def fetch_workers(config: Config, batches: Sequence[Sequence[str]]) -> ProcessPool | None:

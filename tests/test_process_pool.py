@@ -283,3 +283,29 @@ def test_call_refuses_once_the_pool_is_closed_and_a_waiting_thread_does_not_run_
     assert len(errors) == 1
     with pytest.raises(RuntimeError, match="closed"):
         pool.call(ran_here.append, 1.0)
+
+
+def test_close_without_wait_kills_a_busy_worker_at_once() -> None:
+    import threading
+
+    pool = ProcessPool("time:sleep", 1, hang_s=300.0)
+    time.sleep(0.3)
+    errors: list[BaseException] = []
+
+    def wait_for_worker() -> None:
+        try:
+            pool.call(time.sleep, 60.0)
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    waiter = threading.Thread(target=wait_for_worker)
+    waiter.start()
+    time.sleep(0.5)  # the worker sleeps on the 60 s job
+    worker = pool._procs[0]
+    start = time.monotonic()
+    pool.close(wait=False)
+    waiter.join(10.0)
+    assert time.monotonic() - start < 5.0  # not the 60 s job, nor hang_s
+    assert worker.poll() is not None
+    assert not waiter.is_alive()
+    assert len(errors) == 1

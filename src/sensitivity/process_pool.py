@@ -348,12 +348,19 @@ class ProcessPool:
         if answered is not None:
             answered.set()
 
-    def close(self) -> None:
+    def close(self, *, wait: bool = True) -> None:
         """Stop every worker (a clean exit when idle; killed if it does not exit in 5 s).
 
         Jobs not gathered yet are dropped; threads waiting in :meth:`call` get ``RuntimeError``.
+        With ``wait`` (the default) a worker first finishes the job in hand (up to ``hang_s``);
+        without, every worker is killed at once, its job abandoned (for a caller that is
+        being interrupted: the jobs must leave nothing half-done that matters, as the store's
+        atomic writes do not).
         """
         self._closed = True
+        if not wait:
+            for proc in self._procs:
+                _kill(proc)
         self._stop_feeders()
         procs, self._procs = self._procs, []
         for proc in procs:
