@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -259,23 +260,30 @@ def test_call_after_a_worker_died_runs_in_the_caller(tmp_path: Path) -> None:
         assert time.monotonic() - start < 2.0
 
 
-def test_call_refuses_once_the_pool_is_closed_and_a_waiting_thread_does_not_run_the_job() -> None:
-    import threading
-
-    pool = ProcessPool("time:sleep", 1, hang_s=30.0)
-    time.sleep(0.3)
-    ran_here: list[float] = []
+def _waiting_call(
+    pool: ProcessPool, local: Any, seconds: float
+) -> tuple[threading.Thread, list[BaseException]]:
+    """A thread that waits in ``pool.call(local, seconds)`` (a worker sleeps on the job), and
+    the RuntimeError it gets, if any."""
     errors: list[BaseException] = []
 
     def wait_for_worker() -> None:
         try:
-            pool.call(ran_here.append, 3.0)
+            pool.call(local, seconds)
         except RuntimeError as exc:
             errors.append(exc)
 
     waiter = threading.Thread(target=wait_for_worker)
     waiter.start()
-    time.sleep(0.3)  # the worker sleeps on the job
+    time.sleep(0.5)  # the worker sleeps on the job
+    return waiter, errors
+
+
+def test_call_refuses_once_the_pool_is_closed_and_a_waiting_thread_does_not_run_the_job() -> None:
+    pool = ProcessPool("time:sleep", 1, hang_s=30.0)
+    time.sleep(0.3)
+    ran_here: list[float] = []
+    waiter, errors = _waiting_call(pool, ran_here.append, 3.0)
     pool.close()
     waiter.join(10.0)
     assert not waiter.is_alive()
@@ -286,21 +294,9 @@ def test_call_refuses_once_the_pool_is_closed_and_a_waiting_thread_does_not_run_
 
 
 def test_close_without_wait_kills_a_busy_worker_at_once() -> None:
-    import threading
-
     pool = ProcessPool("time:sleep", 1, hang_s=300.0)
     time.sleep(0.3)
-    errors: list[BaseException] = []
-
-    def wait_for_worker() -> None:
-        try:
-            pool.call(time.sleep, 60.0)
-        except RuntimeError as exc:
-            errors.append(exc)
-
-    waiter = threading.Thread(target=wait_for_worker)
-    waiter.start()
-    time.sleep(0.5)  # the worker sleeps on the 60 s job
+    waiter, errors = _waiting_call(pool, time.sleep, 60.0)
     worker = pool._procs[0]
     start = time.monotonic()
     pool.close(wait=False)
