@@ -69,6 +69,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]
         "PREFECT_UI_ENABLED": "false",
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "PREFECT_LOGGING_LEVEL": "INFO",
+        # Every run here uses the bundled sample; should one ever reach the Yahoo source
+        # anyway, its requests go to a closed port on this machine, never to the internet.
+        "SENSITIVITY_YAHOO_BASE_URL": "http://127.0.0.1:9",
     }
     logs = home / "logs"
     logs.mkdir()

@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from sensitivity.errors import ConfigError, DataValidationError
-from sensitivity.model import QuadraticFit
-from sensitivity.threads import CHUNK_CELLS, for_each_chunk
+from sensitivity.model import QuadraticFit, default_chunk_size
+from sensitivity.threads import for_each_chunk
 
 if TYPE_CHECKING:
     from sensitivity.inference import CoefficientInference
@@ -159,10 +159,10 @@ def daily_sensitivity(
         top = fit.window - 3 if fit.window > 0 else int(dof.nan_to_num(0.0).max().item())
         quantiles = _t_quantile_table(crit, torch.arange(max(top, 0) + 1, device=device))
     z = NormalDist().inv_cdf(crit)
-    # Ticker chunks of about CHUNK_CELLS cells, side by side on the fit's single-threaded
-    # workers (each cell's arithmetic is the same in any chunk and on any thread, so the
-    # results are the same bits); temporaries of a few MB that the allocator reuses.
-    step = max(1, CHUNK_CELLS // max(n_days, 1)) if device.type == "cpu" else n_rows
+    # Ticker chunks as the fit cuts them (about CHUNK_CELLS cells on the CPU, side by side on
+    # its single-threaded workers; large ones on an accelerator): each cell's arithmetic is the
+    # same in any chunk and on any thread, so the results are the same bits.
+    step = default_chunk_size(n_days, device)
 
     def chunk(a: int) -> None:
         b = min(n_rows, a + step)
