@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import cloudpickle
+import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -48,7 +49,7 @@ from sensitivity.pipeline import (
     failure_reason,
     fetch_batch,
     fetch_symbol,
-    fit_universe,
+    fit_universe_with_history,
     replay_records,
     write_run_report,
 )
@@ -179,10 +180,16 @@ def fetch_options(config: Config) -> dict[str, Any]:
     }
 
 
-@task(name="fit-sensitivity", cache_policy=NO_CACHE)
-def fit_sensitivity(config: Config, tickers: list[str]) -> dict[str, Any]:
-    """One batched fit of every ticker; writes the sensitivity and summary tables."""
-    return fit_universe(config, tickers).to_dict()
+@task(name="fit-sensitivity", cache_policy=NO_CACHE, persist_result=False)
+def fit_sensitivity(config: Config, tickers: list[str]) -> tuple[dict[str, Any], pd.DataFrame]:
+    """One batched fit of every ticker; writes the sensitivity and summary tables.
+
+    Returns the outcome and the per-day rows written, in the report's columns, which the
+    report task draws from instead of reading them back (never persisted: they stay in the
+    flow's memory).
+    """
+    fitted = fit_universe_with_history(config, tickers)
+    return fitted.outcome.to_dict(), fitted.history
 
 
 @task(name="write-report", cache_policy=NO_CACHE)
@@ -192,8 +199,9 @@ def write_report(
     fetches: list[dict[str, Any]],
     failures: dict[str, str],
     started_at: dt.datetime,
+    history: pd.DataFrame | None = None,
 ) -> dict[str, str]:
-    """Render the HTML report and the manifest."""
+    """Render the HTML report and the manifest (from ``history``, the fit's rows, when given)."""
     from sensitivity.pipeline import FitOutcome
 
     ctx = FlowRunContext.get()
@@ -205,6 +213,7 @@ def write_report(
         failures,
         started_at=started_at,
         run_id=run_id,
+        history=history,
     )
 
 
@@ -492,9 +501,10 @@ def stock_sensitivity(
     ok = [t for t in u.tickers if t not in failures]
     if not ok:
         raise PartialRunError(failures)
-    fit = fit_sensitivity(cfg, ok)
+    fit, history = fit_sensitivity(cfg, ok)
     failures.update(fit["no_data"])
-    paths = write_report(cfg, fit, fetches, failures, started_at)
+    paths = write_report(cfg, fit, fetches, failures, started_at, history)
+    del history
     summary = _summary_rows(cfg, fit)
     _publish(summary, fit, failures, paths)
     result = {"as_of": fit["as_of"], "rows": fit["rows"], "paths": paths, "failures": failures, **summary}

@@ -100,6 +100,21 @@ def test_flow_sample_writes_every_output(flow, tmp_path: Path) -> None:  # type:
     assert result["paths"]["report"] == str(report)
 
 
+def test_flow_report_draws_the_fits_rows_without_reading_them_back(  # type: ignore[no-untyped-def]
+    flow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fit task hands its rows to the report task; the per-day files are not read again."""
+    from sensitivity.store import ReportStore
+
+    def read_back(*args: Any, **kwargs: Any) -> pd.DataFrame:
+        raise AssertionError("the report read the per-day table back from the store")
+
+    monkeypatch.setattr(ReportStore, "read_sensitivity", read_back)
+    result = run(flow, tmp_path, tickers=["AAPL", "KO"])
+    page = Path(result["paths"]["report"]).read_text(encoding="utf-8")
+    assert page.count('data-chart="sensitivity"') == 2
+
+
 def test_flow_last_row_matches_statsmodels(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run(flow, tmp_path, tickers=["KO"])
     table = pd.read_parquet(tmp_path / "reports" / "sensitivity")

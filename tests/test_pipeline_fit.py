@@ -12,7 +12,8 @@ import pytest
 
 from sensitivity.config import Config, load_config
 from sensitivity.errors import ModelFitError
-from sensitivity.pipeline import fetch_symbol, fit_universe
+from sensitivity.pipeline import build_manifest, fetch_symbol, fit_universe, fit_universe_with_history
+from sensitivity.report import SENSITIVITY_COLUMNS, render_report
 from sensitivity.scenarios import scenario_table
 from sensitivity.store import ReportStore
 
@@ -125,3 +126,31 @@ def test_fit_universe_without_the_rate_symbols_prices_names_it(source: Path, tmp
         fetch_symbol(cfg, symbol)
     with pytest.raises(ModelFitError, match=r"\^IRX: the risk-free rate has no stored prices"):
         fit_universe(cfg, ["KO", "JPM"])
+
+
+def test_the_fits_rows_are_what_the_report_would_read_back(source: Path, tmp_path: Path) -> None:
+    """The flow hands the fit's rows to the report instead of reading the files back: the
+    rows, their values to the bit, and the page drawn from them are the same."""
+    cfg = config(source, tmp_path, risk_free_symbol="^IRX", se="hac", fit="huber")
+    for symbol in cfg.fetch_symbols:
+        fetch_symbol(cfg, symbol)
+    fitted = fit_universe_with_history(cfg, ["KO", "JPM"])
+    reports = ReportStore(tmp_path)
+    stored = reports.read_sensitivity(
+        index_ticker="^GSPC", window=126, tickers=["KO", "JPM"], columns=SENSITIVITY_COLUMNS
+    )
+    history = fitted.history
+    assert list(history.columns) == list(SENSITIVITY_COLUMNS)
+    assert fitted.outcome.rows == len(history) == len(stored)
+    assert list(history["ticker"].unique()) == ["KO", "JPM"]  # the fit's order; the store sorts
+    keys = ["ticker", "date"]
+    mine = history.assign(date=pd.to_datetime(history["date"])).sort_values(keys, ignore_index=True)
+    theirs = stored.assign(date=pd.to_datetime(stored["date"])).sort_values(keys, ignore_index=True)
+    pd.testing.assert_frame_equal(mine, theirs, check_exact=True, check_dtype=False)
+
+    as_of = dt.date.fromisoformat(fitted.outcome.as_of)
+    summary = reports.read_summary(as_of=as_of)
+    scenarios = reports.read_scenarios(as_of=as_of)
+    manifest = build_manifest(cfg, fitted.outcome, [], {}, started_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
+    page = render_report(history, summary, manifest, scenarios=scenarios, workers=0)
+    assert page == render_report(stored, summary, manifest, scenarios=scenarios, workers=0)
