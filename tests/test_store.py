@@ -205,6 +205,7 @@ def test_read_returns_provenance_per_row(tmp_path: Path) -> None:
     assert back["source"].tolist() == ["yahoo", "files:x", "files:x"]
     assert back["fetched_at"].tolist() == [pd.Timestamp(T0), pd.Timestamp(T1), pd.Timestamp(T1)]
     assert str(back["fetched_at"].dtype) == "datetime64[us, UTC]"
+    assert back["source"].dtype == "str"
 
 
 def test_read_of_a_symbol_never_stored_is_none(tmp_path: Path) -> None:

@@ -793,11 +793,13 @@ def frame_from_price_table(table: pa.Table, *, with_provenance: bool = False) ->
     data: dict[str, Any] = {
         c: np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in PRICE_COLUMNS
     }
-    frame = pd.DataFrame(data, index=index)
     if with_provenance:
-        frame["fetched_at"] = pd.DatetimeIndex(table.column("fetched_at").to_pandas())
-        frame["source"] = pd.Series(table.column("source").to_pylist(), index=index, dtype="str")
-    return frame
+        # Straight from the Arrow buffers (the schema's timestamp[us, UTC] and non-null
+        # strings): a Python object per row cost more than the rest of the read.
+        micros = np.asarray(table.column("fetched_at").cast(pa.int64()).to_numpy(), dtype="datetime64[us]")
+        data["fetched_at"] = pd.array(micros, dtype="datetime64[us]").tz_localize("UTC")
+        data["source"] = pd.array(table.column("source"), dtype="str")
+    return pd.DataFrame(data, index=index)
 
 
 def read_price_file(
