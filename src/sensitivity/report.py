@@ -235,21 +235,26 @@ def summary_table(sensitivity: pd.DataFrame) -> pd.DataFrame:
     if "as_of" in frame.columns:
         raise ValueError("sensitivity already has an as_of column; pass the per-day table, not a summary")
     days = _timestamps(frame["date"], "sensitivity.date")
-    keyed = frame.assign(_day=days.to_numpy())
-    dup = keyed.duplicated([*KEY_COLUMNS, "_day"])
-    if dup.any():
-        first = keyed.loc[dup].iloc[0]
+    # Row positions sorted by combination, then day (only the keys are sorted: at universe
+    # scale a sort of every column cost most of the time); the last of each combination is
+    # its latest day.
+    combo = frame.groupby(list(KEY_COLUMNS), sort=False).ngroup().to_numpy()
+    day = days.to_numpy(dtype="datetime64[ns]").view(np.int64)
+    order = np.lexsort((day, combo))
+    combo_sorted, day_sorted = combo[order], day[order]
+    repeated = (combo_sorted[1:] == combo_sorted[:-1]) & (day_sorted[1:] == day_sorted[:-1])
+    if repeated.any():
+        at = int(order[np.flatnonzero(repeated) + 1].min())  # the first row repeating an earlier one
+        first = frame.iloc[at]
         raise ValueError(
             "sensitivity has more than one row for index_ticker="
             f"{first['index_ticker']!r}, ticker={first['ticker']!r}, window={first['window']!r}, "
-            f"date={_to_date(first['_day'])}; each combination needs one row per date"
+            f"date={_to_date(days.iloc[at])}; each combination needs one row per date"
         )
     as_of = _to_date(days.max())
+    last = np.r_[combo_sorted[1:] != combo_sorted[:-1], True] & (combo_sorted >= 0)  # -1: a missing key
     latest = (
-        keyed.sort_values([*KEY_COLUMNS, "_day"], kind="stable")
-        .groupby(list(KEY_COLUMNS), sort=False)
-        .tail(1)
-        .drop(columns="_day")
+        frame.iloc[order[last]]
         .sort_values(
             ["index_ticker", "window", "sensitivity", "ticker"],
             ascending=[True, True, False, True],
