@@ -233,6 +233,20 @@ def test_read_many_filters_dates_and_skips_unknown_symbols(tmp_path: Path) -> No
     assert store.symbols() == ["BRK-B", "^GSPC"]
 
 
+def test_read_many_of_some_columns_reads_only_those(tmp_path: Path) -> None:
+    store = PriceStore(tmp_path)
+    days = pd.bdate_range("2024-01-01", periods=10)
+    store.merge("KO", prices(days), source="t", fetched_at=T0)
+    whole = store.read_many(["KO"], start="2024-01-03")["KO"]
+    some = store.read_many(["KO"], start="2024-01-03", columns=["adj_close", "close"])["KO"]
+    assert list(some.columns) == ["close", "adj_close"]  # in the stored order
+    pd.testing.assert_frame_equal(some, whole[["close", "adj_close"]], check_exact=True)
+    traced = read_price_file(store.path_for("KO"), columns=["volume"], with_provenance=True)
+    assert list(traced.columns) == ["volume", "fetched_at", "source"]
+    with pytest.raises(ValueError, match=r"unknown price column\(s\): Close"):
+        store.read_many(["KO"], columns=["Close"])
+
+
 def test_sample_files_hold_the_exact_csv_values() -> None:
     aapl = read_price_file(SAMPLE / "AAPL.parquet", with_provenance=True)
     assert len(aapl) == 2553

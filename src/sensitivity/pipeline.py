@@ -556,7 +556,10 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
     wanted = [u.index, *tickers]
     if m.risk_free_symbol is not None and m.risk_free_symbol not in wanted:
         wanted.append(m.risk_free_symbol)
-    frames = PriceStore(data_dir).read_many(wanted, start=u.start, end=u.resolved_end)
+    # Only the prices the returns are taken from (price_series): a quarter of each file.
+    frames = PriceStore(data_dir).read_many(
+        wanted, start=u.start, end=u.resolved_end, columns=("close", "adj_close")
+    )
     index_frame = frames.get(u.index)
     if index_frame is None or index_frame.empty:
         raise ModelFitError(

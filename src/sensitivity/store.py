@@ -787,11 +787,16 @@ def _to_date(value: object, what: str) -> dt.date:
 
 
 def frame_from_price_table(table: pa.Table, *, with_provenance: bool = False) -> pd.DataFrame:
-    """A PRICE_SCHEMA table -> a price frame (plus ``fetched_at``, ``source`` if asked)."""
+    """A PRICE_SCHEMA table -> a price frame (plus ``fetched_at``, ``source`` if asked).
+
+    A table read with only some of the price columns gives a frame of those columns.
+    """
     days = np.asarray(table.column("date").cast(pa.int32()).to_numpy(), dtype="int64")
     index = pd.DatetimeIndex(days.astype("datetime64[D]").astype("datetime64[ns]"), name="date")
     data: dict[str, Any] = {
-        c: np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64) for c in PRICE_COLUMNS
+        c: np.asarray(table.column(c).to_numpy(zero_copy_only=False), dtype=np.float64)
+        for c in PRICE_COLUMNS
+        if c in table.column_names
     }
     if with_provenance:
         # Straight from the Arrow buffers (the schema's timestamp[us, UTC] and non-null
@@ -808,12 +813,22 @@ def read_price_file(
     start: dt.date | str | None = None,
     end: dt.date | str | None = None,
     with_provenance: bool = False,
+    columns: Sequence[str] | None = None,
 ) -> pd.DataFrame:
     """Read a PRICE_SCHEMA file into a price frame, keeping ``start <= date <= end``.
 
     With ``with_provenance`` the frame also has ``fetched_at`` (UTC) and ``source`` per row.
+    ``columns``: only these price columns (of :data:`~sensitivity.prices.PRICE_COLUMNS`) are
+    read, the others are not decompressed (the fit needs two of the eight).
     """
-    table = read_table(path, "prices")
+    wanted = None
+    if columns is not None:
+        unknown = [c for c in columns if c not in PRICE_COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown price column(s): {', '.join(map(str, unknown))}")
+        provenance = ["fetched_at", "source"] if with_provenance else []
+        wanted = ["date", *columns, *provenance]
+    table = read_table(path, "prices", wanted)
     if start is not None:
         table = table.filter(pc.greater_equal(table.column("date"), pa.scalar(_to_date(start, "start"))))
     if end is not None:
@@ -894,12 +909,14 @@ class PriceStore:
         end: dt.date | str | None = None,
         *,
         with_provenance: bool = False,
+        columns: Sequence[str] | None = None,
     ) -> dict[str, pd.DataFrame]:
         """Price frames of ``symbols`` restricted to ``start <= date <= end`` (inclusive).
 
         Keys are the normalised symbols, in the given order; symbols never stored are left
         out (a stored symbol with no row in the range maps to an empty frame).  All paths are
-        validated before anything is read.
+        validated before anything is read.  ``columns``: only these price columns (see
+        :func:`read_price_file`).
         """
         lo = _to_date(start, "start") if start is not None else None
         hi = _to_date(end, "end") if end is not None else None
@@ -907,7 +924,9 @@ class PriceStore:
 
         def _one(path: Path) -> pd.DataFrame | None:
             try:
-                return read_price_file(path, start=lo, end=hi, with_provenance=with_provenance)
+                return read_price_file(
+                    path, start=lo, end=hi, with_provenance=with_provenance, columns=columns
+                )
             except FileNotFoundError:
                 return None
 
