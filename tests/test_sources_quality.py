@@ -194,6 +194,29 @@ def test_range_selection_limits_rows_and_records() -> None:
     assert got.quality.dropped == (QualityIssue("2024-01-04", "from the source"),)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_rows_outside_the_range_never_change_the_result(seed: int) -> None:
+    """Cleaning a range of shuffled rows (times of day in New York, repeated dates, broken
+    rows, a jump) gives what cleaning only the rows in that range gives."""
+    rng = np.random.default_rng(seed)
+    base = 50.0 * np.cumprod(1.0 + rng.normal(0.0, 0.01, 120))
+    base[rng.integers(10, 110)] *= 100.0  # a jump that reverts
+    raw = frame(list(base), open=list(np.where(rng.random(120) < 0.05, np.nan, base)))
+    raw.loc[raw.index[rng.integers(0, 120, 4)], "close"] = -1.0
+    raw = pd.concat([raw, raw.iloc[rng.integers(0, 120, 6)]])  # the same dates again
+    stamps = raw.index + pd.to_timedelta(rng.integers(9, 16, len(raw)), unit="h")
+    raw.index = stamps.tz_localize("America/New_York")
+    raw = raw.iloc[rng.permutation(len(raw))]
+    start, end = D(2024, 1, 1) + dt.timedelta(days=int(rng.integers(0, 60))), D(2024, 5, 1)
+    days = naive_trading_dates(raw.index)
+    inside = raw.loc[np.asarray((days >= pd.Timestamp(start)) & (days <= pd.Timestamp(end)))]
+    got = clean_price_frame(raw, "X", start=start, end=end)
+    alone = clean_price_frame(inside, "X")
+    pd.testing.assert_frame_equal(got.frame, alone.frame, check_exact=True)
+    assert got.quality == alone.quality
+    assert not got.quality.clean
+
+
 def test_nothing_usable_is_an_empty_data_error_naming_what_was_dropped() -> None:
     raw = frame([np.nan, np.nan], adj_close=[np.nan, np.nan])
     with pytest.raises(

@@ -135,7 +135,9 @@ def naive_trading_dates(index: pd.Index) -> pd.DatetimeIndex:
             raise DataValidationError(f"price dates must be dates, got {index.dtype} ({exc})") from exc
     if index.tz is not None:
         index = index.tz_localize(None)  # the wall-clock time in the index's own zone
-    return pd.DatetimeIndex(index.as_unit("ns").normalize().to_numpy(), name="date")
+    # Midnight of each wall-clock date (numpy: DatetimeIndex.normalize infers a frequency).
+    days = index.as_unit("ns").to_numpy().astype("datetime64[D]")
+    return pd.DatetimeIndex(days.astype("datetime64[ns]"), name="date")
 
 
 def _in_range(dates: pd.DatetimeIndex, start: dt.date | None, end: dt.date | None) -> np.ndarray:
@@ -178,14 +180,14 @@ def clean_price_frame(
         stamps = naive_trading_dates(frame.index)
     except DataValidationError as exc:
         raise DataValidationError(f"{symbol}: {exc}") from exc
-    order = np.argsort(_sortable(frame.index), kind="stable")
+    # The rows in range, sorted by their original timestamps (stable): the same rows in the
+    # same order as sorting every row and then taking the range, without touching the rest.
+    rows = np.flatnonzero(_in_range(stamps, start, end))
+    order = rows[np.argsort(_sortable(frame.index)[rows], kind="stable")]
     values = {
         c: np.asarray(frame[c].to_numpy(dtype=np.float64, na_value=np.nan))[order] for c in PRICE_COLUMNS
     }
     dates = stamps[order]
-    inside = _in_range(dates, start, end)
-    dates = dates[inside]
-    values = {c: v[inside] for c, v in values.items()}
 
     drops: list[tuple[int, str]] = []
     keep = np.ones(len(dates), dtype=bool)
