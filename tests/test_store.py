@@ -637,6 +637,30 @@ def test_stale_temp_files_are_ignored_by_readers_and_cleaned_by_the_next_write(t
     assert other.exists()
 
 
+def test_a_batch_of_writes_looks_for_stale_temp_files_once_per_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sensitivity.store as store_module
+
+    swept: list[Path] = []
+    sweep = store_module._remove_stale_temps
+
+    def counted(folder: Path) -> None:
+        swept.append(folder)
+        sweep(folder)
+
+    monkeypatch.setattr(store_module, "_remove_stale_temps", counted)
+    rs = ReportStore(tmp_path)
+    frame = pd.concat(
+        [sens_frame("^GSPC", t, 252, ["2024-01-02", "2024-01-03"]) for t in ("AAPL", "KO", "MSFT")],
+        ignore_index=True,
+    )
+    assert len(rs.write_sensitivity(frame)) == 3
+    assert swept == [rs.sensitivity_dir]  # each file's own look at the folder is skipped
+    write_bytes_atomic(tmp_path / "one.bin", b"x")
+    assert swept[-1] == tmp_path  # a single write still looks
+
+
 def test_write_bytes_atomic_replaces_whole_files(tmp_path: Path) -> None:
     path = tmp_path / "a" / "b.bin"
     write_bytes_atomic(path, b"one")

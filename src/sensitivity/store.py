@@ -369,10 +369,11 @@ class PreparedFile:
     part (encoding, fsync) before it takes the store's lock and hold the lock only for the
     check that nothing changed meanwhile and the rename.  A prepared file never committed
     is removed by :meth:`discard` (call it in a ``finally``), or, if its process dies, by
-    the next writer in the folder.  Errors are as in :func:`write_atomic`.
+    the next writer in the folder.  Errors are as in :func:`write_atomic`.  ``sweep=False``
+    skips that removal, for a batch writer that did it once for all its files.
     """
 
-    def __init__(self, path: str | Path, write: Callable[[IO[bytes]], None]) -> None:
+    def __init__(self, path: str | Path, write: Callable[[IO[bytes]], None], *, sweep: bool = True) -> None:
         self.target = Path(path)
         folder = self.target.parent
         try:
@@ -381,7 +382,8 @@ class PreparedFile:
             raise StoreError(
                 f"cannot create folder {folder} for {self.target.name}: {_describe_os_error(exc)}"
             ) from exc
-        _remove_stale_temps(folder)
+        if sweep:
+            _remove_stale_temps(folder)
         self._tmp: Path | None = folder / _temp_name(self.target.name)
         try:
             fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -442,12 +444,14 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return write_atomic(path, _write)
 
 
-def write_table_atomic(path: str | Path, table: pa.Table, *, sync_dir: bool = True) -> Path:
+def write_table_atomic(
+    path: str | Path, table: pa.Table, *, sync_dir: bool = True, sweep: bool = True
+) -> Path:
     """Write an Arrow ``table`` as zstd-compressed Parquet to ``path`` atomically."""
-    return prepare_table(path, table).commit(sync_dir=sync_dir)
+    return prepare_table(path, table, sweep=sweep).commit(sync_dir=sync_dir)
 
 
-def prepare_table(path: str | Path, table: pa.Table) -> PreparedFile:
+def prepare_table(path: str | Path, table: pa.Table, *, sweep: bool = True) -> PreparedFile:
     """:func:`write_table_atomic` up to the rename: the :class:`PreparedFile` to commit."""
 
     # Dictionary-encode the repetitive columns (symbols, sources, dates) but not the floats,
@@ -457,7 +461,7 @@ def prepare_table(path: str | Path, table: pa.Table) -> PreparedFile:
     def _write(fh: IO[bytes]) -> None:
         pq.write_table(table, fh, compression=COMPRESSION, use_dictionary=dictionary)
 
-    return PreparedFile(path, _write)
+    return PreparedFile(path, _write, sweep=sweep)
 
 
 def _io_workers(n: int) -> int:
@@ -472,8 +476,12 @@ def write_tables_atomic(plans: Sequence[tuple[Path, pa.Table]]) -> list[Path]:
     """
     if not plans:
         return []
+    for folder in sorted({path.parent for path, _ in plans}):
+        _remove_stale_temps(folder)  # once per folder, not once per file (each lists the folder)
     with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-write") as pool:
-        futures = [pool.submit(write_table_atomic, path, table, sync_dir=False) for path, table in plans]
+        futures = [
+            pool.submit(write_table_atomic, path, table, sync_dir=False, sweep=False) for path, table in plans
+        ]
         wait(futures)
     for folder in sorted({path.parent for path, _ in plans}):
         _sync_folder(folder, f"{len(plans)} file(s)")
