@@ -253,7 +253,7 @@ def summary_table(sensitivity: pd.DataFrame) -> pd.DataFrame:
         )
     as_of = _to_date(days.max())
     last = np.r_[combo_sorted[1:] != combo_sorted[:-1], True] & (combo_sorted >= 0)  # -1: a missing key
-    latest = (
+    latest: pd.DataFrame = (
         frame.iloc[order[last]]
         .sort_values(
             ["index_ticker", "window", "sensitivity", "ticker"],
