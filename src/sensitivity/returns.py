@@ -169,28 +169,41 @@ def aligned_returns(
         on = at >= 0
         raw_close[at[on], j] = frame["close"].to_numpy(dtype=np.float64)[on]
 
+    # Every [dates, stocks] array below is written in place where it can be: at universe
+    # scale each one is tens of MB, and fresh memory costs more than the arithmetic on it.
     traded = ~np.isnan(stock)  # the index trades on every one of `dates`
+    rows = np.arange(n_dates)[:, None]
     # Row of each stock's previous aligned date, strictly before the current row (-1: none).
-    rows = np.broadcast_to(np.arange(n_dates)[:, None], (n_dates, n_stocks))
-    last_at_or_before = np.maximum.accumulate(np.where(traded, rows, -1), axis=0)
-    prev = np.full((n_dates, n_stocks), -1, dtype=np.int64)
-    prev[1:] = last_at_or_before[:-1]
+    prev = np.where(traded, rows, -1)
+    np.maximum.accumulate(prev, axis=0, out=prev)  # the last aligned row at or before each row
+    prev[1:] = prev[:-1].copy()
+    prev[:1] = -1
     has_return = traded & (prev >= 0)
-    safe_prev = np.where(has_return, prev, 0)
-    cols = np.broadcast_to(np.arange(n_stocks)[None, :], (n_dates, n_stocks))
+    no_return = ~has_return
+    prev[no_return] = 0  # a valid row to gather from; the result is masked there
     idx = index_prices.to_numpy(dtype=np.float64)
 
     with np.errstate(invalid="ignore", divide="ignore"):
-        r_stock = np.where(has_return, stock / stock[safe_prev, cols] - 1.0, np.nan)
-        r_index = np.where(has_return, idx[:, None] / idx[safe_prev] - 1.0, np.nan)
-    close = np.where(traded, raw_close, np.nan)
-    prev_close = np.where(has_return, raw_close[safe_prev, cols], np.nan)
+        r_stock = np.take_along_axis(stock, prev, axis=0)
+        np.divide(stock, r_stock, out=r_stock)
+        r_stock -= 1.0
+        r_stock[no_return] = np.nan
+        r_index = idx[prev]
+        np.divide(idx[:, None], r_index, out=r_index)
+        r_index -= 1.0
+        r_index[no_return] = np.nan
+    prev_close = np.take_along_axis(raw_close, prev, axis=0)
+    prev_close[no_return] = np.nan
+    close = raw_close
+    close[~traded] = np.nan
+    span = np.subtract(rows, prev, dtype=np.float64)
+    span[no_return] = np.nan
 
     market = np.full(n_dates, np.nan)
     market[1:] = idx[1:] / idx[:-1] - 1.0
 
     def panel(values: np.ndarray) -> pd.DataFrame:
-        return pd.DataFrame(values[1:], index=calendar, columns=pd.Index(tickers))
+        return pd.DataFrame(values[1:], index=calendar, columns=pd.Index(tickers), copy=False)
 
     return AlignedReturns(
         calendar=calendar,
@@ -199,7 +212,7 @@ def aligned_returns(
         close=panel(close),
         prev_close=panel(prev_close),
         market_returns=pd.Series(market[1:], index=calendar, name=index_symbol),
-        span_days=panel(np.where(has_return, rows - safe_prev, np.nan).astype(np.float64)),
+        span_days=panel(span),
     )
 
 
