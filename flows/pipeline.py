@@ -504,7 +504,6 @@ def stock_sensitivity(
     fit, history = fit_sensitivity(cfg, ok)
     failures.update(fit["no_data"])
     paths = write_report(cfg, fit, fetches, failures, started_at, history)
-    del history
     summary = _summary_rows(cfg, fit)
     _publish(summary, fit, failures, paths)
     result = {"as_of": fit["as_of"], "rows": fit["rows"], "paths": paths, "failures": failures, **summary}

@@ -809,7 +809,7 @@ def frame_from_price_table(table: pa.Table, *, with_provenance: bool = False) ->
     if with_provenance:
         # Straight from the Arrow buffers (the schema's timestamp[us, UTC] and non-null
         # strings): a Python object per row cost more than the rest of the read.
-        micros = np.asarray(table.column("fetched_at").cast(pa.int64()).to_numpy(), dtype="datetime64[us]")
+        micros = np.asarray(table.column("fetched_at").to_numpy(), dtype="datetime64[us]")  # UTC; NaT: null
         data["fetched_at"] = pd.array(micros, dtype="datetime64[us]").tz_localize("UTC")
         data["source"] = pd.array(table.column("source"), dtype="str")
     return pd.DataFrame(data, index=index)
