@@ -443,7 +443,7 @@ def test_fetch_writes_the_merged_file_before_taking_the_store_lock(
     real = store_mod.PreparedFile
 
     class Probe(real):  # type: ignore[misc, valid-type]
-        def __init__(self, path: Any, write: Any) -> None:
+        def __init__(self, path: Any, write: Any, **options: Any) -> None:
             def probed(fh: Any) -> None:
                 def other_writer() -> None:
                     try:
@@ -457,7 +457,7 @@ def test_fetch_writes_the_merged_file_before_taking_the_store_lock(
                 t.join()
                 write(fh)
 
-            super().__init__(path, probed)
+            super().__init__(path, probed, **options)
 
     monkeypatch.setattr(store_mod, "PreparedFile", Probe)
     fetch_symbol(cfg, "ACME", source=FilesSource(csv))

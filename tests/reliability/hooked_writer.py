@@ -29,9 +29,9 @@ def _hook(pattern: str) -> None:
     real = store.PreparedFile
 
     class Hooked(real):  # type: ignore[misc, valid-type]
-        def __init__(self, path: Any, write: Any) -> None:
+        def __init__(self, path: Any, write: Any, **options: Any) -> None:
             if not fnmatch.fnmatch(Path(path).name, pattern):
-                super().__init__(path, write)
+                super().__init__(path, write, **options)
                 return
 
             def half(fh: IO[bytes]) -> None:
@@ -44,7 +44,7 @@ def _hook(pattern: str) -> None:
                 print(f"MIDWRITE {path}", flush=True)
                 time.sleep(300)
 
-            super().__init__(path, half)
+            super().__init__(path, half, **options)
 
     store.PreparedFile = Hooked  # type: ignore[misc]
 

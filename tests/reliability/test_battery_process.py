@@ -128,16 +128,16 @@ def _failing_write(monkeypatch: pytest.MonkeyPatch, pattern: str, error: OSError
     real = store_mod.PreparedFile
 
     class Hooked(real):  # type: ignore[misc, valid-type]
-        def __init__(self, path: Any, write: Callable[[IO[bytes]], None]) -> None:
+        def __init__(self, path: Any, write: Callable[[IO[bytes]], None], **options: Any) -> None:
             if not fnmatch.fnmatch(Path(path).name, pattern):
-                super().__init__(path, write)
+                super().__init__(path, write, **options)
                 return
 
             def broken(fh: IO[bytes]) -> None:
                 fh.write(b"PAR1 the first bytes")
                 raise error
 
-            super().__init__(path, broken)
+            super().__init__(path, broken, **options)
 
     monkeypatch.setattr(store_mod, "PreparedFile", Hooked)
 
