@@ -181,12 +181,12 @@ def fetch_options(config: Config) -> dict[str, Any]:
 
 
 @task(name="fit-sensitivity", cache_policy=NO_CACHE, persist_result=False)
-def fit_sensitivity(config: Config, tickers: list[str]) -> tuple[dict[str, Any], pd.DataFrame]:
+def fit_sensitivity(config: Config, tickers: list[str]) -> tuple[dict[str, Any], pd.DataFrame | None]:
     """One batched fit of every ticker; writes the sensitivity and summary tables.
 
     Returns the outcome and the per-day rows written, in the report's columns, which the
     report task draws from instead of reading them back (never persisted: they stay in the
-    flow's memory).
+    flow's memory); None above ``pipeline.HANDOVER_MAX_BYTES``.
     """
     fitted = fit_universe_with_history(config, tickers)
     return fitted.outcome.to_dict(), fitted.history

@@ -154,3 +154,26 @@ def test_the_fits_rows_are_what_the_report_would_read_back(source: Path, tmp_pat
     manifest = build_manifest(cfg, fitted.outcome, [], {}, started_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     page = render_report(history, summary, manifest, scenarios=scenarios, workers=0)
     assert page == render_report(stored, summary, manifest, scenarios=scenarios, workers=0)
+
+
+def test_a_history_too_large_to_copy_is_read_back_by_the_report(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Above HANDOVER_MAX_BYTES the fit keeps no copy of its rows (it would hold the table one
+    and a half times) and the report reads them back from the files instead."""
+    import sensitivity.pipeline as pipeline
+
+    cfg = config(source, tmp_path)
+    for symbol in cfg.fetch_symbols:
+        fetch_symbol(cfg, symbol)
+    kept = fit_universe_with_history(cfg, ["KO", "JPM"])
+    assert kept.history is not None
+    size = len(kept.history) * len(SENSITIVITY_COLUMNS) * 8
+    monkeypatch.setattr(pipeline, "HANDOVER_MAX_BYTES", size - 1)
+    fitted = fit_universe_with_history(cfg, ["KO", "JPM"])
+    assert fitted.history is None
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    paths = pipeline.write_run_report(cfg, fitted.outcome, [], {}, started_at=started, history=None)
+    assert Path(paths["report"]).read_text(encoding="utf-8").count('data-chart="sensitivity"') == 2
+    monkeypatch.setattr(pipeline, "HANDOVER_MAX_BYTES", size)
+    assert fit_universe_with_history(cfg, ["KO", "JPM"]).history is not None  # the bound is inclusive

@@ -509,11 +509,20 @@ class FittedUniverse:
 
     ``history`` holds the rows written to ``reports/sensitivity/`` in the columns the report
     draws from (:data:`sensitivity.report.SENSITIVITY_COLUMNS`), ``date`` as timestamps: what
-    :func:`write_run_report` would otherwise read back from the store.
+    :func:`write_run_report` would otherwise read back from the store; None when they are
+    more than :data:`HANDOVER_MAX_BYTES` (the report then reads them back).
     """
 
     outcome: FitOutcome
-    history: pd.DataFrame
+    history: pd.DataFrame | None
+
+
+#: The largest copy of the per-day rows (the report's columns, float64) that
+#: :func:`fit_universe_with_history` keeps.  The copy is made while the whole table is still
+#: in memory, so beyond this the fit would hold about one and a half tables at once (about
+#: 11 GB at 3,000 tickers x 30 years, against 7 GB for the table); the report then reads
+#: the rows back from the files instead, as it did before the handover.
+HANDOVER_MAX_BYTES: int = 1 << 30
 
 
 def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:
@@ -536,11 +545,14 @@ def fit_universe_with_history(config: Config, tickers: Sequence[str]) -> FittedU
     The report of the same run then draws from these rows instead of reading the
     ``reports/sensitivity/`` files back (at 500 tickers x 20 years the read took 3 to 4 s), and
     it shows exactly what this run computed even if another run rewrote a file meanwhile.
-    The rows are a copy of half the table's columns (about 0.4 GB at that size).
+    The rows are a copy of half the table's columns (about 0.4 GB at that size), kept only up
+    to :data:`HANDOVER_MAX_BYTES`; above, ``history`` is None.
     """
     from sensitivity.report import SENSITIVITY_COLUMNS
 
     outcome, table = _fit_universe(config, tickers)
+    if len(table) * len(SENSITIVITY_COLUMNS) * 8 > HANDOVER_MAX_BYTES:
+        return FittedUniverse(outcome, None)
     return FittedUniverse(outcome, table[list(SENSITIVITY_COLUMNS)])
 
 
@@ -777,6 +789,7 @@ def _iso(value: object) -> str | None:
 
 
 __all__ = [
+    "HANDOVER_MAX_BYTES",
     "FetchOutcome",
     "FetchPlan",
     "FitOutcome",
