@@ -130,10 +130,10 @@ def fetch_price_batch(
     retried: a missing file or bad data stays so on a second read.
     """
     logger = get_run_logger()
-    level = logging.getLogger("sensitivity").getEffectiveLevel()
     if workers is None:
         results = fetch_batch(config, symbols)
     else:
+        level = logging.getLogger("sensitivity").getEffectiveLevel()
         results, records = workers.call(_fetch_batch_here, config, symbols, level)
         replay_records(records)
     for entry in results:

@@ -476,14 +476,15 @@ def write_tables_atomic(plans: Sequence[tuple[Path, pa.Table]]) -> list[Path]:
     """
     if not plans:
         return []
-    for folder in sorted({path.parent for path, _ in plans}):
+    folders = sorted({path.parent for path, _ in plans})
+    for folder in folders:
         _remove_stale_temps(folder)  # once per folder, not once per file (each lists the folder)
     with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-write") as pool:
         futures = [
             pool.submit(write_table_atomic, path, table, sync_dir=False, sweep=False) for path, table in plans
         ]
         wait(futures)
-    for folder in sorted({path.parent for path, _ in plans}):
+    for folder in folders:
         _sync_folder(folder, f"{len(plans)} file(s)")
     return [f.result() for f in futures]
 
