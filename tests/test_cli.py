@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from sensitivity.cli import app
+from sensitivity.cli import CONSOLE_ALL_UP_TO, CONSOLE_ENDS, app, console_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_CONFIG = str(ROOT / "config" / "sample.toml")
@@ -173,3 +173,43 @@ def test_a_failed_early_start_is_left_to_the_flow_run(monkeypatch: pytest.Monkey
     with cli_module._temporary_server_started_early():
         ran = True
     assert ran  # no exception: the flow run starts (and reports) the server itself
+
+
+def _rows(values: list[float | None]) -> list[dict[str, object]]:
+    return [{"ticker": f"T{i:03d}", "sensitivity": v} for i, v in enumerate(values)]
+
+
+def test_the_console_table_shows_every_ticker_of_a_small_universe_highest_first() -> None:
+    values = [0.5, None, 0.0, -0.3, 1.2]  # 0.0 is a value, not a missing one
+    shown, caption = console_rows(_rows(values))
+    assert caption is None
+    assert [r["sensitivity"] for r in shown if r is not None] == [1.2, 0.5, 0.0, -0.3, None]
+    shown, caption = console_rows(_rows([float(i) for i in range(CONSOLE_ALL_UP_TO)]))
+    assert caption is None
+    assert len(shown) == CONSOLE_ALL_UP_TO
+    assert None not in shown
+
+
+def test_the_console_table_of_a_large_universe_is_short_and_says_what_it_left_out() -> None:
+    values: list[float | None] = [float(i) for i in range(497)] + [None] * 7
+    shown, caption = console_rows(_rows(values))
+    assert len(shown) == 2 * CONSOLE_ENDS + 1
+    assert shown[CONSOLE_ENDS] is None  # the gap between the highest and the lowest
+    top = [r["sensitivity"] for r in shown[:CONSOLE_ENDS]]
+    bottom = [r["sensitivity"] for r in shown[CONSOLE_ENDS + 1 :]]
+    assert top == [496.0 - i for i in range(CONSOLE_ENDS)]
+    assert bottom == [float(CONSOLE_ENDS - 1 - i) for i in range(CONSOLE_ENDS)]
+    assert caption == (
+        f"504 tickers; shown: the {CONSOLE_ENDS} highest and the {CONSOLE_ENDS} lowest sensitivities "
+        f"({497 - 2 * CONSOLE_ENDS} in between left out); 7 without a sensitivity: "
+        "T497, T498, T499, T500, T501 and 2 more. Every ticker is in the summary table and the report."
+    )
+
+
+def test_the_console_table_keeps_every_value_when_most_tickers_have_none() -> None:
+    values: list[float | None] = [1.0, 2.0, 3.0] + [None] * 30
+    shown, caption = console_rows(_rows(values))
+    assert [r["sensitivity"] for r in shown if r is not None] == [3.0, 2.0, 1.0]
+    assert None not in shown
+    assert caption is not None
+    assert caption.startswith("33 tickers; shown: every one with a sensitivity; 30 without")

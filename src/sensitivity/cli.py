@@ -166,9 +166,49 @@ class _RichReporter:
             self.bar.update(self.task, description="report written")
 
 
+#: Rows of the console's summary table are all shown up to this many tickers; beyond, the
+#: highest and lowest :data:`CONSOLE_ENDS` each (the summary table and the report hold all).
+CONSOLE_ALL_UP_TO = 25
+CONSOLE_ENDS = 10
+
+
+def console_rows(rows: list[dict[str, Any]]) -> tuple[list[dict[str, Any] | None], str | None]:
+    """The rows the console shows, highest sensitivity first (``None``: the gap), and a caption.
+
+    Up to :data:`CONSOLE_ALL_UP_TO` tickers, all of them and no caption.  Beyond, the
+    :data:`CONSOLE_ENDS` highest and lowest sensitivities with a gap between, and a caption
+    saying how many are left out and naming (up to five) the tickers without a value.
+    """
+    fitted = sorted((r for r in rows if r.get("sensitivity") is not None), key=lambda r: -r["sensitivity"])
+    unfitted = [r for r in rows if r.get("sensitivity") is None]
+    if len(rows) <= CONSOLE_ALL_UP_TO:
+        return [*fitted, *unfitted], None
+    if len(fitted) > 2 * CONSOLE_ENDS:
+        shown: list[dict[str, Any] | None] = [*fitted[:CONSOLE_ENDS], None, *fitted[-CONSOLE_ENDS:]]
+        left_out = len(fitted) - 2 * CONSOLE_ENDS
+    else:
+        shown, left_out = list(fitted), 0
+    caption = f"{len(rows)} tickers; shown: every one with a sensitivity"
+    if left_out:
+        caption = (
+            f"{len(rows)} tickers; shown: the {CONSOLE_ENDS} highest and the {CONSOLE_ENDS} lowest "
+            f"sensitivities ({left_out} in between left out)"
+        )
+    if unfitted:
+        names = ", ".join(str(r["ticker"]) for r in unfitted[:5])
+        more = f" and {len(unfitted) - 5} more" if len(unfitted) > 5 else ""
+        caption += f"; {len(unfitted)} without a sensitivity: {names}{more}"
+    return shown, caption + ". Every ticker is in the summary table and the report."
+
+
 def _print_result(result: dict[str, Any]) -> None:
-    rows = sorted(result.get("rows", []), key=lambda r: -(r.get("sensitivity") or float("-inf")))
-    table = Table(title=f"Sensitivity as of {result.get('as_of')}", title_justify="left")
+    rows, caption = console_rows(list(result.get("rows", [])))
+    table = Table(
+        title=f"Sensitivity as of {result.get('as_of')}",
+        title_justify="left",
+        caption=caption,
+        caption_justify="left",
+    )
     for col in ("ticker", "date", "sensitivity", "± se", "beta", "gamma", "linear beta", "r2", "$ per +1%"):
         table.add_column(col, justify="left" if col in ("ticker", "date") else "right")
 
@@ -176,6 +216,9 @@ def _print_result(result: dict[str, Any]) -> None:
         return "—" if v is None else format(v, spec)
 
     for r in rows:
+        if r is None:
+            table.add_row("…", *[""] * 8)
+            continue
         table.add_row(
             r["ticker"],
             r["date"],
