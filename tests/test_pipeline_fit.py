@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from sensitivity.config import Config, load_config
 from sensitivity.errors import ModelFitError
@@ -177,3 +178,63 @@ def test_a_history_too_large_to_copy_is_read_back_by_the_report(
     assert Path(paths["report"]).read_text(encoding="utf-8").count('data-chart="sensitivity"') == 2
     monkeypatch.setattr(pipeline, "HANDOVER_MAX_BYTES", size)
     assert fit_universe_with_history(cfg, ["KO", "JPM"]).history is not None  # the bound is inclusive
+
+
+# The scale each float column of the per-day table is compared on (see the CUDA test below):
+# a coefficient or sensitivity against max(|value|, its standard error), a covariance entry
+# against the product of the two standard errors, the AIC difference against the AICs, the
+# t statistic against max(|t|, 1) (its own standard error is 1); any other column against
+# |value|.  Inputs the device never touches must be equal.
+_SE_OF = {
+    **{c: f"{c}_se" for c in ("alpha", "beta", "gamma", "huber_alpha", "huber_beta", "huber_gamma")},
+    **{c: "sensitivity_se" for c in ("sensitivity", "sensitivity_ci_lower", "sensitivity_ci_upper")},
+    "huber_sensitivity": "huber_sensitivity_se",
+}
+_UNTOUCHED = ("index_return", "stock_return", "close", "prev_close", "risk_free_return")
+
+
+def _column_scale(table: pd.DataFrame, column: str) -> np.ndarray:
+    value = table[column].abs().to_numpy()
+    if column in _SE_OF:
+        return np.fmax(value, table[_SE_OF[column]].to_numpy())
+    if column.startswith(("cov_", "huber_cov_")):
+        prefix, pair = column.rsplit("cov_", 1)
+        a, b = pair.split("_")
+        return table[f"{prefix}{a}_se"].to_numpy() * table[f"{prefix}{b}_se"].to_numpy()
+    if column == "delta_aic":
+        return np.fmax(table["aic_linear"].abs().to_numpy(), table["aic_quadratic"].abs().to_numpy())
+    if column == "gamma_t":
+        return np.fmax(value, 1.0)
+    if column == "dollar_sensitivity":  # sensitivity x price: its error in the same units
+        return np.fmax(value, (table["sensitivity_se"] * table["close"]).abs().to_numpy())
+    return value
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize(
+    "model",
+    [{}, {"risk_free_symbol": "^IRX", "se": "hac", "fit": "huber"}, {"se": "hc1"}],
+    ids=["defaults", "excess-hac-huber", "hc1"],
+)
+def test_the_pipeline_on_cuda_equals_the_cpu_within_1e9(source: Path, tmp_path: Path, model: dict) -> None:
+    tables = {}
+    for device in ("cuda", "cpu"):
+        cfg = config(source, tmp_path / device, **model)
+        raw = cfg.to_dict()
+        raw["runtime"]["device"] = device
+        run(Config.model_validate(raw))
+        tables[device] = ReportStore(tmp_path / device).read_sensitivity()
+    gpu, cpu = tables["cuda"], tables["cpu"]
+    assert len(cpu) > 500
+    pd.testing.assert_frame_equal(
+        gpu.select_dtypes(exclude="float64"), cpu.select_dtypes(exclude="float64")
+    )  # keys, n_obs, se_type
+    for column in cpu.columns[cpu.dtypes == "float64"]:
+        got, want = gpu[column].to_numpy(), cpu[column].to_numpy()
+        assert np.array_equal(np.isnan(got), np.isnan(want)), f"{column}: NaN pattern differs"
+        if column in _UNTOUCHED:
+            np.testing.assert_array_equal(got, want, err_msg=column)
+            continue
+        ok = ~np.isnan(want)
+        err = np.abs(got[ok] - want[ok]) / _column_scale(cpu, column)[ok]
+        assert err.max(initial=0.0) <= 1e-9, f"{column}: max scaled difference {err.max():.2e}"
