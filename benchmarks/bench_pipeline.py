@@ -25,8 +25,10 @@ machine where Prefect never ran.  Nothing here touches the network.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import json
+import math
 import os
 import platform
 import shutil
@@ -46,12 +48,20 @@ INDEX = "^SYN"
 
 @dataclass(frozen=True)
 class RunResult:
-    """One ``sensitivity run``: wall seconds, peak RSS (bytes) and its exit status."""
+    """One ``sensitivity run``: wall seconds, peak RSS (bytes), its exit status, and CPU seconds.
+
+    ``cpu_seconds``: user + system time of the run's process tree (``wait4``: the process
+    and the worker processes it waited for); ``server_cpu_seconds``: what the Prefect server
+    spent meanwhile (NaN without a server or without psutil).  On a shared VM whose speed
+    varies from hour to hour, CPU seconds move less than wall seconds.
+    """
 
     seconds: float
     peak_rss: int
     returncode: int
     output: str
+    cpu_seconds: float = float("nan")
+    server_cpu_seconds: float = float("nan")
 
 
 def synthetic_prices(symbols: int, days: int, seed: int = 7) -> tuple[pd.DatetimeIndex, np.ndarray]:
@@ -158,21 +168,52 @@ data_dir = "{data_dir}"
     )
 
 
-def run_cli(args: list[str], env: dict[str, str], log: Path) -> RunResult:
-    """Run ``sensitivity <args>`` in a subprocess: wall time and the peak RSS of its process tree.
+def run_cli(
+    args: list[str], env: dict[str, str], log: Path, server: subprocess.Popen[bytes] | None = None
+) -> RunResult:
+    """Run ``sensitivity <args>`` in a subprocess: wall time, the peak RSS and CPU time of its
+    process tree, and the CPU time ``server`` (a running Prefect server) spent meanwhile.
 
-    The peak comes from ``wait4``: the largest ``ru_maxrss`` of the process and of the
-    descendants it waited for.
+    The peak and the CPU time come from ``wait4``: the largest ``ru_maxrss`` of the process
+    and of the descendants it waited for, and the sum of their user and system time.
     """
     exe = Path(sys.executable).parent / "sensitivity"
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-c", "from sensitivity.cli import main; main()"]
+    server_before = server_cpu(server)
     with log.open("w") as fh:
         start = time.perf_counter()
         proc = subprocess.Popen([*cmd, *args], cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
         _, status, usage = os.wait4(proc.pid, 0)
         seconds = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)
-    return RunResult(seconds, usage.ru_maxrss * 1024, proc.returncode, log.read_text())
+    return RunResult(
+        seconds,
+        usage.ru_maxrss * 1024,
+        proc.returncode,
+        log.read_text(),
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        server_cpu_seconds=server_cpu(server) - server_before,
+    )
+
+
+def server_cpu(server: subprocess.Popen[bytes] | None) -> float:
+    """User + system seconds of ``server`` and its descendants so far (NaN if unknown)."""
+    if server is None:
+        return float("nan")
+    try:
+        import psutil
+    except ImportError:  # not a dependency of the project: then the column says "-"
+        return float("nan")
+    try:
+        root = psutil.Process(server.pid)
+        total = 0.0
+        for proc in (root, *root.children(recursive=True)):
+            with contextlib.suppress(psutil.Error):
+                times = proc.cpu_times()
+                total += times.user + times.system
+        return total
+    except psutil.Error:
+        return float("nan")
 
 
 def create_prefect_database(env: dict[str, str], log: Path) -> float:
@@ -313,7 +354,10 @@ def main() -> None:
         print("# Prefect's database: created by the backfill (--fresh-prefect)")
 
     first = run_cli(
-        ["run", "--config", str(cfg), "--end", dates[-2].strftime("%Y-%m-%d")], env, work / "backfill.log"
+        ["run", "--config", str(cfg), "--end", dates[-2].strftime("%Y-%m-%d")],
+        env,
+        work / "backfill.log",
+        server,
     )
     if first.returncode != 0:
         print(first.output[-4000:])
@@ -322,7 +366,10 @@ def main() -> None:
 
     append_day(source, names, dates[-1], args.format)
     second = run_cli(
-        ["run", "--config", str(cfg), "--end", dates[-1].strftime("%Y-%m-%d")], env, work / "incremental.log"
+        ["run", "--config", str(cfg), "--end", dates[-1].strftime("%Y-%m-%d")],
+        env,
+        work / "incremental.log",
+        server,
     )
     if second.returncode != 0:
         print(second.output[-4000:])
@@ -332,13 +379,20 @@ def main() -> None:
         server.terminate()
         server.wait(timeout=30)
 
-    print(f"\n| {'run':<34} | {'wall s':>8} | {'peak RSS MB':>11} | {'rows in sensitivity/':>20} |")
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 13}|{'-' * 22}|")
+    print(
+        f"\n| {'run':<34} | {'wall s':>8} | {'CPU s':>7} | {'server CPU s':>12} | {'peak RSS MB':>11} "
+        f"| {'rows in sensitivity/':>20} |"
+    )
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|{'-' * 14}|{'-' * 13}|{'-' * 22}|")
     for label, res, rows in (
         ("full backfill", first, rows_full),
         ("next day (incremental)", second, rows_inc),
     ):
-        print(f"| {label:<34} | {res.seconds:8.1f} | {res.peak_rss / 2**20:11.0f} | {rows:>20,} |")
+        server_s = "-" if math.isnan(res.server_cpu_seconds) else f"{res.server_cpu_seconds:.1f}"
+        print(
+            f"| {label:<34} | {res.seconds:8.1f} | {res.cpu_seconds:7.1f} | {server_s:>12} "
+            f"| {res.peak_rss / 2**20:11.0f} | {rows:>20,} |"
+        )
     steps = step_times(work / "prefect-home")
     if len(steps) >= 2:
         print(f"\n| {'steps (task runs, s)':<34} | {'fetch':>8} | {'fit':>8} | {'report':>8} | {'rest':>8} |")
@@ -350,6 +404,11 @@ def main() -> None:
             print(f"| {label:<34} | {fetch:8.1f} | {fit:8.1f} | {report:8.1f} | {rest:8.1f} |")
         print("rest: Python and Prefect start-up (imports, the API server unless one runs), exit.")
     print("\npeak RSS: the largest process of each run (wait4's ru_maxrss of the run's process tree).")
+    print(
+        "CPU s: user + system seconds of the run's process tree (its fetch and report workers "
+        "included); server CPU s: the Prefect server's meanwhile. Two cores: a run cannot take "
+        "less wall time than half of the two together."
+    )
     print(f"files in sensitivity/: {files_full} after the backfill, {files_inc} after the next day")
     print(f"load average now: {os.getloadavg()[0]:.2f}")
     if args.json:
@@ -361,6 +420,14 @@ def main() -> None:
                     "format": args.format,
                     "backfill_s": first.seconds,
                     "incremental_s": second.seconds,
+                    "backfill_cpu_s": first.cpu_seconds,
+                    "incremental_cpu_s": second.cpu_seconds,
+                    "backfill_server_cpu_s": None
+                    if math.isnan(first.server_cpu_seconds)
+                    else first.server_cpu_seconds,
+                    "incremental_server_cpu_s": None
+                    if math.isnan(second.server_cpu_seconds)
+                    else second.server_cpu_seconds,
                     "peak_rss_bytes": second.peak_rss,
                     "backfill_peak_rss_bytes": first.peak_rss,
                     "rows": rows_inc,
