@@ -205,8 +205,8 @@ def _column_scale(table: pd.DataFrame, column: str) -> np.ndarray:
         return np.fmax(table["aic_linear"].abs().to_numpy(), table["aic_quadratic"].abs().to_numpy())
     if column == "gamma_t":
         return np.fmax(value, 1.0)
-    if column == "dollar_sensitivity":  # sensitivity x price: its error in the same units
-        return np.fmax(value, (table["sensitivity_se"] * table["close"]).abs().to_numpy())
+    if column == "dollar_sensitivity":  # 0.01 x sensitivity x prev_close: its se in the same units
+        return np.fmax(value, (0.01 * table["sensitivity_se"] * table["prev_close"]).abs().to_numpy())
     return value
 
 
