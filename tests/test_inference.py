@@ -132,7 +132,8 @@ def sample_panel(tickers: tuple[str, ...], start: str, end: str, drop_seed: int 
     aligned = aligned_returns(index, frames)
     x = aligned.index_returns.to_numpy(dtype=np.float64)
     y = aligned.stock_returns.to_numpy(dtype=np.float64)
-    return np.ascontiguousarray(x), np.ascontiguousarray(y)
+    # Copies: pandas hands out read-only views, which torch.from_numpy warns about.
+    return np.array(x, order="C"), np.array(y, order="C")
 
 
 needs_sample = pytest.mark.skipif(
