@@ -213,3 +213,39 @@ def test_the_console_table_keeps_every_value_when_most_tickers_have_none() -> No
     assert None not in shown
     assert caption is not None
     assert caption.startswith("33 tickers; shown: every one with a sensitivity; 30 without")
+
+
+def test_the_printed_table_of_a_large_universe_has_the_gap_row_and_the_caption(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import io
+
+    from rich.console import Console
+
+    from sensitivity import cli as cli_module
+
+    buffer = io.StringIO()
+    monkeypatch.setattr(cli_module, "out", Console(file=buffer, width=200, highlight=False))
+    rows = [
+        {
+            "ticker": f"T{i:03d}",
+            "date": "2024-12-31",
+            "sensitivity": float(i),
+            "sensitivity_se": 0.1,
+            "beta": 1.0,
+            "gamma": 0.5,
+            "linear_beta": 1.0,
+            "r2": 0.5,
+            "dollar_sensitivity": 1.0,
+        }
+        for i in range(30)
+    ]
+    cli_module._print_result({"rows": rows, "as_of": "2024-12-31", "paths": {"summary": "/x/summary"}})
+    text = buffer.getvalue()
+    printed = [t for t in (f"T{i:03d}" for i in range(30)) if t in text]
+    assert printed == [f"T{i:03d}" for i in (*range(CONSOLE_ENDS), *range(30 - CONSOLE_ENDS, 30))]
+    assert "│ …" in text
+    assert (
+        "30 tickers; shown: the 10 highest and the 10 lowest sensitivities (10 in between left out)" in text
+    )
+    assert "summary: /x/summary" in text
