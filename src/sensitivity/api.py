@@ -82,8 +82,9 @@ ArrayLike = np.ndarray[Any, Any] | Tensor
 #: tickers x 5,000 days, groups of 2^20 cells instead of 2^22 took 0.4 GB off the peak and
 #: 0.8 to 1.5 s of page faults off 4 to 5 s (fresh memory is expensive on a virtual machine).
 _GROUP_CELLS: int = 1 << 20
-#: The same bound on an accelerator (CUDA), where fewer, larger groups keep the device busy;
-#: the size used there before the CPU's groups were made smaller (not measured since: no GPU).
+#: The same bound on an accelerator (CUDA), where fewer, larger groups keep the device busy:
+#: the size the H100 run of benchmarks/README.md ("GPU") used; the CPU's smaller groups were
+#: not compared there.
 _DEVICE_GROUP_CELLS: int = 1 << 22
 
 

@@ -444,11 +444,9 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return write_atomic(path, _write)
 
 
-def write_table_atomic(
-    path: str | Path, table: pa.Table, *, sync_dir: bool = True, sweep: bool = True
-) -> Path:
+def write_table_atomic(path: str | Path, table: pa.Table, *, sync_dir: bool = True) -> Path:
     """Write an Arrow ``table`` as zstd-compressed Parquet to ``path`` atomically."""
-    return prepare_table(path, table, sweep=sweep).commit(sync_dir=sync_dir)
+    return prepare_table(path, table).commit(sync_dir=sync_dir)
 
 
 def prepare_table(path: str | Path, table: pa.Table, *, sweep: bool = True) -> PreparedFile:
@@ -479,10 +477,12 @@ def write_tables_atomic(plans: Sequence[tuple[Path, pa.Table]]) -> list[Path]:
     folders = sorted({path.parent for path, _ in plans})
     for folder in folders:
         _remove_stale_temps(folder)  # once per folder, not once per file (each lists the folder)
+
+    def write_one(path: Path, table: pa.Table) -> Path:
+        return prepare_table(path, table, sweep=False).commit(sync_dir=False)
+
     with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-write") as pool:
-        futures = [
-            pool.submit(write_table_atomic, path, table, sync_dir=False, sweep=False) for path, table in plans
-        ]
+        futures = [pool.submit(write_one, path, table) for path, table in plans]
         wait(futures)
     for folder in folders:
         _sync_folder(folder, f"{len(plans)} file(s)")
