@@ -21,6 +21,7 @@ coefficients under normal errors; with a robust covariance it is the standard no
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -158,7 +159,7 @@ def daily_sensitivity(
         # row without a pass over the panel (a full-sample fit's largest dof is looked up).
         # Indexed by dof; NaN at 0, which stands for a missing fit.
         top = fit.window - 3 if fit.window > 0 else int(dof.nan_to_num(0.0).max().item())
-        quantiles = _t_quantile_table(crit, torch.arange(max(top, 0) + 1, device=device))
+        quantiles = _t_quantiles_upto(crit, max(top, 0), device)
     z = NormalDist().inv_cdf(crit)
     # Ticker chunks as the fit cuts them (about CHUNK_CELLS cells on the CPU, side by side on
     # its single-threaded workers; large ones on an accelerator): each cell's arithmetic is the
@@ -260,6 +261,17 @@ def student_t_quantile(p: float, dof: Tensor) -> Tensor:
 def _t_quantile_of_integers(p: float, idx: Tensor) -> Tensor:
     """:func:`student_t_quantile` for an int64 tensor of dof (0 stands for missing: NaN)."""
     return _t_quantile_table(p, idx)[idx]
+
+
+@functools.lru_cache(maxsize=32)
+def _t_quantiles_upto(p: float, top: int, device: torch.device) -> Tensor:
+    """The quantile ``t_p`` of every dof from 0 to ``top``, indexed by dof (NaN at 0).
+
+    Cached: a universe is fitted in many ticker groups, each asking for the same table (a few
+    milliseconds of Newton steps each time).  Callers only read it.
+    """
+    with torch.inference_mode(False), torch.no_grad():
+        return _t_quantile_table(p, torch.arange(top + 1, device=device))
 
 
 def _t_quantile_table(p: float, idx: Tensor) -> Tensor:
