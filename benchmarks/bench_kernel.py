@@ -18,7 +18,8 @@ about 2% random gaps, and every tenth stock listed late.  Within that process, s
   one file per ticker).  ``quadratic_sensitivity`` uses groups of 2^20 cells, since each of
   its groups also holds the per-day table's forty planes and two more fits; the kernel alone
   is faster in the larger groups (2.8-2.9 s against 3.5 s at 3,000 x 7,500).  Best and
-  median of ``--repeat`` runs after one warm-up.
+  median of ``--repeat`` runs after one warm-up, taking turns with the floor's runs (below)
+  so that the two are compared at the same moments.
 * **floor** -- one pass that reads the x and y panels and writes the cumulative sums of the
   nine moment arrays ``1, x, x^2, x^3, x^4, y, xy, x^2 y, y^2`` (what every cumulative-sum
   method needs at least), in cache-sized chunks on all threads, into a reused buffer.  Also
@@ -234,6 +235,24 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def alternating(fns: Sequence[Callable[[], Any]], repeat: int) -> list[tuple[float, float, float]]:
+    """Run ``fns`` in turn, ``repeat`` rounds after one warm-up round: per function (best,
+    median) wall seconds and the process CPU seconds of its best run.  Each result is let go
+    before the next call."""
+    for fn in fns:
+        fn()
+    walls: list[list[float]] = [[] for _ in fns]
+    cpus: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeat):
+        for k, fn in enumerate(fns):
+            cpu = time.process_time()
+            start = time.perf_counter()
+            fn()
+            walls[k].append(time.perf_counter() - start)
+            cpus[k].append(time.process_time() - cpu)
+    return [(min(w), statistics.median(w), c[w.index(min(w))]) for w, c in zip(walls, cpus, strict=True)]
+
+
 def measure(tickers: int, days: int, args: argparse.Namespace) -> dict[str, Any]:
     """Everything for one size, in this process; returns a JSON-friendly dict."""
     if args.threads:
@@ -248,16 +267,19 @@ def measure(tickers: int, days: int, args: argparse.Namespace) -> dict[str, Any]
     x_nt = x.T  # [N, T] views
     y_nt = y.T
 
-    # The floor first (small memory), then the kernel (its peak is read right after).
-    out["floor_best"], out["floor_median"], _ = timed(lambda: floor_pass(x_nt, y_nt), args.repeat)
     out["cumsum_best"], out["cumsum_median"] = cumsum_pass(y_nt, args.repeat)
     fresh_best, _, _ = timed(lambda: torch.cumsum(y_nt, -1), args.repeat)
     out["cumsum_fresh_best"] = fresh_best
-    best, median, (fit, _) = timed(lambda: kernel(x, y, w, m), args.repeat)
+    # The floor and the kernel take turns, so that their ratio compares runs made moments
+    # apart: this VM's speed drifts by tens of percent within minutes.  The kernel's peak
+    # memory is read right after.
+    (floor_best, floor_median, _), (best, median, kernel_cpu) = alternating(
+        [lambda: floor_pass(x_nt, y_nt), lambda: kernel(x, y, w, m)], args.repeat
+    )
+    out["floor_best"], out["floor_median"] = floor_best, floor_median
     out["kernel_best"], out["kernel_median"] = best, median
-    out["kernel_cpu"] = min(LAST_CPU)
+    out["kernel_cpu"] = kernel_cpu
     out["rss_kernel_mb"] = peak_rss_mb()
-    del fit
     out["fit_best"], out["fit_median"], _ = timed(lambda: fit_only(x, y, w, m), args.repeat)
 
     # statsmodels RollingOLS and the lstsq loop on samples of tickers, extrapolated.
