@@ -168,6 +168,29 @@ def test_daily_sensitivity_in_chunks_on_threads_equals_each_ticker_alone():
         )
 
 
+def test_daily_sensitivity_reuses_a_quantile_table_that_nobody_alters(fitted):
+    """The t-quantile table is cached per (level, window): every call reads the one the first
+    call built, so no call may change it, and calls with another level use their own."""
+    from sensitivity.sensitivity import _t_quantile_table, _t_quantiles_upto
+
+    x, _, fit, first = fitted
+    xt = torch.from_numpy(x)
+    again = daily_sensitivity(fit, xt)
+    other = daily_sensitivity(fit, xt, level=0.9)
+    third = daily_sensitivity(fit, xt)
+    for res in (again, third):
+        for name in ("sensitivity_se", "sensitivity_ci_lower", "sensitivity_ci_upper"):
+            assert torch.equal(getattr(res, name).nan_to_num(7.0), getattr(first, name).nan_to_num(7.0))
+    assert not torch.equal(
+        other.sensitivity_ci_upper.nan_to_num(7.0), first.sensitivity_ci_upper.nan_to_num(7.0)
+    )
+    top = fit.window - 3
+    cached = _t_quantiles_upto(0.975, top, torch.device("cpu"))
+    assert cached is _t_quantiles_upto(0.975, top, torch.device("cpu"))
+    fresh = _t_quantile_table(0.975, torch.arange(top + 1))
+    assert torch.equal(cached.nan_to_num(7.0), fresh.nan_to_num(7.0))
+
+
 def test_daily_sensitivity_other_level():
     x, y = panel(seed=3)
     xt = torch.from_numpy(x)
