@@ -112,26 +112,15 @@ def synthetic_returns(tickers: int, days: int, seed: int = 2024) -> tuple[pd.Dat
 # --------------------------------------------------------------------------------------------
 
 
-#: Process CPU seconds (all threads) of each run of the last :func:`timed` call.
-LAST_CPU: list[float] = []
-
-
 def timed(fn: Callable[[], Any], repeat: int, warmup: bool = True) -> tuple[float, float, Any]:
-    """(best, median) wall seconds over ``repeat`` runs (after one warm-up run), and the last result.
-
-    The process CPU time of each run goes to :data:`LAST_CPU`: unlike wall time it hardly
-    grows when other jobs share the cores, so it shows what the load did to the wall time.
-    """
+    """(best, median) wall seconds over ``repeat`` runs (after one warm-up run), and the last result."""
     result = fn() if warmup else None
     times = []
-    LAST_CPU.clear()
     for _ in range(repeat):
         result = None  # let the previous result go before the next run
-        cpu = time.process_time()
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
-        LAST_CPU.append(time.process_time() - cpu)
     return min(times), statistics.median(times), result
 
 
@@ -237,7 +226,8 @@ def peak_rss_mb() -> float:
 
 def alternating(fns: Sequence[Callable[[], Any]], repeat: int) -> list[tuple[float, float, float]]:
     """Run ``fns`` in turn, ``repeat`` rounds after one warm-up round: per function (best,
-    median) wall seconds and the process CPU seconds of its best run.  Each result is let go
+    median) wall seconds and the process CPU seconds (all threads) of its best run, which
+    unlike wall time hardly grow when other jobs share the cores.  Each result is let go
     before the next call."""
     for fn in fns:
         fn()
