@@ -708,6 +708,30 @@ def test_write_sensitivity_writes_one_file_per_combination(tmp_path: Path) -> No
     assert pq.read_table(paths[0]).column("alpha").null_count == 1  # NaN stored as null
 
 
+def test_repetitive_columns_are_dictionary_encoded_and_distinct_ones_are_not(tmp_path: Path) -> None:
+    rs = ReportStore(tmp_path)
+    days = [str(d.date()) for d in pd.bdate_range("2024-01-02", periods=50)]
+    (per_day,) = rs.write_sensitivity(sens_frame("^GSPC", "AAPL", 252, days))
+    (summary,) = rs.write_summary(summary_frame("2024-01-02", [("^GSPC", t, 252) for t in ("AAPL", "KO")]))
+
+    def dictionary_encoded(path: Path) -> dict[str, bool]:
+        group = pq.ParquetFile(path).metadata.row_group(0)
+        return {
+            group.column(i).path_in_schema: any("DICTIONARY" in e for e in group.column(i).encodings)
+            for i in range(group.num_columns)
+        }
+
+    encoded = dictionary_encoded(per_day)
+    # One row per day: a dictionary of the dates would only repeat them.
+    assert not encoded["date"]
+    assert all(encoded[c] for c in ("index_ticker", "ticker", "window", "se_type"))
+    assert not any(encoded[c] for c in ("alpha", "beta", "gamma", "sensitivity"))
+    encoded = dictionary_encoded(summary)
+    assert encoded["as_of"]  # the same day on every row
+    assert encoded["date"]
+    assert not encoded["ticker"]  # one row per ticker
+
+
 def test_write_sensitivity_replaces_only_the_combinations_it_wrote(tmp_path: Path) -> None:
     rs = ReportStore(tmp_path)
     rs.write_sensitivity(
