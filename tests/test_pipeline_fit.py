@@ -121,6 +121,32 @@ def test_fit_universe_with_a_constant_rate_and_defaults(source: Path, tmp_path: 
     assert (scenarios["fit"] == "ols").all()
 
 
+def test_the_fits_counts_per_ticker_and_the_tickers_without_data(source: Path, tmp_path: Path) -> None:
+    """The outcome counts each ticker's rows and fitted rows as written, and names the tickers
+    it could not fit: one without a stored price in the range, one with a single price (no
+    return)."""
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for name in ("^GSPC", "KO", "JPM"):
+        (folder / f"{name}.csv").write_bytes((source / f"{name}.csv").read_bytes())
+    ko = pd.read_csv(folder / "KO.csv")
+    ko[ko["Date"] == "2018-01-03"].to_csv(folder / "LONE.csv", index=False)
+    cfg = config(folder, tmp_path / "data")
+    for symbol in ("^GSPC", "KO", "JPM", "LONE"):
+        fetch_symbol(cfg, symbol)
+    outcome = fit_universe(cfg, ["KO", "LONE", "JPM", "NONE"])
+    table = ReportStore(tmp_path / "data").read_sensitivity()
+    assert set(table["ticker"]) == {"KO", "JPM"}
+    assert outcome.rows_by_ticker == table.groupby("ticker").size().to_dict()
+    assert outcome.fitted_by_ticker == table.groupby("ticker")["sensitivity"].count().to_dict()
+    assert 0 < outcome.fitted_by_ticker["KO"] < outcome.rows_by_ticker["KO"]  # the first window
+    assert all(type(v) is int for v in [*outcome.rows_by_ticker.values(), *outcome.fitted_by_ticker.values()])
+    assert outcome.rows == len(table)
+    assert sorted(outcome.no_data) == ["LONE", "NONE"]
+    assert outcome.no_data["NONE"] == f"no stored prices between {START} and {END}"
+    assert "(no aligned return)" in outcome.no_data["LONE"]
+
+
 def test_fit_universe_without_the_rate_symbols_prices_names_it(source: Path, tmp_path: Path) -> None:
     cfg = config(source, tmp_path, risk_free_symbol="^IRX")
     for symbol in cfg.universe.symbols:  # the rate is never fetched

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from sensitivity import progress
@@ -601,24 +602,26 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
         risk_free=_risk_free_returns(config, aligned, frames),
         device=config.runtime.device,
     )
-    table = _with_prices(result, aligned.close, aligned.prev_close, u.index)
-    rows_by_ticker = table.groupby("ticker", sort=False).size().to_dict()
+    codes, names = _ticker_codes(result)
+    table = _with_prices(result, aligned.close, aligned.prev_close, u.index, codes, names)
+    rows_by_ticker = dict(zip(names, np.bincount(codes, minlength=len(names)).tolist(), strict=True))
     for t in stock_frames:
         if t not in rows_by_ticker:
             no_data[t] = (
                 f"no date between {u.start} and {u.resolved_end} on which both it and "
                 f"{u.index} traded twice in a row (no aligned return)"
             )
-    dropped = table["ticker"].isin(list(no_data))
-    if dropped.any():  # (a filtered copy of the whole table costs seconds: only when needed)
-        table = table[~dropped]
+    if not no_data.keys().isdisjoint(rows_by_ticker):  # (a filtered copy costs seconds: only if needed)
+        table = table[~table["ticker"].isin(list(no_data))]
+        codes, names = _ticker_codes(table)
     if table.empty:
         raise ModelFitError(
             f"no ticker has an aligned return against {u.index} between {u.start} and "
             f"{u.resolved_end}; check the symbols and the dates"
         )
-    # Fitted rows per ticker (a count, not a filtered copy of the whole table).
-    fitted = table["sensitivity"].notna().groupby(table["ticker"], sort=False).sum().to_dict()
+    # Fitted rows per ticker (counted by code, not by grouping the table's strings).
+    has_value = table["sensitivity"].notna().to_numpy()
+    fitted = dict(zip(names, np.bincount(codes[has_value], minlength=len(names)).tolist(), strict=True))
     summary = summary_table(table)
     summary["fit"] = m.fit
     scenarios = scenario_table(summary, m.scenarios, fit=m.fit)
@@ -672,13 +675,26 @@ def _risk_free_returns(
     return period_risk_free(aligned, daily)
 
 
+def _ticker_codes(table: pd.DataFrame) -> tuple[npt.NDArray[np.intp], list[str]]:
+    """Each row's ticker as a code into the tickers in order of appearance: what the counts
+    per ticker and the price lookup work on (grouping 2.4 million strings took 0.2 s a time)."""
+    codes, names = pd.factorize(table["ticker"], sort=False)
+    return np.asarray(codes, dtype=np.intp), [str(n) for n in names]
+
+
 def _with_prices(
-    result: pd.DataFrame, close: pd.DataFrame, prev_close: pd.DataFrame, index_symbol: str
+    result: pd.DataFrame,
+    close: pd.DataFrame,
+    prev_close: pd.DataFrame,
+    index_symbol: str,
+    codes: npt.NDArray[np.intp],
+    names: list[str],
 ) -> pd.DataFrame:
-    """Add ``index_ticker``, ``close``, ``prev_close`` and ``dollar_sensitivity`` to the fit (in place)."""
+    """Add ``index_ticker``, ``close``, ``prev_close`` and ``dollar_sensitivity`` to the fit
+    (in place); ``codes`` and ``names``: its tickers (:func:`_ticker_codes`)."""
     dates = pd.DatetimeIndex(pd.to_datetime(result["date"]))
     rows = close.index.get_indexer(dates)
-    cols = close.columns.get_indexer(pd.Index(result["ticker"]))
+    cols = close.columns.get_indexer(pd.Index(names, dtype=object))[codes] if names else codes
     if (rows < 0).any() or (cols < 0).any():  # pragma: no cover - returns and prices share labels
         raise ModelFitError("internal error: fitted rows do not line up with the price panel")
     out = result  # the fit's own fresh frame: extended in place (a copy of ~1 GB costs seconds)
