@@ -253,23 +253,25 @@ def test_the_printed_table_of_a_large_universe_has_the_gap_row_and_the_caption(
 
 
 def test_run_freezes_the_objects_of_its_imports_for_the_garbage_collector() -> None:
-    # In a fresh interpreter (freezing is for the life of the process): after the imports
-    # `sensitivity run` makes before the flow, the objects alive are frozen (full collections
-    # and the one at exit skip them), and what is created afterwards is collected as usual.
+    # In a fresh interpreter (freezing is for the life of the process): once `sensitivity run`
+    # has loaded the flow and imported its steps, the collector is on again, the objects alive
+    # then are frozen (full collections and the one at exit skip them), and what is created
+    # afterwards is collected as usual.
     code = (
         "import gc\n"
         "from sensitivity import cli\n"
         "assert gc.get_freeze_count() == 0\n"
-        "cli._import_the_steps()\n"
-        "import torch, matplotlib, pandas\n"
+        "flow = cli._load_flow_and_steps()\n"
+        "assert flow.name == 'stock-sensitivity', flow.name\n"
+        "assert gc.isenabled()\n"
+        "import torch, matplotlib, pandas, prefect\n"
         "frozen = gc.get_freeze_count()\n"
         "assert frozen > 100_000, frozen\n"
         "class Cycle: pass\n"
         "a = Cycle(); a.me = a; del a\n"
         "assert gc.collect() >= 1\n"
-        "print(frozen)\n"
     )
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False
     )
     assert proc.returncode == 0, proc.stderr
