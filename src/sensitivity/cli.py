@@ -112,10 +112,10 @@ def _load_flow_and_steps() -> Any:
 
     The garbage collector is paused while they import and what they made is frozen after:
     the modules of Prefect, torch, pandas and matplotlib make some 340,000 objects that live
-    until the process ends, and every full collection walked them all, six times during the
-    imports (0.4 s) and once more at exit (about 1 s after a 500-ticker run; 0.2 s frozen;
-    measured with ``gc.callbacks``).  Frozen objects are still freed by reference counting;
-    only cycles among them wait for the exit.
+    until the process ends, and every full collection walked all of them: three during these
+    imports (0.3 s), and the one at exit took about 1 s after a 500-ticker run (0.2 s
+    frozen; measured with ``gc.callbacks``).  Frozen objects are still freed by reference
+    counting; only cycles among them wait for the exit.
     """
     enabled = gc.isenabled()
     gc.disable()
