@@ -603,7 +603,7 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
         device=config.runtime.device,
     )
     codes, names = _ticker_codes(result)
-    table = _with_prices(result, aligned.close, aligned.prev_close, u.index, codes, names)
+    table = _with_prices(result, aligned.close, aligned.prev_close, u.index, (codes, names))
     rows_by_ticker = dict(zip(names, np.bincount(codes, minlength=len(names)).tolist(), strict=True))
     for t in stock_frames:
         if t not in rows_by_ticker:
@@ -687,11 +687,11 @@ def _with_prices(
     close: pd.DataFrame,
     prev_close: pd.DataFrame,
     index_symbol: str,
-    codes: npt.NDArray[np.intp],
-    names: list[str],
+    tickers: tuple[npt.NDArray[np.intp], list[str]] | None = None,
 ) -> pd.DataFrame:
     """Add ``index_ticker``, ``close``, ``prev_close`` and ``dollar_sensitivity`` to the fit
-    (in place); ``codes`` and ``names``: its tickers (:func:`_ticker_codes`)."""
+    (in place); ``tickers``: its :func:`_ticker_codes`, when the caller has them."""
+    codes, names = tickers if tickers is not None else _ticker_codes(result)
     dates = pd.DatetimeIndex(pd.to_datetime(result["date"]))
     rows = close.index.get_indexer(dates)
     cols = close.columns.get_indexer(pd.Index(names, dtype=object))[codes] if names else codes
