@@ -253,25 +253,42 @@ def test_the_printed_table_of_a_large_universe_has_the_gap_row_and_the_caption(
 
 
 def test_run_freezes_the_objects_of_its_imports_for_the_garbage_collector() -> None:
-    # In a fresh interpreter (freezing is for the life of the process): once `sensitivity run`
-    # has loaded the flow and imported its steps, the collector is on again, the objects alive
-    # then are frozen (full collections and the one at exit skip them), and what is created
-    # afterwards is collected as usual.
+    # In the command's own process (a fresh interpreter entering through main(), with `run`
+    # replaced by what it does before the flow): once the flow is loaded and its steps
+    # imported, the collector is on again, the objects alive then are frozen (full
+    # collections and the one at exit skip them), and what is created afterwards is collected
+    # as usual.
     code = (
-        "import gc\n"
+        "import gc, sys\n"
         "from sensitivity import cli\n"
-        "assert gc.get_freeze_count() == 0\n"
-        "flow = cli._load_flow_and_steps()\n"
-        "assert flow.name == 'stock-sensitivity', flow.name\n"
-        "assert gc.isenabled()\n"
-        "import torch, matplotlib, pandas, prefect\n"
-        "frozen = gc.get_freeze_count()\n"
-        "assert frozen > 100_000, frozen\n"
-        "class Cycle: pass\n"
-        "a = Cycle(); a.me = a; del a\n"
-        "assert gc.collect() >= 1\n"
+        "def before_the_flow():\n"
+        "    assert gc.get_freeze_count() == 0\n"
+        "    flow = cli._load_flow_and_steps()\n"
+        "    assert flow.name == 'stock-sensitivity', flow.name\n"
+        "    assert gc.isenabled()\n"
+        "    assert gc.get_freeze_count() > 100_000, gc.get_freeze_count()\n"
+        "    class Cycle: pass\n"
+        "    a = Cycle(); a.me = a; del a\n"
+        "    assert gc.collect() >= 1\n"
+        "    print('frozen', gc.get_freeze_count())\n"
+        "cli.app = before_the_flow\n"
+        "cli.main()\n"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False
     )
     assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("frozen "), proc.stdout
+
+
+def test_run_called_from_another_program_leaves_its_collector_alone() -> None:
+    # `app` called in this process (as CliRunner and the battery do): nothing is frozen here.
+    import gc
+
+    from sensitivity import cli as cli_module
+
+    frozen = gc.get_freeze_count()
+    flow = cli_module._load_flow_and_steps()
+    assert flow.name == "stock-sensitivity"
+    assert gc.get_freeze_count() == frozen
+    assert gc.isenabled()

@@ -107,26 +107,35 @@ def _temporary_server_started_early() -> Iterator[None]:
         thread.join()
 
 
+#: Set by :func:`main`: the process is the ``sensitivity`` command's own, which may tune
+#: its garbage collector.  Not when ``app`` is called from another program (or a test's
+#: ``CliRunner``): freezing would keep that program's unreachable objects for its lifetime.
+_OWN_PROCESS = False
+
+
 def _load_flow_and_steps() -> Any:
     """The flow, with what its fit and report use (torch, matplotlib) imported before it runs.
 
-    The garbage collector is paused while they import and what they made is frozen after:
-    the modules of Prefect, torch, pandas and matplotlib make some 340,000 objects that live
-    until the process ends, and every full collection walked all of them: three during these
-    imports (0.3 s), and the one at exit took about 1 s after a 500-ticker run (0.2 s
-    frozen; measured with ``gc.callbacks``).  Frozen objects are still freed by reference
-    counting; only cycles among them wait for the exit.
+    In the command's own process (:data:`_OWN_PROCESS`) the garbage collector is paused
+    while they import and what they made is frozen after: the modules of Prefect, torch,
+    pandas and matplotlib make some 340,000 objects that live until the process ends, and
+    every full collection walked all of them: three during these imports (0.3 s), and the
+    one at exit took about 1 s after a 500-ticker run (0.2 s frozen; measured with
+    ``gc.callbacks``).  Frozen objects are still freed by reference counting; only cycles
+    among them wait for the exit.
     """
-    enabled = gc.isenabled()
-    gc.disable()
+    tune, enabled = _OWN_PROCESS, gc.isenabled()
+    if tune:
+        gc.disable()
     try:
         flow = load_pipeline_flow()
         import sensitivity.api
         import sensitivity.report  # noqa: F401
     finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
+        if tune:
+            gc.freeze()
+            if enabled:
+                gc.enable()
     return flow
 
 
@@ -388,6 +397,8 @@ def version() -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    global _OWN_PROCESS
+    _OWN_PROCESS = True
     try:
         app()
     except KeyboardInterrupt:
