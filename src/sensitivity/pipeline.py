@@ -611,9 +611,7 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
                 f"no date between {u.start} and {u.resolved_end} on which both it and "
                 f"{u.index} traded twice in a row (no aligned return)"
             )
-    if not no_data.keys().isdisjoint(rows_by_ticker):  # (a filtered copy costs seconds: only if needed)
-        table = table[~table["ticker"].isin(list(no_data))]
-        codes, names = _ticker_codes(table)
+    # no_data names only tickers without a row (no stored prices, or none aligned): nothing to drop.
     if table.empty:
         raise ModelFitError(
             f"no ticker has an aligned return against {u.index} between {u.start} and "
