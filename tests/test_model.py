@@ -288,6 +288,28 @@ def test_quadratic_fit_constant_stock_returns_give_zero_slope_and_nan_r2():
     assert (fit.beta_se[19:] == 0).all()
 
 
+@pytest.mark.parametrize("side", ["x", "y", "both"])
+def test_quadratic_fit_counts_infinities_as_missing_exactly_like_nan(panel, side):
+    """Any non-finite value marks a missing observation: +inf, -inf and NaN give the same bits."""
+    x, y = panel
+    rng = np.random.default_rng(3)
+    holes = rng.random(x.shape) < 0.08
+    signs = np.where(rng.random(x.shape) < 0.5, np.inf, -np.inf)
+    xi, yi, xn, yn = x.copy(), y.copy(), x.copy(), y.copy()
+    if side in ("x", "both"):
+        xi[holes], xn[holes] = signs[holes], np.nan
+    if side in ("y", "both"):
+        yi[holes], yn[holes] = signs[holes], np.nan
+    with_inf = quadratic_fit(torch.from_numpy(xi), torch.from_numpy(yi), window=50, min_obs=20)
+    with_nan = quadratic_fit(torch.from_numpy(xn), torch.from_numpy(yn), window=50, min_obs=20)
+    for name in ("alpha", "beta", "gamma", "cov_unique", "rss", "r2", "linear_beta", "dof", "n_obs"):
+        torch.testing.assert_close(
+            getattr(with_inf, name), getattr(with_nan, name), rtol=0, atol=0, equal_nan=True
+        )
+    assert torch.isfinite(with_inf.beta).any()
+    assert int(with_inf.n_obs[-1].min()) < 50  # the holes were counted as missing
+
+
 def test_quadratic_fit_results_do_not_depend_on_chunk_size_or_dtype(panel):
     x, y = panel
     ref = quadratic_fit(torch.from_numpy(x), torch.from_numpy(y), window=50, min_obs=20)
