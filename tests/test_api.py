@@ -491,3 +491,28 @@ def test_quadratic_sensitivity_rejects_a_misaligned_risk_free_series():
         quadratic_sensitivity(stocks, market, window=40, min_obs=20, risk_free=market.iloc[1:])
     with pytest.raises(DataValidationError, match="risk_free must be a pandas Series"):
         quadratic_sensitivity(stocks, market, window=40, min_obs=20, risk_free=0.01)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("se", ["classical", "hc1", "hac"])
+def test_appending_days_leaves_every_earlier_row_unchanged_to_the_bit(se):
+    """A day's numbers depend only on the days up to it once a stock has traded for
+    model.CENTRE_ROWS days (every stock here, at each cut): a daily run that adds a day does
+    not rewrite history in its last digits.  Only the Huber columns move, by design, from the
+    previous latest row to the new one."""
+    stocks, market = returns(seed=21, t_rows=700)
+    stocks.iloc[300:330, 1] = np.nan  # a suspension well after the first year
+    full = quadratic_sensitivity(stocks, market, window=126, min_obs=60, se=se).set_index(["ticker", "date"])
+    huber = [c for c in full.columns if c.startswith("huber_")]
+    for end in (400, 555, 699):
+        head = quadratic_sensitivity(stocks.iloc[:end], market.iloc[:end], window=126, min_obs=60, se=se)
+        head = head.set_index(["ticker", "date"])
+        later = full.loc[head.index]
+        latest = (head.groupby(level="ticker").cumcount(ascending=False) == 0).to_numpy()  # last rows
+        for name in head.columns:
+            ours = head[name].to_numpy() if name not in huber else head.loc[~latest, name].to_numpy()
+            theirs = later[name].to_numpy() if name not in huber else later.loc[~latest, name].to_numpy()
+            if ours.dtype.kind == "f":
+                assert np.array_equal(ours, theirs, equal_nan=True), (end, name)
+            else:
+                assert (ours == theirs).all(), (end, name)
+        assert head["sensitivity"].notna().sum() > 0.8 * len(head)

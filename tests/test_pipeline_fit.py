@@ -147,6 +147,38 @@ def test_the_fits_counts_per_ticker_and_the_tickers_without_data(source: Path, t
     assert "(no aligned return)" in outcome.no_data["LONE"]
 
 
+@pytest.mark.parametrize("model", [{}, {"se": "hac", "risk_free_symbol": "^IRX"}], ids=["ols", "hac-excess"])
+def test_the_next_days_run_keeps_every_stored_row_to_the_bit(
+    source: Path, tmp_path: Path, model: dict
+) -> None:
+    """A run that only adds days rewrites each per-day file, but every row it had before keeps
+    its values to the bit (the Huber columns move to the new latest row, by design)."""
+    after = config(source, tmp_path, **model)
+    raw = after.to_dict()
+    raw["universe"]["end"] = dt.date(2018, 3, 29)
+    before = Config.model_validate(raw)
+    for symbol in after.fetch_symbols:
+        fetch_symbol(after, symbol)
+    store = ReportStore(tmp_path)
+    fit_universe(before, ["KO", "JPM"])
+    old = store.read_sensitivity().set_index(["ticker", "date"])
+    fit_universe(after, ["KO", "JPM"])
+    new = store.read_sensitivity().set_index(["ticker", "date"])
+    assert len(new) > len(old) + 100
+    assert old.index.isin(new.index).all()
+    kept = new.loc[old.index]
+    latest = (old.groupby(level="ticker").cumcount(ascending=False) == 0).to_numpy()
+    for name in old.columns:
+        a, b = old[name].to_numpy(), kept[name].to_numpy()
+        if name.startswith("huber_"):
+            a, b = a[~latest], b[~latest]
+        if a.dtype.kind == "f":
+            assert np.array_equal(a, b, equal_nan=True), name
+        else:
+            assert (a == b).all(), name
+    assert old["sensitivity"].notna().sum() > 200
+
+
 def test_fit_universe_without_the_rate_symbols_prices_names_it(source: Path, tmp_path: Path) -> None:
     cfg = config(source, tmp_path, risk_free_symbol="^IRX")
     for symbol in cfg.universe.symbols:  # the rate is never fetched

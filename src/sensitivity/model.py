@@ -22,7 +22,10 @@ Algorithm (O(N*T) work, no Python loop over tickers or windows)
        by a power of two close to their standard deviations (the scaling is exact; it only
        keeps fourth powers away from overflow and underflow).  Centring removes any constant
        level -- returns plus an offset -- before powers are taken, so the sums below hardly
-       cancel; for returns every window's own mean is close to the column's.
+       cancel; for returns every window's own mean is close to the centre.  Rolling fits
+       take the means over the column's first :data:`CENTRE_ROWS` rows of data only, so that
+       appending rows leaves every earlier row's results unchanged to the bit (full-sample
+       fits use every row).
     2. The rows are cut into blocks of ``W`` rows; a window ending in block ``k`` lies inside
        blocks ``k-1`` and ``k``.
     3. The windowed sums of ``1, x, x^2, x^3, x^4, y, xy, x^2 y, y^2`` come from cumulative sums
@@ -72,6 +75,7 @@ from sensitivity.errors import ConfigError, DataValidationError
 from sensitivity.threads import CHUNK_CELLS, for_each_chunk
 
 __all__ = [
+    "CENTRE_ROWS",
     "COV_ENTRIES",
     "RCOND_MIN",
     "VARIANCE_RATIO_MIN",
@@ -105,8 +109,9 @@ __all__ = [
 #: rounding size (below 3e-11 times the factor), so collinearity is always caught.
 RCOND_MIN: float = 1e-5
 
-#: Smallest ratio ``var(x) / mean((x - c)**2)`` accepted in a window, ``c`` being the column's
-#: mean over the whole panel (the point the kernel centres each column on).
+#: Smallest ratio ``var(x) / mean((x - c)**2)`` accepted in a window, ``c`` being the point the
+#: kernel centres the column on (its mean over its first :data:`CENTRE_ROWS` rows of data, or
+#: over the whole panel for ``window == 0``).
 #:
 #: Central moments are formed from moments about ``c``; when ``x`` is nearly constant within the
 #: window compared with its distance from ``c`` that conversion cancels digits (the fourth
@@ -114,6 +119,18 @@ RCOND_MIN: float = 1e-5
 #: practice an index that (nearly) did not move for the whole window -- is reported as
 #: singular.  Scale-free.
 VARIANCE_RATIO_MIN: float = 1e-2
+
+#: Rows, from each column's first valid cell on, whose valid cells a rolling fit centres that
+#: column on (``window == 0`` centres on all of them).
+#:
+#: The centre must not depend on the rows after the ones it is taken from: appending rows to
+#: a panel then leaves every earlier row's results unchanged to the bit (tested) for each
+#: column whose data began at least this many rows before the first appended row, so a daily
+#: run does not rewrite a stock's history in its last digits once it has traded for a year.
+#: A year of trading days keeps the centre about as close to every window's mean as the whole
+#: column's mean is, for returns; a shorter stretch would bring small windows near
+#: :data:`VARIANCE_RATIO_MIN` more often.
+CENTRE_ROWS: int = 252
 
 #: Order of the unique covariance entries in :attr:`QuadraticFit.cov_unique`.
 COV_ENTRIES: tuple[str, ...] = (
@@ -126,7 +143,7 @@ COV_ENTRIES: tuple[str, ...] = (
 )
 
 #: ``y`` counts as constant in a window (R^2 undefined: NaN) when its variance is below this
-#: fraction of its mean square about the column's mean.
+#: fraction of its mean square about the column's centre.
 _TSS_RATIO_MIN: float = 1e-12
 
 #: Float64 planes of one chunk's size held at once by the kernel (its workspace).
@@ -451,7 +468,9 @@ def _fit_chunk(
     """
     n, t_rows = x.shape
     mom = ws.moments[:, :n]
-    sums, kx, ky, cx, cy = _moment_planes(x, y, mom, t_rows)
+    # Rolling windows centre each column on its first CENTRE_ROWS rows of data: rows added
+    # after those change none of its results, to the bit.
+    sums, kx, ky, cx, cy = _moment_planes(x, y, mom, t_rows, CENTRE_ROWS if window > 0 else None)
     if window == 0:
         sums = torch.empty((9, n, 1), dtype=mom.dtype, device=mom.device)
         for p, total in zip(mom, sums, strict=True):
@@ -473,17 +492,39 @@ def _fit_chunk(
     _solve(sums, kx, ky, cx, cy, min_obs, ws.scratch[:, :n], ws.flags[:, :n], out, n_out)
 
 
+def _early_cells(valid: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Each column's valid cells among the ``rows`` rows from its first valid one on.
+
+    Returns ``(at, keep, count)``: ``at`` ``[n, rows]`` int64, the row of each slot (the
+    first valid row plus the slot number, held at the last row past the panel's end);
+    ``keep`` ``[n, rows]`` bool, the slots on a valid cell inside the panel; ``count``
+    ``[n, 1]`` float64, the slots kept (at least 1).  A fixed number of slots per column,
+    whatever else the chunk holds, so that a reduction over them gives each column the same
+    bits in any chunk.
+    """
+    t_rows = int(valid.shape[-1])
+    start = valid.to(torch.uint8).argmax(-1, keepdim=True)  # the first valid row (0 if none)
+    at = start + torch.arange(rows, device=valid.device)
+    inside = at < t_rows
+    at.clamp_(max=t_rows - 1)
+    keep = torch.gather(valid, 1, at).logical_and_(inside)
+    return at, keep, keep.sum(-1, keepdim=True, dtype=torch.float64).clamp_(min=1.0)
+
+
 def _moment_planes(
-    x: Tensor, y: Tensor, mom: Tensor, t_rows: int
+    x: Tensor, y: Tensor, mom: Tensor, t_rows: int, early_rows: int | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fill ``mom`` (``[9, n, R]``) with ``1, u, u^2, u^3, u^4, v, uv, u^2 v, v^2`` per cell.
 
     ``u = (x - cx) / kx`` and ``v = (y - cy) / ky`` where both are finite, 0 elsewhere and on
-    the padding rows: ``cx``, ``cy`` are each column's mean over its valid cells, ``kx``,
-    ``ky`` powers of two near its standard deviation (exact scaling: it only keeps fourth
-    powers away from overflow and underflow).  Centring on the column's mean removes any
-    constant level (returns plus an offset) before powers are taken.  Returns
-    ``(mom, kx, ky, cx, cy)``, the last four ``[n, 1]``.
+    the padding rows.  ``cx``, ``cy`` are the mean of each column's valid cells -- with
+    ``early_rows``, of those among the ``early_rows`` rows from its first valid one on only
+    (:func:`_early_cells`) --, ``kx``, ``ky`` powers of two near their standard deviation about
+    it (exact scaling: it only keeps fourth powers away from overflow and underflow).
+    Centring removes any constant level (returns plus an offset) before powers are taken;
+    taking the centre from the early rows keeps each row's results independent of the rows
+    added after it once they lie beyond them.  Returns ``(mom, kx, ky, cx, cy)``, the last four
+    ``[n, 1]``.
     """
     one, u, u2, u3, u4, v, uv, u2v, v2 = mom.unbind(0)
     # A cell is valid where x and y are both finite: x*0 + y*0 is 0 exactly then and NaN
@@ -496,18 +537,29 @@ def _moment_planes(
     if mom.shape[-1] > t_rows:  # padding rows: no observation
         for p in mom:
             p[:, t_rows:] = 0.0
-    count = valid.sum(-1, keepdim=True, dtype=torch.float64).clamp_(min=1.0)
     zero = mom.new_zeros(())
+    if early_rows is None:
+        count = valid.sum(-1, keepdim=True, dtype=torch.float64).clamp_(min=1.0)
+    else:
+        at, keep, count = _early_cells(valid, early_rows)
     stats = []
     for raw, dst, sq in ((x, u, u2), (y, v, v2)):
         d = dst[:, :t_rows]
         s = sq[:, :t_rows]
-        torch.where(valid, raw, zero, out=d)
-        centre = d.sum(-1, keepdim=True).div_(count)
+        if early_rows is None:
+            torch.where(valid, raw, zero, out=d)
+            centre = d.sum(-1, keepdim=True).div_(count)
+        else:
+            early = torch.where(keep, torch.gather(raw.expand(d.shape), 1, at), zero)
+            centre = early.sum(-1, keepdim=True).div_(count)
         torch.sub(raw, centre, out=d)
         torch.where(valid, d, zero, out=d)
         torch.mul(d, d, out=s)
-        var = s.sum(-1, keepdim=True).div_(count)
+        if early_rows is None:
+            var = s.sum(-1, keepdim=True).div_(count)
+        else:
+            early.sub_(centre).mul_(early).masked_fill_(~keep, 0.0)
+            var = early.sum(-1, keepdim=True).div_(count)
         ok = torch.isfinite(var) & (var > 0)
         scale = torch.exp2(torch.round(0.5 * torch.log2(torch.where(ok, var, 1.0))))
         d.div_(scale)
