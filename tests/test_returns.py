@@ -11,8 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sensitivity.errors import DataValidationError
-from sensitivity.prices import PRICE_COLUMNS
-from sensitivity.returns import AlignedReturns, aligned_returns, price_series, simple_returns
+from sensitivity.prices import PRICE_COLUMNS, PriceArrays
+from sensitivity.returns import (
+    AlignedReturns,
+    aligned_returns,
+    aligned_returns_from_arrays,
+    price_series,
+    simple_returns,
+)
 
 NAN = np.nan
 DAYS = pd.bdate_range("2021-01-04", periods=8, name="date")  # Mon 4 .. Wed 13 Jan 2021
@@ -291,6 +297,62 @@ def test_aligned_returns_never_fill_a_value(case: tuple[pd.DataFrame, dict[str, 
             assert m[cur] == idx_p[cur] / idx_p[prev] - 1
             assert out.prev_close[ticker][cur] == f["close"][prev]
         assert set(r.dropna().index) == set(common[1:])
+
+
+def as_arrays(f: pd.DataFrame) -> PriceArrays:
+    """The close and adjusted close of a price frame as the store's fit reads them."""
+    days = f.index.to_numpy(dtype="datetime64[D]").astype(np.int64)
+    return PriceArrays(days, {c: f[c].to_numpy(dtype=np.float64) for c in ("close", "adj_close")})
+
+
+def assert_same_alignment(a: AlignedReturns, b: AlignedReturns) -> None:
+    """Same calendar, tickers and values, to the bit (NaN where NaN)."""
+    assert a.calendar.equals(b.calendar)
+    assert a.calendar.dtype == b.calendar.dtype
+    for name in ("stock_returns", "index_returns", "close", "prev_close", "span_days"):
+        x, y = getattr(a, name), getattr(b, name)
+        assert list(x.columns) == list(y.columns), name
+        assert x.index.equals(y.index), name
+        assert np.array_equal(x.to_numpy(), y.to_numpy(), equal_nan=True), name
+    assert np.array_equal(a.market_returns.to_numpy(), b.market_returns.to_numpy(), equal_nan=True)
+
+
+@given(panels())
+@settings(max_examples=150, deadline=None)
+def test_aligned_returns_from_arrays_equal_those_from_frames(
+    case: tuple[pd.DataFrame, dict[str, pd.DataFrame]],
+) -> None:
+    idx, stocks = case
+    idx = idx.set_axis(idx.index.as_unit("ns"))  # as the store's frames (an empty list infers "s")
+    stocks = {
+        **stocks,
+        "NOADJ": frame(idx.index[::2], adj=None, close=list(np.arange(1.0, 1.0 + len(idx.index[::2])))),
+    }
+    from_frames = aligned_returns(idx, stocks, index_symbol="^IDX")
+    from_arrays = aligned_returns_from_arrays(
+        as_arrays(idx), {t: as_arrays(f) for t, f in stocks.items()}, index_symbol="^IDX"
+    )
+    assert_same_alignment(from_frames, from_arrays)
+
+
+@pytest.mark.parametrize(
+    ("stock", "message"),
+    [
+        (
+            frame([DAYS[0], DAYS[1], DAYS[1]], adj=[1.0, 2.0, 3.0]),
+            "DUP: date 2021-01-05 appears more than once",
+        ),
+        (frame([DAYS[2], DAYS[0], DAYS[1]], adj=[1.0, 2.0, 3.0]), "DUP: dates are not sorted ascending"),
+        (frame(DAYS[:3], adj=[1.0, -2.0, 3.0]), r"DUP: price -2\.0 on 2021-01-05 is not a positive number"),
+        (frame(DAYS[:3], adj=[1.0, np.inf, 3.0]), r"DUP: price inf on 2021-01-05 is not a positive number"),
+    ],
+    ids=["duplicate", "unsorted", "negative", "infinite"],
+)
+def test_aligned_returns_from_arrays_refuse_what_frames_refuse(stock: pd.DataFrame, message: str) -> None:
+    with pytest.raises(DataValidationError, match=message):
+        aligned_returns(INDEX, {"DUP": stock})
+    with pytest.raises(DataValidationError, match=message):
+        aligned_returns_from_arrays(as_arrays(INDEX), {"DUP": as_arrays(stock)})
 
 
 # ------------------------------------------------------------------------ risk-free returns

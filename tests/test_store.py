@@ -247,6 +247,27 @@ def test_read_many_of_some_columns_reads_only_those(tmp_path: Path) -> None:
         store.read_many(["KO"], columns=["Close"])
 
 
+def test_read_many_arrays_are_read_many_without_frames(tmp_path: Path) -> None:
+    """The fit's read: the same rows, values and date range as read_many, as plain arrays."""
+    store = PriceStore(tmp_path)
+    days = pd.bdate_range("2024-01-01", periods=10)
+    store.merge("^GSPC", prices(days), source="t", fetched_at=T0)
+    store.merge("brk-b", prices(days[3:], seed=2), source="t", fetched_at=T0)
+    for start, end in ((None, None), (dt.date(2024, 1, 3), "2024-01-09"), ("2030-01-01", None)):
+        frames = store.read_many(
+            ["^GSPC", "BRK-B", "NOPE"], start=start, end=end, columns=["close", "adj_close"]
+        )
+        arrays = store.read_many_arrays(["^GSPC", "brk-b", "NOPE"], start=start, end=end)
+        assert list(arrays) == list(frames) == ["^GSPC", "BRK-B"]
+        for symbol, frame in frames.items():
+            got = arrays[symbol]
+            assert len(got) == len(frame)
+            pd.testing.assert_frame_equal(got.frame(), frame, check_exact=True)
+            assert got.days.dtype == np.int64
+    with pytest.raises(ValueError, match=r"unknown price column\(s\): Close"):
+        store.read_many_arrays(["KO"], columns=["Close"])
+
+
 def test_sample_files_hold_the_exact_csv_values() -> None:
     aapl = read_price_file(SAMPLE / "AAPL.parquet", with_provenance=True)
     assert len(aapl) == 2553

@@ -31,9 +31,10 @@ import pandas as pd
 from sensitivity import progress
 from sensitivity.config import Config
 from sensitivity.errors import ModelFitError, SourceError, StoreError, StoreLockedError
+from sensitivity.prices import PriceArrays
 from sensitivity.returns import (
     AlignedReturns,
-    aligned_returns,
+    aligned_returns_from_arrays,
     daily_risk_free,
     period_risk_free,
     price_series,
@@ -569,28 +570,29 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
     wanted = [u.index, *tickers]
     if m.risk_free_symbol is not None and m.risk_free_symbol not in wanted:
         wanted.append(m.risk_free_symbol)
-    # Only the prices the returns are taken from (price_series): a quarter of each file.
-    frames = PriceStore(data_dir).read_many(
+    # Only the prices the returns are taken from (price_series): a quarter of each file, as
+    # arrays (a pandas frame per symbol cost twice the read).
+    arrays = PriceStore(data_dir).read_many_arrays(
         wanted, start=u.start, end=u.resolved_end, columns=("close", "adj_close")
     )
-    index_frame = frames.get(u.index)
-    if index_frame is None or index_frame.empty:
+    index_arrays = arrays.get(u.index)
+    if index_arrays is None or not len(index_arrays):
         raise ModelFitError(
             f"{u.index}: the index has no stored prices between {u.start} and {u.resolved_end} "
             "(check the index symbol and the dates)"
         )
-    stock_frames = {t: frames[t] for t in tickers if t in frames and not frames[t].empty}
+    stock_arrays = {t: arrays[t] for t in tickers if t in arrays and len(arrays[t])}
     no_data = {
         t: f"no stored prices between {u.start} and {u.resolved_end}"
         for t in tickers
-        if t not in stock_frames
+        if t not in stock_arrays
     }
-    if not stock_frames:
+    if not stock_arrays:
         raise ModelFitError(
             f"no ticker has prices between {u.start} and {u.resolved_end} "
             f"(tickers: {', '.join(tickers)}); check the symbols and the dates"
         )
-    aligned = aligned_returns(index_frame, stock_frames)
+    aligned = aligned_returns_from_arrays(index_arrays, stock_arrays, index_symbol=u.index)
     result = quadratic_sensitivity(
         aligned.stock_returns,
         aligned.index_returns,
@@ -599,13 +601,13 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
         se=m.se,
         hac_lags=m.hac_lags,
         fit=m.fit,
-        risk_free=_risk_free_returns(config, aligned, frames),
+        risk_free=_risk_free_returns(config, aligned, arrays),
         device=config.runtime.device,
     )
     codes, names = _ticker_codes(result)
     table = _with_prices(result, aligned.close, aligned.prev_close, u.index, (codes, names))
     rows_by_ticker = dict(zip(names, np.bincount(codes, minlength=len(names)).tolist(), strict=True))
-    for t in stock_frames:
+    for t in stock_arrays:
         if t not in rows_by_ticker:
             no_data[t] = (
                 f"no date between {u.start} and {u.resolved_end} on which both it and "
@@ -646,7 +648,7 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
 
 
 def _risk_free_returns(
-    config: Config, aligned: AlignedReturns, frames: Mapping[str, pd.DataFrame]
+    config: Config, aligned: AlignedReturns, arrays: Mapping[str, PriceArrays]
 ) -> pd.DataFrame | None:
     """Each aligned return's risk-free return (``[dates, tickers]``), or None for raw returns.
 
@@ -662,13 +664,13 @@ def _risk_free_returns(
         daily = daily_risk_free(m.risk_free, aligned.calendar)
     else:
         u = config.universe
-        rate_frame = frames.get(m.risk_free_symbol)
-        if rate_frame is None or rate_frame.empty:
+        rate_arrays = arrays.get(m.risk_free_symbol)
+        if rate_arrays is None or not len(rate_arrays):
             raise ModelFitError(
                 f"{m.risk_free_symbol}: the risk-free rate has no stored prices between {u.start} "
                 f"and {u.resolved_end} (check model.risk_free_symbol and the dates)"
             )
-        rates = price_series(rate_frame, symbol=m.risk_free_symbol)
+        rates = price_series(rate_arrays.frame(), symbol=m.risk_free_symbol)
         daily = daily_risk_free(rates.dropna(), aligned.calendar)
     return period_risk_free(aligned, daily)
 

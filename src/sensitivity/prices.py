@@ -11,11 +11,17 @@ A *price frame* is a :class:`pandas.DataFrame` with
   the source does not report corporate actions at all (e.g. a classic CSV download).
 
 :func:`check_price_frame` enforces that contract at the boundary of every source.
+:class:`PriceArrays` holds some columns of one as plain arrays, the form the fit reads a
+universe's stored prices in (a frame per symbol cost more than the read).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
+
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 
 from sensitivity.errors import DataValidationError, EmptyDataError
@@ -71,3 +77,23 @@ def check_price_frame(frame: pd.DataFrame, symbol: str) -> pd.DataFrame:
                 "(fix or remove the row in the source)"
             )
     return frame
+
+
+@dataclass(frozen=True, eq=False)
+class PriceArrays:
+    """Some price columns of one symbol as numpy arrays, in stored order.
+
+    ``days``: int64 days since 1970-01-01 (the dates; not checked for order here);
+    ``columns``: float64 arrays of the same length, by column name (of :data:`PRICE_COLUMNS`).
+    """
+
+    days: npt.NDArray[np.int64]
+    columns: Mapping[str, npt.NDArray[np.float64]]
+
+    def __len__(self) -> int:
+        return int(self.days.shape[0])
+
+    def frame(self) -> pd.DataFrame:
+        """The same data as a price frame of these columns (a ``date`` index)."""
+        index = pd.DatetimeIndex(self.days.astype("datetime64[D]").astype("datetime64[ns]"), name="date")
+        return pd.DataFrame(dict(self.columns), index=index)

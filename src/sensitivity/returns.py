@@ -19,6 +19,7 @@ return; that is the ``[T, N]`` panel the model consumes.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -26,11 +27,13 @@ import numpy as np
 import pandas as pd
 
 from sensitivity.errors import DataValidationError
+from sensitivity.prices import PriceArrays
 
 __all__ = [
     "TRADING_DAYS_PER_YEAR",
     "AlignedReturns",
     "aligned_returns",
+    "aligned_returns_from_arrays",
     "daily_risk_free",
     "period_risk_free",
     "price_series",
@@ -152,22 +155,112 @@ def aligned_returns(
     _check_dates(index_frame.index, index_symbol)
     index_prices = _check_prices(price_series(index_frame, symbol=index_symbol), index_symbol)
     dates = pd.DatetimeIndex(index_prices.index, name="date")
-    calendar = pd.DatetimeIndex(dates[1:], name="date")
-    tickers = [str(t) for t in stock_frames]
+    placed: list[_Placed] = []
+    for ticker, frame in stock_frames.items():
+        _check_dates(frame.index, str(ticker))
+        prices = _check_prices(price_series(frame, symbol=str(ticker)), str(ticker))
+        placed.append(
+            _Placed(
+                dates.get_indexer(prices.index),
+                prices.to_numpy(dtype=np.float64),
+                dates.get_indexer(frame.index),
+                frame["close"].to_numpy(dtype=np.float64),
+            )
+        )
+    return _aligned(
+        dates, index_prices.to_numpy(dtype=np.float64), [str(t) for t in stock_frames], placed, index_symbol
+    )
 
+
+def aligned_returns_from_arrays(
+    index: PriceArrays,
+    stocks: Mapping[str, PriceArrays],
+    *,
+    index_symbol: str = "index",
+) -> AlignedReturns:
+    """:func:`aligned_returns` of prices held as :class:`~sensitivity.prices.PriceArrays`
+    (``close`` and ``adj_close`` each): the same checks, messages and results, to the bit,
+    without a pandas frame per stock (what the fit reads a universe with)."""
+    index_days, index_prices = _array_prices(index, index_symbol)
+    dates = pd.DatetimeIndex(index_days.astype("datetime64[D]").astype("datetime64[ns]"), name="date")
+    placed: list[_Placed] = []
+    for ticker, arrays in stocks.items():
+        days, prices = _array_prices(arrays, str(ticker))
+        placed.append(
+            _Placed(
+                _positions(index_days, days),
+                prices,
+                _positions(index_days, arrays.days),
+                arrays.columns["close"],
+            )
+        )
+    return _aligned(dates, index_prices, [str(t) for t in stocks], placed, index_symbol)
+
+
+@dataclass(frozen=True, eq=False)
+class _Placed:
+    """One stock's prices as rows of the index's dates (-1: a date the index lacks)."""
+
+    price_rows: np.ndarray
+    prices: np.ndarray
+    close_rows: np.ndarray
+    close: np.ndarray
+
+
+def _day(days: np.ndarray, i: int) -> dt.date:
+    return _EPOCH + dt.timedelta(days=int(days[i]))
+
+
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def _array_prices(arrays: PriceArrays, symbol: str) -> tuple[np.ndarray, np.ndarray]:
+    """The days with a price and the prices (:func:`price_series` and :func:`_check_prices`
+    on arrays), after the checks of :func:`_check_dates`."""
+    for column in ("close", "adj_close"):
+        if column not in arrays.columns:
+            raise DataValidationError(f"{symbol}: price frame lacks column {column}")
+    days = arrays.days
+    if days.size > 1 and not bool(np.all(days[1:] > days[:-1])):
+        repeated = np.flatnonzero(pd.Index(days).duplicated())
+        if repeated.size:
+            raise DataValidationError(f"{symbol}: date {_day(days, int(repeated[0]))} appears more than once")
+        raise DataValidationError(f"{symbol}: dates are not sorted ascending")
+    adj = arrays.columns["adj_close"]
+    chosen = arrays.columns["close"] if bool(np.isnan(adj).all()) else adj
+    present = ~np.isnan(chosen)
+    values, on = chosen[present], days[present]
+    bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
+    if bad.size:
+        raise DataValidationError(
+            f"{symbol}: price {float(values[bad[0]])!r} on {_day(on, int(bad[0]))} is not a positive number "
+            "(fix or remove the row in the source)"
+        )
+    return on, values
+
+
+def _positions(calendar: np.ndarray, days: np.ndarray) -> np.ndarray:
+    """The row of each of ``days`` in the sorted ``calendar``, -1 where it is not there."""
+    at = np.searchsorted(calendar, days)
+    inside = at < calendar.size
+    found = np.zeros(days.shape, dtype=bool)
+    found[inside] = calendar[at[inside]] == days[inside]
+    return np.where(found, at, -1)
+
+
+def _aligned(
+    dates: pd.DatetimeIndex, idx: np.ndarray, tickers: list[str], placed: list[_Placed], index_symbol: str
+) -> AlignedReturns:
+    """The aligned returns of stocks placed on the index's price dates (``idx``: its prices)."""
+    calendar = pd.DatetimeIndex(dates[1:], name="date")
     n_dates, n_stocks = len(dates), len(tickers)
     stock = np.full((n_dates, n_stocks), np.nan)
     raw_close = np.full((n_dates, n_stocks), np.nan)
-    for j, (ticker, frame) in enumerate(stock_frames.items()):
-        _check_dates(frame.index, str(ticker))
-        prices = _check_prices(price_series(frame, symbol=str(ticker)), str(ticker))
-        # The rows of `dates` this stock has (a reindex onto the index's dates, unique both).
-        at = dates.get_indexer(prices.index)
-        on = at >= 0
-        stock[at[on], j] = prices.to_numpy(dtype=np.float64)[on]
-        at = dates.get_indexer(frame.index)
-        on = at >= 0
-        raw_close[at[on], j] = frame["close"].to_numpy(dtype=np.float64)[on]
+    for j, p in enumerate(placed):
+        on = p.price_rows >= 0
+        stock[p.price_rows[on], j] = p.prices[on]
+        on = p.close_rows >= 0
+        raw_close[p.close_rows[on], j] = p.close[on]
 
     # Every [dates, stocks] array below is written in place where it can be: at universe
     # scale each one is tens of MB, and fresh memory costs more than the arithmetic on it.
@@ -181,7 +274,6 @@ def aligned_returns(
     has_return = traded & (prev >= 0)
     no_return = ~has_return
     prev[no_return] = 0  # a valid row to gather from; the result is masked there
-    idx = index_prices.to_numpy(dtype=np.float64)
 
     with np.errstate(invalid="ignore", divide="ignore"):
         r_stock = np.take_along_axis(stock, prev, axis=0)

@@ -66,7 +66,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from sensitivity.errors import DataValidationError, StoreError, StoreLockedError
-from sensitivity.prices import PRICE_COLUMNS, check_price_frame
+from sensitivity.prices import PRICE_COLUMNS, PriceArrays, check_price_frame
 from sensitivity.symbols import normalize_symbol
 
 Kind = Literal["prices", "sensitivity", "summary", "scenarios"]
@@ -962,6 +962,52 @@ class PriceStore:
         with ThreadPoolExecutor(max_workers=_io_workers(len(paths)), thread_name_prefix="store-read") as pool:
             frames = list(pool.map(_one, paths.values()))
         return {sym: f for sym, f in zip(paths, frames, strict=True) if f is not None}
+
+    def read_many_arrays(
+        self,
+        symbols: Iterable[str],
+        start: dt.date | str | None = None,
+        end: dt.date | str | None = None,
+        *,
+        columns: Sequence[str] = ("close", "adj_close"),
+    ) -> dict[str, PriceArrays]:
+        """:meth:`read_many` as :class:`~sensitivity.prices.PriceArrays` (no frames).
+
+        The same files, checks and date range; rows in stored order.  What the fit reads a
+        universe with: building a pandas frame per symbol took about twice as long as reading
+        the files (500 symbols x 20 years: 1.1 to 1.6 s against 0.4 to 0.5 s).
+        """
+        unknown = [c for c in columns if c not in PRICE_COLUMNS]
+        if unknown:
+            raise ValueError(f"unknown price column(s): {', '.join(map(str, unknown))}")
+        epoch = dt.date(1970, 1, 1)
+        lo = (_to_date(start, "start") - epoch).days if start is not None else None
+        hi = (_to_date(end, "end") - epoch).days if end is not None else None
+        paths = {self._norm(s): self.path_for(s) for s in symbols}
+        names = ["date", *columns]
+
+        def _one(path: Path) -> PriceArrays | None:
+            try:
+                table = read_table(path, "prices", names)
+            except FileNotFoundError:
+                return None
+            days = np.asarray(table.column("date").cast(pa.int32()).to_numpy(), dtype=np.int64)
+            keep = None
+            if lo is not None:
+                keep = days >= lo
+            if hi is not None:
+                keep = days <= hi if keep is None else keep & (days <= hi)
+            data = {
+                c: np.asarray(table.column(c).to_numpy(zero_copy_only=False), np.float64) for c in columns
+            }
+            if keep is not None and not keep.all():
+                days = days[keep]
+                data = {c: v[keep] for c, v in data.items()}
+            return PriceArrays(days, data)
+
+        with ThreadPoolExecutor(max_workers=_io_workers(len(paths)), thread_name_prefix="store-read") as pool:
+            arrays = list(pool.map(_one, paths.values()))
+        return {sym: a for sym, a in zip(paths, arrays, strict=True) if a is not None}
 
     def coverage(self, symbol: str) -> list[DateRange] | None:
         """The date ranges fetched into ``symbol``'s file (sorted, merged), or None if never stored.
