@@ -20,7 +20,7 @@ return; that is the ``[T, N]`` panel the model consumes.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -155,20 +155,20 @@ def aligned_returns(
     _check_dates(index_frame.index, index_symbol)
     index_prices = _check_prices(price_series(index_frame, symbol=index_symbol), index_symbol)
     dates = pd.DatetimeIndex(index_prices.index, name="date")
-    placed: list[_Placed] = []
-    for ticker, frame in stock_frames.items():
-        _check_dates(frame.index, str(ticker))
-        prices = _check_prices(price_series(frame, symbol=str(ticker)), str(ticker))
-        placed.append(
-            _Placed(
+
+    def placed() -> Iterator[_Placed]:
+        for ticker, frame in stock_frames.items():
+            _check_dates(frame.index, str(ticker))
+            prices = _check_prices(price_series(frame, symbol=str(ticker)), str(ticker))
+            yield _Placed(
                 dates.get_indexer(prices.index),
                 prices.to_numpy(dtype=np.float64),
                 dates.get_indexer(frame.index),
                 frame["close"].to_numpy(dtype=np.float64),
             )
-        )
+
     return _aligned(
-        dates, index_prices.to_numpy(dtype=np.float64), [str(t) for t in stock_frames], placed, index_symbol
+        dates, index_prices.to_numpy(dtype=np.float64), [str(t) for t in stock_frames], placed(), index_symbol
     )
 
 
@@ -183,18 +183,18 @@ def aligned_returns_from_arrays(
     without a pandas frame per stock (what the fit reads a universe with)."""
     index_days, index_prices = _array_prices(index, index_symbol)
     dates = pd.DatetimeIndex(index_days.astype("datetime64[D]").astype("datetime64[ns]"), name="date")
-    placed: list[_Placed] = []
-    for ticker, arrays in stocks.items():
-        days, prices = _array_prices(arrays, str(ticker))
-        placed.append(
-            _Placed(
+
+    def placed() -> Iterator[_Placed]:
+        for ticker, arrays in stocks.items():
+            days, prices = _array_prices(arrays, str(ticker))
+            yield _Placed(
                 _positions(index_days, days),
                 prices,
                 _positions(index_days, arrays.days),
                 arrays.columns["close"],
             )
-        )
-    return _aligned(dates, index_prices, [str(t) for t in stocks], placed, index_symbol)
+
+    return _aligned(dates, index_prices, [str(t) for t in stocks], placed(), index_symbol)
 
 
 @dataclass(frozen=True, eq=False)
@@ -207,11 +207,12 @@ class _Placed:
     close: np.ndarray
 
 
-def _day(days: np.ndarray, i: int) -> dt.date:
-    return _EPOCH + dt.timedelta(days=int(days[i]))
-
-
 _EPOCH = dt.date(1970, 1, 1)
+
+
+def _day(days: np.ndarray, i: int) -> dt.date:
+    """Entry ``i`` of ``days`` (days since 1970-01-01) as a date."""
+    return _EPOCH + dt.timedelta(days=int(days[i]))
 
 
 def _array_prices(arrays: PriceArrays, symbol: str) -> tuple[np.ndarray, np.ndarray]:
@@ -249,9 +250,12 @@ def _positions(calendar: np.ndarray, days: np.ndarray) -> np.ndarray:
 
 
 def _aligned(
-    dates: pd.DatetimeIndex, idx: np.ndarray, tickers: list[str], placed: list[_Placed], index_symbol: str
+    dates: pd.DatetimeIndex, idx: np.ndarray, tickers: list[str], placed: Iterable[_Placed], index_symbol: str
 ) -> AlignedReturns:
-    """The aligned returns of stocks placed on the index's price dates (``idx``: its prices)."""
+    """The aligned returns of stocks placed on the index's price dates (``idx``: its prices).
+
+    ``placed`` yields one stock at a time, in ``tickers`` order, each written into the panel
+    before the next is made (a list of them would hold the universe twice over)."""
     calendar = pd.DatetimeIndex(dates[1:], name="date")
     n_dates, n_stocks = len(dates), len(tickers)
     stock = np.full((n_dates, n_stocks), np.nan)
