@@ -147,7 +147,11 @@ def test_the_fits_counts_per_ticker_and_the_tickers_without_data(source: Path, t
     assert "(no aligned return)" in outcome.no_data["LONE"]
 
 
-@pytest.mark.parametrize("model", [{}, {"se": "hac", "risk_free_symbol": "^IRX"}], ids=["ols", "hac-excess"])
+@pytest.mark.parametrize(
+    "model",
+    [{}, {"se": "hac", "risk_free_symbol": "^IRX"}, {"fit": "huber", "se": "hc1"}],
+    ids=["ols", "hac-excess", "huber-hc1"],
+)
 def test_the_next_days_run_keeps_every_stored_row_to_the_bit(
     source: Path, tmp_path: Path, model: dict
 ) -> None:
