@@ -550,26 +550,22 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
     a, b, x = a.reshape(-1), b.reshape(-1), x.reshape(-1)
     qab, qap, qam = a + b, a + 1.0, a - 1.0
     c = torch.ones_like(x)
-    d = 1.0 - qab * x / qap
-    d = torch.where(d.abs() < tiny, tiny, d).reciprocal()
+    d = _away_from_zero(1.0 - qab * x / qap, tiny).reciprocal_()
     value = d.clone()
     at = torch.arange(x.numel(), device=x.device)  # where each element's value goes in h
     live = torch.ones_like(x, dtype=torch.bool)
-    for m in range(1, 10_001):
+    for step_number in range(1, 10_001):
         if not at.numel():
             break
+        m = float(step_number)  # a float: an int operand is converted to a tensor on every use
         m2 = 2.0 * m
         num = m * (b - m) * x / ((qam + m2) * (a + m2))
-        dd = 1.0 + num * d
-        dd = torch.where(dd.abs() < tiny, tiny, dd).reciprocal()
-        cc = 1.0 + num / c
-        cc = torch.where(cc.abs() < tiny, tiny, cc)
+        dd = _away_from_zero(1.0 + num * d, tiny).reciprocal_()
+        cc = _away_from_zero(1.0 + num / c, tiny)
         hh = value * dd * cc
         num = -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))
-        dd = 1.0 + num * dd
-        dd = torch.where(dd.abs() < tiny, tiny, dd).reciprocal()
-        cc = 1.0 + num / cc
-        cc = torch.where(cc.abs() < tiny, tiny, cc)
+        dd = _away_from_zero(1.0 + num * dd, tiny).reciprocal_()
+        cc = _away_from_zero(1.0 + num / cc, tiny)
         step = dd * cc
         value = torch.where(live, hh * step, value)
         c = torch.where(live, cc, c)
@@ -577,11 +573,19 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor) -> Tensor:
         live &= (step - 1.0).abs() > 1e-15
         remaining = int(live.sum())
         if remaining <= 0.75 * live.numel():
-            done = ~live
-            h[at[done]] = value[done]
+            # One index of the live elements for every array (a boolean index per array
+            # searched the mask again each time: most of the compaction's cost).
+            keep = torch.nonzero(live).squeeze(1)
+            done = torch.nonzero(~live).squeeze(1)
+            h[at.index_select(0, done)] = value.index_select(0, done)
             at, a, b, x, qab, qap, qam, c, d, value = (
-                v[live] for v in (at, a, b, x, qab, qap, qam, c, d, value)
+                v.index_select(0, keep) for v in (at, a, b, x, qab, qap, qam, c, d, value)
             )
             live = torch.ones_like(x, dtype=torch.bool)
     h[at] = value
     return h.reshape(shape)
+
+
+def _away_from_zero(v: Tensor, tiny: float) -> Tensor:
+    """``v`` with entries of magnitude below ``tiny`` set to ``tiny`` (Lentz's guard), in place."""
+    return v.masked_fill_(v.abs() < tiny, tiny)
