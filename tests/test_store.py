@@ -248,10 +248,13 @@ def test_read_many_of_some_columns_reads_only_those(tmp_path: Path) -> None:
 
 
 def test_read_many_arrays_are_read_many_without_frames(tmp_path: Path) -> None:
-    """The fit's read: the same rows, values and date range as read_many, as plain arrays."""
+    """The fit's read: the same rows, values and date range as read_many, as plain arrays
+    (a missing adjusted close, stored as a null, reads as NaN)."""
     store = PriceStore(tmp_path)
     days = pd.bdate_range("2024-01-01", periods=10)
-    store.merge("^GSPC", prices(days), source="t", fetched_at=T0)
+    index = prices(days)
+    index.loc[index.index[4], "adj_close"] = np.nan
+    store.merge("^GSPC", index, source="t", fetched_at=T0)
     store.merge("brk-b", prices(days[3:], seed=2), source="t", fetched_at=T0)
     for start, end in ((None, None), (dt.date(2024, 1, 3), "2024-01-09"), ("2030-01-01", None)):
         frames = store.read_many(
@@ -264,6 +267,7 @@ def test_read_many_arrays_are_read_many_without_frames(tmp_path: Path) -> None:
             assert len(got) == len(frame)
             pd.testing.assert_frame_equal(got.frame(), frame, check_exact=True)
             assert got.days.dtype == np.int64
+    assert np.isnan(store.read_many_arrays(["^GSPC"])["^GSPC"].columns["adj_close"][4])
     with pytest.raises(ValueError, match=r"unknown price column\(s\): Close"):
         store.read_many_arrays(["KO"], columns=["Close"])
 
