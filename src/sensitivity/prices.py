@@ -95,5 +95,9 @@ class PriceArrays:
 
     def frame(self) -> pd.DataFrame:
         """The same data as a price frame of these columns (a ``date`` index)."""
-        index = pd.DatetimeIndex(self.days.astype("datetime64[D]").astype("datetime64[ns]"), name="date")
-        return pd.DataFrame(dict(self.columns), index=index)
+        return pd.DataFrame(dict(self.columns), index=date_index(self.days))
+
+
+def date_index(days: npt.NDArray[np.int64]) -> pd.DatetimeIndex:
+    """Days since 1970-01-01 as a price frame's index (``date``, midnight, nanoseconds)."""
+    return pd.DatetimeIndex(days.astype("datetime64[D]").astype("datetime64[ns]"), name="date")

@@ -27,7 +27,7 @@ import numpy as np
 import pandas as pd
 
 from sensitivity.errors import DataValidationError
-from sensitivity.prices import PriceArrays
+from sensitivity.prices import PriceArrays, date_index
 
 __all__ = [
     "TRADING_DAYS_PER_YEAR",
@@ -62,12 +62,24 @@ def _check_dates(index: pd.Index, symbol: str) -> pd.DatetimeIndex:
     if index.tz is not None:
         raise DataValidationError(f"{symbol}: price dates must be tz-naive dates, got {index.dtype}")
     if index.has_duplicates:
-        raise DataValidationError(
-            f"{symbol}: date {index[index.duplicated()][0].date()} appears more than once"
-        )
+        raise _repeated_date(symbol, index[index.duplicated()][0].date())
     if not index.is_monotonic_increasing:
-        raise DataValidationError(f"{symbol}: dates are not sorted ascending")
+        raise _unsorted(symbol)
     return index
+
+
+def _repeated_date(symbol: str, day: object) -> DataValidationError:
+    return DataValidationError(f"{symbol}: date {day} appears more than once")
+
+
+def _unsorted(symbol: str) -> DataValidationError:
+    return DataValidationError(f"{symbol}: dates are not sorted ascending")
+
+
+def _not_positive(symbol: str, value: float, day: object) -> DataValidationError:
+    return DataValidationError(
+        f"{symbol}: price {value!r} on {day} is not a positive number (fix or remove the row in the source)"
+    )
 
 
 def _check_prices(prices: pd.Series, symbol: str) -> pd.Series:
@@ -77,10 +89,8 @@ def _check_prices(prices: pd.Series, symbol: str) -> pd.Series:
     bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
     if bad.size:
         day = present.index[bad[0]]
-        when = day.date() if isinstance(day, pd.Timestamp) else day
-        raise DataValidationError(
-            f"{symbol}: price {float(values[bad[0]])!r} on {when} is not a positive number "
-            "(fix or remove the row in the source)"
+        raise _not_positive(
+            symbol, float(values[bad[0]]), day.date() if isinstance(day, pd.Timestamp) else day
         )
     return present.astype(np.float64)
 
@@ -182,7 +192,7 @@ def aligned_returns_from_arrays(
     (``close`` and ``adj_close`` each): the same checks, messages and results, to the bit,
     without a pandas frame per stock (what the fit reads a universe with)."""
     index_days, index_prices = _array_prices(index, index_symbol)
-    dates = pd.DatetimeIndex(index_days.astype("datetime64[D]").astype("datetime64[ns]"), name="date")
+    dates = date_index(index_days)
 
     def placed() -> Iterator[_Placed]:
         for ticker, arrays in stocks.items():
@@ -225,18 +235,15 @@ def _array_prices(arrays: PriceArrays, symbol: str) -> tuple[np.ndarray, np.ndar
     if days.size > 1 and not bool(np.all(days[1:] > days[:-1])):
         repeated = np.flatnonzero(pd.Index(days).duplicated())
         if repeated.size:
-            raise DataValidationError(f"{symbol}: date {_day(days, int(repeated[0]))} appears more than once")
-        raise DataValidationError(f"{symbol}: dates are not sorted ascending")
+            raise _repeated_date(symbol, _day(days, int(repeated[0])))
+        raise _unsorted(symbol)
     adj = arrays.columns["adj_close"]
     chosen = arrays.columns["close"] if bool(np.isnan(adj).all()) else adj
     present = ~np.isnan(chosen)
     values, on = chosen[present], days[present]
     bad = np.flatnonzero(~np.isfinite(values) | (values <= 0))
     if bad.size:
-        raise DataValidationError(
-            f"{symbol}: price {float(values[bad[0]])!r} on {_day(on, int(bad[0]))} is not a positive number "
-            "(fix or remove the row in the source)"
-        )
+        raise _not_positive(symbol, float(values[bad[0]]), _day(on, int(bad[0])))
     return on, values
 
 
