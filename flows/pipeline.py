@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import math
 import sys
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -53,7 +52,8 @@ from sensitivity.pipeline import (
     replay_records,
     write_run_report,
 )
-from sensitivity.process_pool import ProcessPool, available_cpus
+from sensitivity.plan import FETCH_WORKER, fetch_batches, fetch_processes
+from sensitivity.process_pool import ProcessPool
 
 DEFAULT_CONFIG = "config/default.toml"
 
@@ -152,23 +152,6 @@ def _fetch_batch_here(
     return fetch_batch(config, symbols), []
 
 
-def fetch_batches(config: Config, symbols: Sequence[str]) -> list[list[str]]:
-    """How the fetches are split into tasks: one symbol per task for Yahoo (the network is the
-    bottleneck, and Prefect retries each symbol on its own), about two batches per worker for
-    the local sources (``files``, ``sample``), in the configured order.  Pure."""
-    if config.source.kind == "yahoo" or not symbols:
-        return [[s] for s in symbols]
-    workers = config.source.concurrency
-    if config.runtime.task_runner == "dask":
-        workers = max(workers, config.runtime.dask_workers)
-    size = max(1, min(_MAX_BATCH, math.ceil(len(symbols) / (2 * workers))))
-    return [list(symbols[i : i + size]) for i in range(0, len(symbols), size)]
-
-
-#: The most symbols one local fetch task takes (its log and progress stay readable).
-_MAX_BATCH = 128
-
-
 def fetch_options(config: Config) -> dict[str, Any]:
     """The fetch task's retry options from ``[source]``: ``retries`` attempts more, waiting about
     ``retry_delay_s * 2**(n-1)`` seconds before retry n (randomised by Prefect's jitter, at most
@@ -263,32 +246,14 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
 
 
 def fetch_workers(config: Config, batches: Sequence[Sequence[str]]) -> ProcessPool | None:
-    """The worker processes the local batches run in, or None to run them in the task threads.
-
-    Only for a local fetch (not Yahoo's task per symbol) on the thread runner (Dask has
-    processes of its own).  ``runtime.fetch_processes``: ``"auto"`` is one process per CPU,
-    at most ``source.concurrency``, from :data:`PROCESS_MIN_SYMBOLS` symbols and two CPUs up
-    (a worker takes about a second to start, the time of a few dozen local fetches); 0 none;
-    N that many.  Never more than there are batches.
-    """
-    if config.runtime.task_runner == "dask" or all(len(b) == 1 for b in batches):
-        return None
-    wanted = config.runtime.fetch_processes
-    if wanted == "auto":
-        if sum(len(b) for b in batches) < PROCESS_MIN_SYMBOLS:
-            return None
-        processes = min(config.source.concurrency, available_cpus())
-        processes = processes if processes >= 2 else 0
-    else:
-        processes = int(wanted)
-    processes = min(processes, len(batches))
+    """The worker processes the local batches run in (:func:`sensitivity.plan.fetch_processes`;
+    those :func:`sensitivity.process_pool.prestart` started are taken first), or None to run
+    them in the task threads."""
+    processes = fetch_processes(config, batches)
     if processes < 1:
         return None
-    return ProcessPool("sensitivity.pipeline:fetch_batch_logged", processes, hang_s=_BATCH_HANG_S)
+    return ProcessPool(FETCH_WORKER, processes, hang_s=_BATCH_HANG_S)
 
-
-#: Fewest symbols for which ``runtime.fetch_processes = "auto"`` starts worker processes.
-PROCESS_MIN_SYMBOLS = 64
 
 #: A batch a worker has not finished after this long is taken back and run in the task's
 #: thread (a day: a fetch may legitimately wait ``runtime.lock_timeout_s`` per symbol for

@@ -292,3 +292,27 @@ def test_run_called_from_another_program_leaves_its_collector_alone() -> None:
     assert flow.name == "stock-sensitivity"
     assert gc.get_freeze_count() == frozen
     assert gc.isenabled()
+
+
+@pytest.mark.parametrize(("tickers", "fetch", "sections"), [(100, 2, 1), (3, 0, 0)])
+def test_run_prestarts_the_workers_its_fetch_and_report_will_take(
+    tickers: int, fetch: int, sections: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fetch's and the report's worker processes start before the imports, as the flow's
+    steps would start them (the same rules: sensitivity.plan); a small run starts none."""
+    import sensitivity.cli as cli
+    import sensitivity.plan as plan
+    from sensitivity.config import load_config
+
+    monkeypatch.setattr(plan, "available_cpus", lambda: 2)
+    started: list[tuple[str, int]] = []
+    monkeypatch.setattr(cli, "prestart", lambda function, n: started.append((function, n)) or n)
+    names = [f"S{i:04d}" for i in range(tickers)]
+    cfg = load_config(
+        ROOT / "config" / "sample.toml",
+        {"source": "files", "source_path": str(tmp_path), "tickers": names},
+    )
+    cli._prestart_workers(cfg)
+    assert dict(started) == {plan.FETCH_WORKER: fetch, plan.SECTION_WORKER: sections}
+    batches = plan.fetch_batches(cfg, list(cfg.fetch_symbols))
+    assert plan.fetch_processes(cfg, batches) == fetch  # what the flow's fetch_workers asks for

@@ -371,12 +371,20 @@ def test_fetch_batches_split_local_sources_and_keep_yahoo_per_symbol(
     ],
 )
 def test_fetch_workers_follow_runtime_fetch_processes(
-    kind: str, n: int, runner: str, processes: Any, cpus: int, expected: int, tmp_path: Path
+    kind: str,
+    n: int,
+    runner: str,
+    processes: Any,
+    cpus: int,
+    expected: int,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    import sensitivity.plan
     from sensitivity.config import load_config
 
     module = _flow_module()
-    module.available_cpus = lambda: cpus
+    monkeypatch.setattr(sensitivity.plan, "available_cpus", lambda: cpus)
     cfg = load_config(
         ROOT / "config" / "sample.toml",
         {"source": kind, "source_path": str(tmp_path) if kind == "files" else None},

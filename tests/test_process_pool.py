@@ -305,3 +305,64 @@ def test_close_without_wait_kills_a_busy_worker_at_once() -> None:
     assert worker.poll() is not None
     assert not waiter.is_alive()
     assert len(errors) == 1
+
+
+def test_a_pool_takes_the_spares_prestarted_for_its_function_and_starts_the_rest() -> None:
+    try:
+        assert process_pool.prestart("os:getpid", 2) == 2
+        assert process_pool.prestart("math:sqrt", 1) == 1
+        with process_pool._SPARES_LOCK:
+            spare_pids = {p.pid for p in process_pool._SPARES["os:getpid"]}
+        assert process_pool.spares("os:getpid") == 2
+        assert process_pool.spares() == 3
+        with ProcessPool("os:getpid", 3) as pool:
+            assert pool.processes == 3
+            assert process_pool.spares("os:getpid") == 0
+            assert process_pool.spares("math:sqrt") == 1  # another function's spare is left alone
+            pool_pids = {p.pid for p in pool._procs}
+            assert spare_pids <= pool_pids  # both spares, plus one started
+            time.sleep(0.5)
+            pids = pool.map([() for _ in range(40)], slow_pid)
+        assert set(pids) - {os.getpid()}, "no job ran in a worker"
+        assert set(pids) - {os.getpid()} <= pool_pids
+        with ProcessPool("math:sqrt", 1) as pool:  # the sqrt spare serves sqrt
+            assert process_pool.spares() == 0
+            assert pool.map([(float(i),) for i in range(50)], math.sqrt) == [math.sqrt(i) for i in range(50)]
+    finally:
+        process_pool.discard_spares()
+
+
+def test_a_spare_that_died_is_replaced_and_the_results_are_the_callers() -> None:
+    try:
+        process_pool.prestart("math:sqrt", 1)
+        with process_pool._SPARES_LOCK:
+            spare = process_pool._SPARES["math:sqrt"][0]
+        spare.kill()
+        spare.wait()
+        with ProcessPool("math:sqrt", 1) as pool:
+            assert pool.processes == 1
+            assert spare not in pool._procs
+            assert pool.map([(float(i),) for i in range(20)], math.sqrt) == [math.sqrt(i) for i in range(20)]
+    finally:
+        process_pool.discard_spares()
+
+
+def test_discarded_spares_end_at_once_and_leave_nothing_on_stderr(capfd: pytest.CaptureFixture[str]) -> None:
+    process_pool.prestart("sensitivity.pipeline:fetch_batch_logged", 2)
+    with process_pool._SPARES_LOCK:
+        procs = list(process_pool._SPARES["sensitivity.pipeline:fetch_batch_logged"])
+    started = time.monotonic()
+    process_pool.discard_spares()
+    assert time.monotonic() - started < 5.0
+    assert all(p.poll() is not None for p in procs)
+    assert process_pool.spares() == 0
+    # A spare whose caller closes its pipe while it waits exits quietly (no traceback).
+    process_pool.prestart("math:sqrt", 1)
+    with process_pool._SPARES_LOCK:
+        proc = process_pool._SPARES.pop("math:sqrt")[0]
+    time.sleep(0.5)
+    assert proc.stdin is not None
+    proc.stdin.close()
+    assert proc.wait(timeout=10) == 0
+    process_pool._close_pipes(proc)
+    assert "Traceback" not in capfd.readouterr().err

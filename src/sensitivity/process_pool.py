@@ -15,8 +15,10 @@ So each worker here is a fresh interpreter started as ``python -c <bootstrap>``:
 caller's ``sys.path`` (the same modules), runs an optional initializer, imports the target
 function by name and answers jobs on its standard input and output (length-prefixed pickles;
 what the worker prints goes to its standard error, never into the protocol).  Nothing of the
-caller's ``__main__`` is imported.  The pickles travel only on the private pipes between the
-caller and the workers it started, never through a file or a socket.
+caller's ``__main__`` is imported.  :func:`prestart` starts such workers ahead of the pool
+that will take them, importing their function's module while the caller is busy elsewhere.
+The pickles travel only on the private pipes between the caller and the workers it started,
+never through a file or a socket.
 
 :meth:`ProcessPool.submit` queues a job, which a free worker takes at once; the caller goes on
 with its own work meanwhile, and :meth:`ProcessPool.gather` has it run the jobs still queued
@@ -30,6 +32,7 @@ Ctrl-C (the caller handles it) and ends when its caller dies.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -44,7 +47,7 @@ from collections.abc import Callable, Sequence
 from importlib import import_module
 from typing import IO, Any
 
-__all__ = ["ProcessPool", "available_cpus"]
+__all__ = ["ProcessPool", "available_cpus", "discard_spares", "prestart", "spares"]
 
 _log = logging.getLogger(__name__)
 
@@ -54,7 +57,9 @@ _HEADER = struct.Struct(">Q")
 #: The worker's program.  It ignores Ctrl-C (the caller handles it and closes the pool, which
 #: ends the worker), keeps its original standard output for the protocol and points file
 #: descriptor 1 (and ``sys.stdout``) at standard error, reads the setup message, takes the
-#: caller's ``sys.path`` and hands over to :func:`serve`.
+#: caller's ``sys.path`` and hands over to :func:`serve`.  A spare (:func:`prestart`) is first
+#: told only which function it will serve: it imports that function's module, then waits for
+#: its setup.  A worker whose caller closes the pipe before its setup exits quietly.
 _BOOT = """\
 import os, pickle, signal, struct, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -62,11 +67,26 @@ proto = os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)
 sys.stdout = sys.stderr
 src = sys.stdin.buffer
-(size,) = struct.unpack(">Q", src.read(8))
-setup = pickle.loads(src.read(size))
-sys.path[:] = setup["sys_path"]
+def setup():
+    head = src.read(8)
+    if len(head) < 8:
+        os._exit(0)
+    data = src.read(struct.unpack(">Q", head)[0])
+    message = pickle.loads(data)
+    if message is None:
+        os._exit(0)
+    sys.path[:] = message["sys_path"]
+    return message
+message = setup()
+if "preload" in message:
+    import importlib
+    try:
+        importlib.import_module(message["preload"].partition(":")[0])
+    except Exception:
+        pass  # serve() imports it again and the caller hears why
+    message = setup()
 from sensitivity.process_pool import serve
-serve(src, proto, setup)
+serve(src, proto, message)
 """
 
 #: Marks a job no worker has answered.
@@ -145,12 +165,100 @@ def serve(source: IO[bytes], sink: IO[bytes], setup: dict[str, Any]) -> None:
             return
 
 
+def _start_worker() -> subprocess.Popen[bytes] | None:
+    """A fresh worker interpreter waiting for its first message, or None if none can start."""
+    if not sys.executable:
+        return None
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-c", _BOOT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            close_fds=True,
+        )
+    except OSError as exc:
+        _log.warning("could not start a worker process (%s); the caller does its share", exc)
+        return None
+
+
+#: Spare workers started by :func:`prestart`, by the function they will serve.
+_SPARES: dict[str, list[subprocess.Popen[bytes]]] = {}
+_SPARES_LOCK = threading.Lock()
+
+
+def prestart(function: str, processes: int) -> int:
+    """Start ``processes`` spare workers for ``function`` now; the next pools for it take them.
+
+    Each spare is a worker interpreter that imports ``function``'s module at once and then
+    waits: a :class:`ProcessPool` for the same ``function`` created later takes spares before
+    starting workers of its own, and finds them ready instead of waiting a second or so for
+    each to import pandas or matplotlib.  A program that knows early which pools it will
+    create (``sensitivity run`` knows from its configuration, before it imports Prefect and
+    torch on its one busy core) lets them start on the idle ones.  Spares no pool took are
+    ended by :func:`discard_spares`, and at the latest when this process exits.  Returns how
+    many started.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+    for _ in range(max(0, processes)):
+        proc = _start_worker()
+        if proc is None:
+            break
+        assert proc.stdin is not None
+        try:
+            _send(proc.stdin, {"sys_path": list(sys.path), "preload": function})
+        except OSError:
+            _kill(proc)
+            continue
+        started.append(proc)
+    if started:
+        with _SPARES_LOCK:
+            _SPARES.setdefault(function, []).extend(started)
+    return len(started)
+
+
+def spares(function: str | None = None) -> int:
+    """Spare workers waiting (for ``function``, or for any)."""
+    with _SPARES_LOCK:
+        if function is not None:
+            return len(_SPARES.get(function, []))
+        return sum(len(v) for v in _SPARES.values())
+
+
+def _take_spares(function: str, processes: int) -> list[subprocess.Popen[bytes]]:
+    """Up to ``processes`` spares for ``function`` that are still alive, taken out of the pool."""
+    taken: list[subprocess.Popen[bytes]] = []
+    with _SPARES_LOCK:
+        waiting = _SPARES.get(function, [])
+        while waiting and len(taken) < processes:
+            proc = waiting.pop(0)
+            if proc.poll() is None:
+                taken.append(proc)
+            else:
+                _close_pipes(proc)
+    return taken[::-1]  # popped from the end: the oldest first
+
+
+def discard_spares() -> None:
+    """End every spare worker no pool took (killed: a spare holds no work, at most a half-done
+    import)."""
+    with _SPARES_LOCK:
+        procs = [p for waiting in _SPARES.values() for p in waiting]
+        _SPARES.clear()
+    for proc in procs:
+        _kill(proc)
+        _close_pipes(proc)
+
+
+atexit.register(discard_spares)
+
+
 class ProcessPool:
     """Up to ``processes`` worker interpreters running ``function`` (``"module:name"``).
 
     ``initializer`` (``"module:name"``) runs once in each worker with ``initargs`` before any
-    job, as in :class:`concurrent.futures.ProcessPoolExecutor`.  A worker that cannot be
-    started is left out (the caller does its share).  Use as a context manager, or call
+    job, as in :class:`concurrent.futures.ProcessPoolExecutor`.  Spares :func:`prestart`
+    started for the same ``function`` are taken first; the rest are started here.  A worker
+    that cannot be started is left out (the caller does its share).  Use as a context manager, or call
     :meth:`close`.
     """
 
@@ -181,23 +289,15 @@ class ProcessPool:
             "initializer": initializer,
             "initargs": tuple(initargs),
         }
-        if not sys.executable:
-            return
+        spares = _take_spares(function, max(0, processes))
         for _ in range(max(0, processes)):
-            try:
-                proc = subprocess.Popen(
-                    [sys.executable, "-c", _BOOT],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                _log.warning("could not start a worker process (%s); the caller does its share", exc)
+            proc = spares.pop() if spares else _start_worker()
+            if proc is None:
                 break
             assert proc.stdin is not None  # for mypy: PIPE was asked for
             try:
                 _send(proc.stdin, setup)
-            except OSError:
+            except OSError:  # a spare that died meanwhile, or a worker that could not start
                 _kill(proc)
                 continue
             self._procs.append(proc)
@@ -385,3 +485,11 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         proc.kill()
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=5.0)
+
+
+def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+    """Close this side's pipes of a worker that has ended."""
+    for stream in (proc.stdin, proc.stdout):
+        if stream is not None:
+            with contextlib.suppress(OSError):
+                stream.close()

@@ -60,7 +60,8 @@ from matplotlib.text import Text
 from matplotlib.transforms import Bbox
 from PIL import Image
 
-from sensitivity.process_pool import ProcessPool, available_cpus
+from sensitivity.plan import CHART_LIMIT, SECTION_WORKER, charted_sections, section_workers
+from sensitivity.process_pool import ProcessPool
 
 __all__ = [
     "CHART_LIMIT",
@@ -147,9 +148,6 @@ SIGNIFICANCE_LEVEL: Final[float] = 0.05
 
 CHART_DPI: Final[int] = 90
 CHART_SIZE: Final[tuple[float, float]] = (6.2, 4.4)
-#: Above this many tickers per (index, window) the report charts only the ``CHART_LIMIT // 2``
-#: most and least sensitive ones (the overview still lists every ticker).
-CHART_LIMIT: Final[int] = 40
 #: Palette size of the embedded PNGs (see :func:`figure_png`).
 PNG_COLORS: Final[int] = 128
 SPARK_DPI: Final[int] = 100
@@ -158,12 +156,6 @@ SPARK_SIZE: Final[tuple[float, float]] = (1.6, 0.36)
 SPARK_DAYS: Final[int] = 365
 #: zlib level of the embedded PNGs: 7 is within about 6% of the smallest (9) at a sixth of its time.
 PNG_COMPRESS_LEVEL: Final[int] = 7
-#: Charted sections per worker process below which the report draws them all itself: a
-#: worker takes about 1.3 s to start (a fresh interpreter importing matplotlib and pandas),
-#: a section about 0.35 s to draw.
-SECTIONS_PER_WORKER: Final[int] = 8
-#: Most worker processes one report starts.
-MAX_WORKERS: Final[int] = 8
 #: Space around a chart's parts (axes, title, labels, legend), in inches: constrained layout's pad.
 _PAD_IN: Final[float] = 3.0 / 72.0
 
@@ -1978,7 +1970,9 @@ def render_report(
 
     ``workers``: processes that draw ticker sections beside the caller (matplotlib holds the
     GIL, so threads would not help); None picks one per spare CPU, at most
-    :data:`MAX_WORKERS` and one per :data:`SECTIONS_PER_WORKER` sections; 0 draws everything
+    :data:`~sensitivity.plan.MAX_SECTION_WORKERS` and one per
+    :data:`~sensitivity.plan.SECTIONS_PER_WORKER` sections (:func:`sensitivity.plan.section_workers`;
+    a worker :func:`sensitivity.process_pool.prestart` started is taken first); 0 draws everything
     here.  The page is byte for byte the same either way (the workers take this process's
     ``sys.path`` and matplotlib ``rcParams``, though not fonts added at run time with
     ``font_manager.fontManager.addfont``: pass 0 then); see :mod:`sensitivity.process_pool`.
@@ -2013,7 +2007,7 @@ def render_report(
         for key, group in table.groupby(["index_ticker", "window"], sort=True)
     ]
     # Started now, so that the workers boot while the overview is drawn here.
-    pool = _section_pool(sum(min(len(g[2]), chart_limit) for g in groups), workers)
+    pool = _section_pool(charted_sections([len(g[2]) for g in groups], chart_limit), workers)
     try:
         page = _render_page(
             _PageInputs(
@@ -2037,11 +2031,9 @@ def render_report(
 
 def _section_pool(sections: int, workers: int | None) -> ProcessPool:
     """The worker processes for ``sections`` charted sections (none when too few to pay off)."""
-    if workers is None:
-        workers = min(available_cpus() - 1, sections // SECTIONS_PER_WORKER, MAX_WORKERS)
     return ProcessPool(
-        "sensitivity.report:_worker_section",
-        min(workers, sections),
+        SECTION_WORKER,
+        section_workers(sections, workers),
         initializer="sensitivity.report:_worker_setup",
         initargs=({k: v for k, v in rcParams.items() if k != "backend"},),
     )
