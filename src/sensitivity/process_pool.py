@@ -235,7 +235,7 @@ def _take_spares(function: str, processes: int) -> list[subprocess.Popen[bytes]]
                 taken.append(proc)
             else:
                 _close_pipes(proc)
-    return taken[::-1]  # popped from the end: the oldest first
+    return taken
 
 
 def discard_spares() -> None:
@@ -291,7 +291,7 @@ class ProcessPool:
         }
         spares = _take_spares(function, max(0, processes))
         for _ in range(max(0, processes)):
-            proc = spares.pop() if spares else _start_worker()
+            proc = spares.pop(0) if spares else _start_worker()
             if proc is None:
                 break
             assert proc.stdin is not None  # for mypy: PIPE was asked for
