@@ -29,6 +29,7 @@ from prefect.cache_policies import NONE as NO_CACHE
 from prefect.client.schemas.objects import TaskRun
 from prefect.context import FlowRunContext
 from prefect.futures import as_completed
+from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
 from prefect.states import State
 from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
@@ -245,6 +246,18 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
     return result
 
 
+def _fetch_subflow(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, str]]:
+    """:func:`fetch_universe` as a subflow of the current run, on the fetch's task runner.
+
+    Without heartbeats of its own: the parent run's heartbeat thread already says that this
+    process is alive, and Prefect joins a flow run's heartbeat thread when the run ends while
+    that thread sleeps in 1 s steps, which left both cores idle for about a second between the
+    fetch and the fit (py-spy: ``Thread.join`` under ``_send_heartbeats``).
+    """
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        return fetch_universe.with_options(task_runner=task_runner_for(cfg))(cfg)
+
+
 def fetch_workers(config: Config, batches: Sequence[Sequence[str]]) -> ProcessPool | None:
     """The worker processes the local batches run in (:func:`sensitivity.plan.fetch_processes`;
     those :func:`sensitivity.process_pool.prestart` started are taken first), or None to run
@@ -454,7 +467,7 @@ def stock_sensitivity(
         cfg.output.data_dir,
     )
     progress.emit(progress.ProgressEvent("start", total=len(cfg.fetch_symbols)))
-    fetches, failures = fetch_universe.with_options(task_runner=task_runner_for(cfg))(cfg)
+    fetches, failures = _fetch_subflow(cfg)
     if u.index in failures:
         raise SourceError(f"{u.index}: the index could not be fetched: {failures[u.index]}", symbol=u.index)
     rate = cfg.model.risk_free_symbol

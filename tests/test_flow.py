@@ -115,6 +115,34 @@ def test_flow_report_draws_the_fits_rows_without_reading_them_back(  # type: ign
     assert page.count('data-chart="sensitivity"') == 2
 
 
+def test_flow_fetch_subflow_leaves_heartbeats_to_the_parent_run(  # type: ignore[no-untyped-def]
+    flow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fetch-universe subflow runs without heartbeats of its own (Prefect joins a run's
+    heartbeat thread at its end, a second's wait), and the run keeps its own around it."""
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, get_current_settings, temporary_settings
+
+    module = flow.fn.__globals__
+    seen: dict[str, Any] = {}
+
+    def spy(name: str) -> Any:
+        original = module[name]
+
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            seen[name] = get_current_settings().flows.heartbeat_frequency
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    for name in ("_fetch_all", "fit_universe_with_history"):
+        monkeypatch.setitem(module, name, spy(name))
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
+        result = run(flow, tmp_path, tickers=["KO"])
+        assert get_current_settings().flows.heartbeat_frequency == 30
+    assert result["failures"] == {}
+    assert seen == {"_fetch_all": None, "fit_universe_with_history": 30}
+
+
 def test_flow_last_row_matches_statsmodels(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run(flow, tmp_path, tickers=["KO"])
     table = pd.read_parquet(tmp_path / "reports" / "sensitivity")
