@@ -147,6 +147,28 @@ def test_the_fits_counts_per_ticker_and_the_tickers_without_data(source: Path, t
     assert "(no aligned return)" in outcome.no_data["LONE"]
 
 
+def test_the_fits_summary_from_each_tickers_last_row_is_the_full_summary(
+    source: Path, tmp_path: Path
+) -> None:
+    """The fit summarises its table from each ticker's last row (its rows run ticker by
+    ticker, each by date): the same frame as summary_table over every row; rows in another
+    order take the full summary and give the same."""
+    from sensitivity.pipeline import _fit_universe, _latest_summary, _ticker_codes
+    from sensitivity.report import summary_table
+
+    cfg = config(source, tmp_path / "data")
+    for symbol in cfg.fetch_symbols:
+        fetch_symbol(cfg, symbol)
+    _, table = _fit_universe(cfg, ["KO", "JPM"])
+    expected = summary_table(table)
+    assert len(expected) == 2
+    pd.testing.assert_frame_equal(_latest_summary(table, _ticker_codes(table)[0]), expected)
+    shuffled = table.sample(frac=1.0, random_state=0)
+    pd.testing.assert_frame_equal(_latest_summary(shuffled, _ticker_codes(shuffled)[0]), expected)
+    stored = ReportStore(tmp_path / "data").read_summary()
+    assert stored["ticker"].tolist() == expected["ticker"].tolist()
+
+
 @pytest.mark.parametrize(
     "model",
     [{}, {"se": "hac", "risk_free_symbol": "^IRX"}, {"fit": "huber", "se": "hc1"}],

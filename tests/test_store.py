@@ -1272,3 +1272,26 @@ def test_merged_price_table_equals_the_generic_conversion(tmp_path: Path) -> Non
     odd.index = odd.index + pd.Timedelta(hours=1)
     with pytest.raises(DataValidationError, match="time of day"):
         store_mod._merged_price_table(odd, "KO")
+
+
+def test_a_large_frame_converts_on_threads_to_the_same_table_and_names_the_first_bad_column(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Above _THREADED_CONVERSION_CELLS the columns convert on threads: the table is the one
+    the loop gives, and of two bad columns the error names the first in schema order."""
+    dates = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("1990-01-01", periods=30_000)]
+    frame = sens_frame("^GSPC", "AAPL", 252, dates)
+    assert frame.size >= store_mod._THREADED_CONVERSION_CELLS
+    monkeypatch.setattr(store_mod, "available_cpus", lambda: 2)
+    threaded = store_mod.table_from_frame(frame, SENSITIVITY_SCHEMA, "big table")
+    with monkeypatch.context() as m:
+        m.setattr(store_mod, "_THREADED_CONVERSION_CELLS", 10**12)
+        looped = store_mod.table_from_frame(frame, SENSITIVITY_SCHEMA, "big table")
+    assert threaded.equals(looped)
+    assert threaded.column("alpha").null_count == 1  # NaN became a null on the threads too
+    bad = frame.copy()
+    bad["n_obs"] = bad["n_obs"].astype(object)
+    bad.loc[7, "n_obs"] = "seven"
+    bad["gamma_p"] = "x"
+    with pytest.raises(DataValidationError, match="column n_obs"):
+        store_mod.table_from_frame(bad, SENSITIVITY_SCHEMA, "big table")

@@ -561,7 +561,6 @@ def fit_universe_with_history(config: Config, tickers: Sequence[str]) -> FittedU
 def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, pd.DataFrame]:
     """:func:`fit_universe`, and the per-day rows it wrote (every column)."""
     from sensitivity.api import quadratic_sensitivity
-    from sensitivity.report import summary_table
     from sensitivity.scenarios import scenario_table
 
     t0 = time.perf_counter()
@@ -622,7 +621,7 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
     # Fitted rows per ticker (counted by code, not by grouping the table's strings).
     has_value = table["sensitivity"].notna().to_numpy()
     fitted = dict(zip(names, np.bincount(codes[has_value], minlength=len(names)).tolist(), strict=True))
-    summary = summary_table(table)
+    summary = _latest_summary(table, codes)
     summary["fit"] = m.fit
     scenarios = scenario_table(summary, m.scenarios, fit=m.fit)
     reports = ReportStore(data_dir)
@@ -680,6 +679,26 @@ def _ticker_codes(table: pd.DataFrame) -> tuple[npt.NDArray[np.intp], list[str]]
     per ticker and the price lookup work on (grouping 2.4 million strings took 0.2 s a time)."""
     codes, names = pd.factorize(table["ticker"], sort=False)
     return np.asarray(codes, dtype=np.intp), [str(n) for n in names]
+
+
+def _latest_summary(table: pd.DataFrame, codes: npt.NDArray[np.intp]) -> pd.DataFrame:
+    """:func:`~sensitivity.report.summary_table` of the fit's table, from each ticker's last row.
+
+    The fit's rows run ticker by ticker (``codes``, :func:`_ticker_codes`), each by date, so
+    a ticker's latest row ends its run: the summary of those rows alone is the table's (its
+    ``as_of`` too, the latest of them), without grouping and sorting 2.5 million rows (0.25 s
+    at 500 tickers x 20 years).  Rows in any other order go to the full summary.
+    """
+    from sensitivity.report import summary_table
+
+    ends = np.r_[codes[1:] != codes[:-1], True] if len(codes) else np.zeros(0, dtype=bool)
+    days = pd.to_datetime(table["date"]).to_numpy(dtype="datetime64[ns]")
+    runs_in_order = int(ends.sum()) == len(np.unique(codes)) and bool(
+        np.all((days[1:] > days[:-1]) | ends[:-1])
+    )
+    if not runs_in_order:
+        return summary_table(table)
+    return summary_table(table.iloc[np.flatnonzero(ends)])
 
 
 def _with_prices(
