@@ -158,6 +158,27 @@ def test_the_temporary_server_boots_while_the_flow_loads(monkeypatch: pytest.Mon
     assert _FakeServer.calls == []
 
 
+def test_heartbeats_are_off_only_on_the_temporary_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Nothing outlives the temporary server to read a heartbeat: off there (Prefect waits for
+    the heartbeat thread at the end of each run); on against a configured server."""
+    import prefect.settings
+    from prefect.settings.context import get_current_settings as real_settings
+
+    from sensitivity import cli as cli_module
+
+    default = real_settings().flows.heartbeat_frequency
+    assert default is not None
+    monkeypatch.setattr(prefect.settings, "get_current_settings", lambda: _settings(None))
+    with cli_module._no_heartbeats_on_a_temporary_server():
+        assert real_settings().flows.heartbeat_frequency is None
+    assert real_settings().flows.heartbeat_frequency == default
+    monkeypatch.setattr(
+        prefect.settings, "get_current_settings", lambda: _settings("http://127.0.0.1:4200/api")
+    )
+    with cli_module._no_heartbeats_on_a_temporary_server():
+        assert real_settings().flows.heartbeat_frequency == default
+
+
 def test_a_failed_early_start_is_left_to_the_flow_run(monkeypatch: pytest.MonkeyPatch) -> None:
     import prefect.server.api.server
     import prefect.settings

@@ -108,6 +108,29 @@ def _temporary_server_started_early() -> Iterator[None]:
         thread.join()
 
 
+@contextlib.contextmanager
+def _no_heartbeats_on_a_temporary_server() -> Iterator[None]:
+    """Run the body with Prefect's flow-run heartbeats off when the API is the temporary server.
+
+    Heartbeats let a server notice a run whose process died; the temporary server dies with
+    this process, so nothing could ever read them, and Prefect joins the heartbeat thread at
+    the end of every run while it sleeps in 1 s steps (up to a second of idle wait).  Against
+    a configured server (``PREFECT_API_URL``) they stay on.
+    """
+    from prefect.settings import (
+        PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
+        get_current_settings,
+        temporary_settings,
+    )
+
+    settings = get_current_settings()
+    if settings.api.url or not settings.server.ephemeral.enabled:
+        yield
+        return
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
+        yield
+
+
 #: Set by :func:`main`: the process is the ``sensitivity`` command's own, which may tune
 #: its garbage collector.  Not when ``app`` is called from another program (or a test's
 #: ``CliRunner``): freezing would keep that program's unreachable objects for its lifetime.
@@ -364,6 +387,7 @@ def run(
         with (
             Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar,
             progress.use_reporter(_RichReporter(bar)),
+            _no_heartbeats_on_a_temporary_server(),
         ):
             result = flow(**{k: v for k, v in params.items() if v is not None})
     except PartialRunError as exc:
