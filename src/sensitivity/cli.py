@@ -74,6 +74,12 @@ def load_pipeline_flow() -> Any:
     return load_flow_from_entrypoint(f"{project_root() / path}:{name}", use_placeholder_flow=False)
 
 
+def _on_temporary_server(settings: Any) -> bool:
+    """Whether a flow run with these Prefect settings talks to the temporary local server
+    (no ``PREFECT_API_URL``, and Prefect allowed to start one)."""
+    return not settings.api.url and bool(settings.server.ephemeral.enabled)
+
+
 @contextlib.contextmanager
 def _temporary_server_started_early() -> Iterator[None]:
     """Start Prefect's temporary API server now, and let the body run while it boots.
@@ -88,7 +94,7 @@ def _temporary_server_started_early() -> Iterator[None]:
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
+    if not _on_temporary_server(settings):
         yield
         return
     from prefect.server.api.server import SubprocessASGIServer
@@ -123,8 +129,7 @@ def _no_heartbeats_on_a_temporary_server() -> Iterator[None]:
         temporary_settings,
     )
 
-    settings = get_current_settings()
-    if settings.api.url or not settings.server.ephemeral.enabled:
+    if not _on_temporary_server(get_current_settings()):
         yield
         return
     with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}):
