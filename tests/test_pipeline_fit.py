@@ -162,9 +162,12 @@ def test_the_fits_summary_from_each_tickers_last_row_is_the_full_summary(
     _, table = _fit_universe(cfg, ["KO", "JPM"])
     expected = summary_table(table)
     assert len(expected) == 2
-    pd.testing.assert_frame_equal(_latest_summary(table, _ticker_codes(table)[0]), expected)
+    dates = pd.to_datetime(table["date"])
+    pd.testing.assert_frame_equal(_latest_summary(table, _ticker_codes(table)[0], dates), expected)
     shuffled = table.sample(frac=1.0, random_state=0)
-    pd.testing.assert_frame_equal(_latest_summary(shuffled, _ticker_codes(shuffled)[0]), expected)
+    pd.testing.assert_frame_equal(
+        _latest_summary(shuffled, _ticker_codes(shuffled)[0], pd.to_datetime(shuffled["date"])), expected
+    )
     stored = ReportStore(tmp_path / "data").read_summary()
     assert stored["ticker"].tolist() == expected["ticker"].tolist()
 

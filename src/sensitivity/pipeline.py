@@ -621,7 +621,8 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
     # Fitted rows per ticker (counted by code, not by grouping the table's strings).
     has_value = table["sensitivity"].notna().to_numpy()
     fitted = dict(zip(names, np.bincount(codes[has_value], minlength=len(names)).tolist(), strict=True))
-    summary = _latest_summary(table, codes)
+    dates = pd.to_datetime(table["date"])
+    summary = _latest_summary(table, codes, dates)
     summary["fit"] = m.fit
     scenarios = scenario_table(summary, m.scenarios, fit=m.fit)
     reports = ReportStore(data_dir)
@@ -629,7 +630,6 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
         reports.write_sensitivity(table)
         reports.write_summary(summary)
         reports.write_scenarios(scenarios)
-    dates = pd.to_datetime(table["date"])
     outcome = FitOutcome(
         as_of=_iso(dates.max()) or "",
         index=u.index,
@@ -681,10 +681,11 @@ def _ticker_codes(table: pd.DataFrame) -> tuple[npt.NDArray[np.intp], list[str]]
     return np.asarray(codes, dtype=np.intp), [str(n) for n in names]
 
 
-def _latest_summary(table: pd.DataFrame, codes: npt.NDArray[np.intp]) -> pd.DataFrame:
+def _latest_summary(table: pd.DataFrame, codes: npt.NDArray[np.intp], dates: pd.Series) -> pd.DataFrame:
     """:func:`~sensitivity.report.summary_table` of the fit's table, from each ticker's last row.
 
-    The fit's rows run ticker by ticker (``codes``, :func:`_ticker_codes`), each by date, so
+    The fit's rows run ticker by ticker (``codes``, :func:`_ticker_codes`), each by date
+    (``dates``, the table's ``date`` as datetimes), so
     a ticker's latest row ends its run: the summary of those rows alone is the table's (its
     ``as_of`` too, the latest of them), without grouping and sorting 2.5 million rows (0.25 s
     at 500 tickers x 20 years).  Rows in any other order go to the full summary.
@@ -692,8 +693,9 @@ def _latest_summary(table: pd.DataFrame, codes: npt.NDArray[np.intp]) -> pd.Data
     from sensitivity.report import summary_table
 
     ends = np.r_[codes[1:] != codes[:-1], True] if len(codes) else np.zeros(0, dtype=bool)
-    days = pd.to_datetime(table["date"]).to_numpy(dtype="datetime64[ns]")
-    runs_in_order = int(ends.sum()) == len(np.unique(codes)) and bool(
+    days = dates.to_numpy(dtype="datetime64[ns]")
+    # One run per ticker: as many runs as distinct codes, which are the runs' own codes.
+    runs_in_order = int(ends.sum()) == len(np.unique(codes[ends])) and bool(
         np.all((days[1:] > days[:-1]) | ends[:-1])
     )
     if not runs_in_order:
