@@ -653,3 +653,39 @@ def test_recorded_fixtures_are_unchanged_copies(symbol: str) -> None:
     assert body["chart"]["error"] is None
     assert body["chart"]["result"][0]["meta"]["symbol"] == symbol
     assert CHART_NOT_FOUND["chart"]["result"] is None
+
+
+@pytest.mark.parametrize("locked_calls", [1, 4, 5])
+def test_a_locked_yfinance_cache_is_waited_out_then_reported(
+    yahoo_env: YahooStub, monkeypatch: pytest.MonkeyPatch, locked_calls: int
+) -> None:
+    """yfinance's SQLite cache, shared by the fetch threads, can answer "database is locked":
+    the fetch tries again after a pause, up to five times, then fails as before."""
+    import sqlite3
+
+    import yfinance as yf
+
+    from sensitivity.sources import yahoo as yahoo_mod
+
+    frame = synthetic_frame("2021-01-04", 30, seed=7)
+    yahoo_env.add_frame("LOCK", frame)
+    history = yf.Ticker.history
+    calls = []
+
+    def locked_history(self: Any, *args: Any, **kwargs: Any) -> pd.DataFrame:
+        calls.append(1)
+        if len(calls) <= locked_calls:
+            raise sqlite3.OperationalError("database is locked")
+        return history(self, *args, **kwargs)
+
+    monkeypatch.setattr(yf.Ticker, "history", locked_history)
+    monkeypatch.setattr(yahoo_mod, "_CACHE_LOCK_PAUSE_S", 0.001)
+    source = YahooSource(timeout_s=5.0)
+    if locked_calls < 5:
+        pd.testing.assert_frame_equal(source.fetch("LOCK", D(2021, 1, 4), D(2021, 2, 12)), frame)
+        assert len(calls) == locked_calls + 1
+    else:
+        unexpected = r"^LOCK: fetching from Yahoo failed unexpectedly \(OperationalError"
+        with pytest.raises(SourceError, match=unexpected):
+            source.fetch("LOCK", D(2021, 1, 4), D(2021, 2, 12))
+        assert len(calls) == 5

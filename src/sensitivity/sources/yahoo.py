@@ -46,11 +46,12 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import numpy as np
@@ -480,23 +481,28 @@ class YahooSource:
         """
         _prepare_yfinance()
         with _recording() as trace:
-            try:
-                ticker = yf.Ticker(symbol, session=self.session)
-                raw: pd.DataFrame = ticker.history(
-                    start=start,
-                    end=end + dt.timedelta(days=1),  # yfinance's end is exclusive
-                    interval="1d",
-                    auto_adjust=False,
-                    back_adjust=False,
-                    actions=True,
-                    repair=self.repair,
-                    prepost=False,
-                    keepna=True,  # empty bars reach the boundary checks, which record them
-                    rounding=False,
-                    timeout=self.timeout_s,
-                )
-            except Exception as exc:
-                raise yahoo_error(exc, symbol, start, end, trace, timeout_s=self.timeout_s) from exc
+            for attempt in range(_CACHE_LOCK_ATTEMPTS):
+                try:
+                    ticker = yf.Ticker(symbol, session=self.session)
+                    raw: pd.DataFrame = ticker.history(
+                        start=start,
+                        end=end + dt.timedelta(days=1),  # yfinance's end is exclusive
+                        interval="1d",
+                        auto_adjust=False,
+                        back_adjust=False,
+                        actions=True,
+                        repair=self.repair,
+                        prepost=False,
+                        keepna=True,  # empty bars reach the boundary checks, which record them
+                        rounding=False,
+                        timeout=self.timeout_s,
+                    )
+                    break
+                except Exception as exc:
+                    if _cache_locked(exc) and attempt + 1 < _CACHE_LOCK_ATTEMPTS:
+                        time.sleep(_CACHE_LOCK_PAUSE_S * 2**attempt)
+                        continue
+                    raise yahoo_error(exc, symbol, start, end, trace, timeout_s=self.timeout_s) from exc
         return YahooAnswer(raw, _last_chart(trace, symbol))
 
     def fetch_checked(self, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
@@ -597,6 +603,20 @@ _CONNECTION_NAMES = frozenset(
         "CurlError",
     }
 )
+
+
+#: How often a fetch is tried while yfinance's on-disk cache is locked, and the first pause.
+#: yfinance keeps ticker time zones and cookies in SQLite (WAL) files shared by every thread;
+#: a fetch whose read transaction must become a write while another thread writes gets
+#: "database is locked" at once, without SQLite's busy wait. Nothing is wrong with the
+#: symbol or the network: the same call succeeds a moment later.
+_CACHE_LOCK_ATTEMPTS: Final = 5
+_CACHE_LOCK_PAUSE_S: Final = 0.05
+
+
+def _cache_locked(exc: BaseException) -> bool:
+    """Whether ``exc`` is SQLite's "database is locked" (sqlite3's or peewee's OperationalError)."""
+    return "OperationalError" in _class_names(exc) and "database is locked" in str(exc)
 
 
 def _class_names(exc: BaseException) -> set[str]:
