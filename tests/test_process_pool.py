@@ -307,6 +307,33 @@ def test_close_without_wait_kills_a_busy_worker_at_once() -> None:
     assert len(errors) == 1
 
 
+def test_a_stopped_worker_leaves_without_tearing_down_its_interpreter(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Told to stop, a worker that has answered its jobs exits at once, with status 0: what
+    the interpreter runs at exit (here an ``atexit`` handler; in a report worker, the teardown
+    of matplotlib and pandas) is skipped, so ``close`` does not wait through it."""
+    (tmp_path / "exit_probe.py").write_text(
+        textwrap.dedent(
+            """
+            import atexit, os, pathlib
+
+            def arm(path):
+                atexit.register(pathlib.Path(path).write_text, "the interpreter's teardown ran")
+                return os.getpid()
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    marker = tmp_path / "teardown.txt"
+    with ProcessPool("exit_probe:arm", 1) as pool:
+        time.sleep(0.3)  # let the worker boot
+        assert pool.call(slow_pid, str(marker)) != os.getpid()  # it ran in the worker
+        worker = pool._procs[0]
+    assert worker.returncode == 0
+    assert not marker.exists()
+
+
 def test_a_pool_takes_the_spares_prestarted_for_its_function_and_starts_the_rest() -> None:
     try:
         assert process_pool.prestart("os:getpid", 2) == 2
