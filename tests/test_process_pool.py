@@ -308,18 +308,21 @@ def test_close_without_wait_kills_a_busy_worker_at_once() -> None:
 
 
 def test_a_stopped_worker_leaves_without_tearing_down_its_interpreter(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str]
 ) -> None:
     """Told to stop, a worker that has answered its jobs exits at once, with status 0: what
     the interpreter runs at exit (here an ``atexit`` handler; in a report worker, the teardown
-    of matplotlib and pandas) is skipped, so ``close`` does not wait through it."""
+    of matplotlib and pandas) is skipped, so ``close`` does not wait through it.  What it
+    printed, even without a line end, still reaches standard error."""
     (tmp_path / "exit_probe.py").write_text(
         textwrap.dedent(
             """
-            import atexit, os, pathlib
+            import atexit, os, pathlib, sys
 
             def arm(path):
                 atexit.register(pathlib.Path(path).write_text, "the interpreter's teardown ran")
+                print("half a line on stdout", end="")
+                sys.stderr.write("half a line on stderr")
                 return os.getpid()
             """
         )
@@ -332,6 +335,9 @@ def test_a_stopped_worker_leaves_without_tearing_down_its_interpreter(
         worker = pool._procs[0]
     assert worker.returncode == 0
     assert not marker.exists()
+    printed = capfd.readouterr().err  # the worker's stdout goes to stderr
+    assert "half a line on stdout" in printed
+    assert "half a line on stderr" in printed
 
 
 def test_a_pool_takes_the_spares_prestarted_for_its_function_and_starts_the_rest() -> None:

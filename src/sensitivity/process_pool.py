@@ -60,9 +60,9 @@ _HEADER = struct.Struct(">Q")
 #: caller's ``sys.path`` and hands over to :func:`serve`.  A spare (:func:`prestart`) is first
 #: told only which function it will serve: it imports that function's module, then waits for
 #: its setup.  A worker whose caller closes the pipe before its setup exits quietly.  Once
-#: :func:`serve` returns (told to stop, or the caller gone) the worker has sent every answer
-#: and leaves at once (``os._exit``) instead of tearing down pandas, pyarrow and matplotlib,
-#: which took 0.1 to 0.2 s that :meth:`ProcessPool.close` waited through.
+#: :func:`serve` returns (told to stop, or the caller gone) the worker has sent every answer;
+#: it flushes what it printed and leaves at once (``os._exit``) instead of tearing down pandas,
+#: pyarrow and matplotlib, which took 0.1 to 0.2 s that :meth:`ProcessPool.close` waited through.
 _BOOT = """\
 import os, pickle, signal, struct, sys
 signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -90,8 +90,11 @@ if "preload" in message:
     message = setup()
 from sensitivity.process_pool import serve
 serve(src, proto, message)
-sys.stderr.flush()
-os._exit(0)
+try:
+    sys.__stdout__.flush()
+    sys.stderr.flush()
+finally:
+    os._exit(0)
 """
 
 #: Marks a job no worker has answered.
