@@ -946,7 +946,7 @@ def _gamma_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
         dates,
         0.0,
         1.0,
-        where=significant,
+        where=cast(Sequence[bool], significant),  # an array is accepted; 3.10's stubs say Sequence
         step="mid",
         transform=ax.get_xaxis_transform(),
         color=_C_SIGNIFICANT,
