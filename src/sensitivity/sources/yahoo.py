@@ -483,20 +483,7 @@ class YahooSource:
         with _recording() as trace:
             for attempt in range(_CACHE_LOCK_ATTEMPTS):
                 try:
-                    ticker = yf.Ticker(symbol, session=self.session)
-                    raw: pd.DataFrame = ticker.history(
-                        start=start,
-                        end=end + dt.timedelta(days=1),  # yfinance's end is exclusive
-                        interval="1d",
-                        auto_adjust=False,
-                        back_adjust=False,
-                        actions=True,
-                        repair=self.repair,
-                        prepost=False,
-                        keepna=True,  # empty bars reach the boundary checks, which record them
-                        rounding=False,
-                        timeout=self.timeout_s,
-                    )
+                    raw = self._history(symbol, start, end)
                     break
                 except Exception as exc:
                     if _cache_locked(exc) and attempt + 1 < _CACHE_LOCK_ATTEMPTS:
@@ -504,6 +491,23 @@ class YahooSource:
                         continue
                     raise yahoo_error(exc, symbol, start, end, trace, timeout_s=self.timeout_s) from exc
         return YahooAnswer(raw, _last_chart(trace, symbol))
+
+    def _history(self, symbol: str, start: dt.date, end: dt.date) -> pd.DataFrame:
+        """One ``yf.Ticker(...).history()`` call (what :meth:`extract` tries)."""
+        frame: pd.DataFrame = yf.Ticker(symbol, session=self.session).history(
+            start=start,
+            end=end + dt.timedelta(days=1),  # yfinance's end is exclusive
+            interval="1d",
+            auto_adjust=False,
+            back_adjust=False,
+            actions=True,
+            repair=self.repair,
+            prepost=False,
+            keepna=True,  # empty bars reach the boundary checks, which record them
+            rounding=False,
+            timeout=self.timeout_s,
+        )
+        return frame
 
     def fetch_checked(self, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
         """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive) and the report of
