@@ -18,6 +18,7 @@ are then NaN -- ordered by ticker (in input column order) and then date, with th
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -37,7 +38,14 @@ from sensitivity.inference import (
     information_criteria,
     robust_covariance,
 )
-from sensitivity.model import DeviceLike, QuadraticFit, check_window, quadratic_fit, resolve_device
+from sensitivity.model import (
+    DeviceLike,
+    QuadraticFit,
+    check_window,
+    quadratic_fit,
+    resolve_device,
+    rolling_anchors,
+)
 from sensitivity.robust import huber_cells, huber_rolling
 from sensitivity.sensitivity import daily_sensitivity
 from sensitivity.store import PIPELINE_COLUMNS, SENSITIVITY_COLUMNS
@@ -47,6 +55,7 @@ __all__ = [
     "FLOAT_COLUMNS",
     "HUBER_COLUMNS",
     "OUTPUT_COLUMNS",
+    "fit_anchors",
     "quadratic_sensitivity",
     "sensitivity_frame",
     "up_down_min_obs",
@@ -99,6 +108,7 @@ def quadratic_sensitivity(
     fit: str = "ols",
     risk_free: pd.Series | pd.DataFrame | None = None,
     device: DeviceLike = None,
+    from_date: dt.date | str | None = None,
 ) -> pd.DataFrame:
     """Per-day sensitivity of each stock to the index from a rolling quadratic market model.
 
@@ -138,6 +148,11 @@ def quadratic_sensitivity(
         Where the kernels run: ``"cpu"`` (default, also None), ``"cuda"`` or ``"auto"`` (CUDA
         when torch sees one); results agree across devices to 1e-9 relative.  Asking for
         ``"cuda"`` without one raises :class:`~sensitivity.errors.ConfigError`.
+    from_date
+        Rolling windows only: return just the rows dated ``from_date`` or later, the same to
+        the bit as those rows of the whole table, computed from about two windows of rows
+        instead of all of them (what a daily update appends to a stored table; the latest
+        row of each ticker among them gets its Huber fit, as in the whole table).
 
     Returns
     -------
@@ -172,6 +187,7 @@ def quadratic_sensitivity(
         huber=huber,
         risk_free=rf,
         device=resolve_device(device),
+        from_date=None if from_date is None else _as_dates([from_date], "from_date")[0].date(),
     )
 
 
@@ -202,6 +218,7 @@ def sensitivity_frame(
     hac_lags: int | None = None,
     huber: HuberMode = "latest",
     risk_free: ArrayLike | None = None,
+    from_date: dt.date | None = None,
 ) -> pd.DataFrame:
     """The per-day table from unlabelled panels (the pipeline's entry point).
 
@@ -231,6 +248,13 @@ def sensitivity_frame(
         ``window == 0``), ``"all"`` (every fitted row) or ``"none"``.
     risk_free
         ``[T]`` or ``[T, N]`` risk-free returns per row (NaN drops the day), or None.
+    from_date
+        Rolling windows only: return just the rows dated ``from_date`` or later, computed from
+        the rows they need (about two windows back) instead of the whole panel, with the
+        same bits as the whole table's rows (the fits keep the whole panel's centres and
+        block boundaries, :func:`~sensitivity.model.rolling_anchors`).  What a daily run
+        appends.  With ``huber="latest"`` each ticker's last row among them gets its Huber
+        fit, as in the whole table.
 
     Returns
     -------
@@ -267,35 +291,33 @@ def sensitivity_frame(
     if len(names) != n_cols:
         raise DataValidationError(f"tickers must have {n_cols} entries (one per column), got {len(names)}")
 
-    if x.ndim == 1:
-        # One index for all stocks: its trading calendar is where it has a return.
-        present = np.isfinite(x)
-        if not present.all():
-            # Drop the rows, keeping the stock panel ticker-major (column-major [T, N]).
-            x, y, date_index = x[present], y.T[:, present].T, date_index[present]
-            if rf is not None:
-                rf = rf[present] if rf.ndim == 1 else rf.T[:, present].T
-            t_rows = int(present.sum())
-    # [N, T] views of the raw returns (the table's columns) and the risk-free returns.
-    x_nt = np.broadcast_to(x[None, :], (n_cols, t_rows)) if x.ndim == 1 else x.T
-    y_nt = y.T
-    if rf is None:
-        rf_nt: np.ndarray[Any, Any] = np.zeros((1, 1))
-        xe_nt, ye_nt = x_nt, y_nt
-    else:
-        rf_nt = np.broadcast_to(rf[None, :], (n_cols, t_rows)) if rf.ndim == 1 else rf.T
-        # Excess returns, ticker-major; a missing rate drops the day (NaN).
-        xe_nt = np.ascontiguousarray(x_nt - rf_nt)
-        ye_nt = np.ascontiguousarray(y_nt - rf_nt)
-    x_panel = torch.from_numpy(np.asarray(xe_nt)).T if rf is not None or x.ndim == 2 else None
-    if x_panel is None:
-        x_panel = torch.from_numpy(x)[:, None].expand(t_rows, n_cols)
-    y_panel = torch.from_numpy(np.asarray(ye_nt)).T
-    # Up and down days are those the index itself rose or fell (raw returns).
-    x_sign = torch.from_numpy(np.array(x_nt, dtype=np.float64, order="C")).T
+    p = _prepare_panels(x, y, rf, date_index)
+    x_nt, y_nt, rf_nt, xe_nt, ye_nt = p.x_nt, p.y_nt, p.rf_nt, p.xe_nt, p.ye_nt
+    x_panel, y_panel, x_sign, date_index, rf = p.x_panel, p.y_panel, p.x_sign, p.dates, p.rf
+    t_rows = len(date_index)
 
     # Rows: (ticker, date) with both (excess) returns, ticker-major.
     keep = np.isfinite(ye_nt) & np.isfinite(xe_nt)
+    anchors: list[Tensor] | None = None
+    if from_date is not None:
+        if w == 0:
+            raise ConfigError(
+                "from_date needs a rolling window (window > 0): a full-sample fit changes every row"
+            )
+        first = int(date_index.searchsorted(pd.Timestamp(from_date)))
+        # The fits' centres and scales from the whole panel, then the rows from the block of
+        # `w` rows before the first wanted one: the wanted rows' windows lie inside them, and
+        # block boundaries stay where the whole panel has them.
+        anchors = _window_anchors(x_panel, y_panel, x_sign)
+        start = max(0, (first // w - 1) * w)
+        x_panel, y_panel, x_sign = x_panel[start:], y_panel[start:], x_sign[start:]
+        x_nt, y_nt, xe_nt = x_nt[:, start:], y_nt[:, start:], xe_nt[:, start:]
+        if rf is not None:
+            rf_nt = rf_nt[:, start:]
+        date_index = date_index[start:]
+        keep = keep[:, start:].copy()
+        keep[:, : first - start] = False
+        t_rows -= start
     counts = keep.sum(axis=1)
     offsets = np.concatenate(([0], np.cumsum(counts)))
     n_rows = int(offsets[-1])
@@ -326,6 +348,7 @@ def sensitivity_frame(
             hac_lags=lags,
             huber=huber,
             last_row=torch.from_numpy(last_row[g0:g1].copy()),
+            anchors=None if anchors is None else [a[:, g0:g1] for a in anchors],
         )
         columns["index_return"] = x_nt[g0:g1]
         columns["stock_return"] = y_nt[g0:g1]
@@ -361,6 +384,85 @@ def sensitivity_frame(
     return frame
 
 
+@dataclass(frozen=True, eq=False)
+class _Panels:
+    """The inputs of the fits, as :func:`sensitivity_frame` lays them out."""
+
+    dates: pd.DatetimeIndex
+    rf: np.ndarray[Any, Any] | None  # [T] or [T, N] risk-free returns, or None
+    x_nt: np.ndarray[Any, Any]  # [N, T] raw index returns (the table's column)
+    y_nt: np.ndarray[Any, Any]  # [N, T] raw stock returns
+    rf_nt: np.ndarray[Any, Any]  # [N, T] risk-free returns ([1, 1] zeros without)
+    xe_nt: np.ndarray[Any, Any]  # [N, T] excess index returns
+    ye_nt: np.ndarray[Any, Any]  # [N, T] excess stock returns
+    x_panel: Tensor  # [T, N] what the fits regress on (excess index returns)
+    y_panel: Tensor  # [T, N] what they explain (excess stock returns)
+    x_sign: Tensor  # [T, N] raw index returns: their sign picks the up and down days
+
+
+def _prepare_panels(
+    x: np.ndarray[Any, Any], y: np.ndarray[Any, Any], rf: np.ndarray[Any, Any] | None, dates: pd.DatetimeIndex
+) -> _Panels:
+    """The fits' panels from checked float64 arrays (``x`` ``[T]`` or ``[T, N]``, ``y`` ``[T, N]``)."""
+    t_rows, n_cols = y.shape
+    date_index = dates
+    if x.ndim == 1:
+        # One index for all stocks: its trading calendar is where it has a return.
+        present = np.isfinite(x)
+        if not present.all():
+            # Drop the rows, keeping the stock panel ticker-major (column-major [T, N]).
+            x, y, date_index = x[present], y.T[:, present].T, date_index[present]
+            if rf is not None:
+                rf = rf[present] if rf.ndim == 1 else rf.T[:, present].T
+            t_rows = int(present.sum())
+    # [N, T] views of the raw returns (the table's columns) and the risk-free returns.
+    x_nt = np.broadcast_to(x[None, :], (n_cols, t_rows)) if x.ndim == 1 else x.T
+    y_nt = y.T
+    if rf is None:
+        rf_nt: np.ndarray[Any, Any] = np.zeros((1, 1))
+        xe_nt, ye_nt = x_nt, y_nt
+    else:
+        rf_nt = np.broadcast_to(rf[None, :], (n_cols, t_rows)) if rf.ndim == 1 else rf.T
+        # Excess returns, ticker-major; a missing rate drops the day (NaN).
+        xe_nt = np.ascontiguousarray(x_nt - rf_nt)
+        ye_nt = np.ascontiguousarray(y_nt - rf_nt)
+    x_panel = torch.from_numpy(np.asarray(xe_nt)).T if rf is not None or x.ndim == 2 else None
+    if x_panel is None:
+        x_panel = torch.from_numpy(x)[:, None].expand(t_rows, n_cols)
+    y_panel = torch.from_numpy(np.asarray(ye_nt)).T
+    # Up and down days are those the index itself rose or fell (raw returns).
+    x_sign = torch.from_numpy(np.array(x_nt, dtype=np.float64, order="C")).T
+    return _Panels(date_index, rf, x_nt, y_nt, rf_nt, xe_nt, ye_nt, x_panel, y_panel, x_sign)
+
+
+def fit_anchors(
+    stock_returns: pd.DataFrame,
+    index_returns: pd.Series | pd.DataFrame,
+    *,
+    risk_free: pd.Series | pd.DataFrame | None = None,
+) -> pd.DataFrame:
+    """The centres and scales of the rolling fits of :func:`quadratic_sensitivity` per ticker.
+
+    One row per ticker (the columns of ``stock_returns``), twelve float64 columns: ``cx, kx,
+    cy, ky`` (:func:`~sensitivity.model.rolling_anchors`) of the quadratic fit, then of the up
+    days' and the down days' fits.  They come from each ticker's first
+    :data:`~sensitivity.model.CENTRE_ROWS` rows of data: a row's results depend on its
+    window's data and on these, so a store of past rows can tell whether a recomputation
+    would give the same bits.  Same inputs as :func:`quadratic_sensitivity`.
+    """
+    dates, tickers, y, x = _validated_panels(stock_returns, index_returns)
+    rf = _validated_risk_free(risk_free, stock_returns, dates, tickers)
+    p = _prepare_panels(
+        _as_float64(x, "index_returns"),
+        _as_float64(y, "stock_returns"),
+        None if rf is None else _as_float64(rf, "risk_free"),
+        _as_dates(dates, "dates"),
+    )
+    values = torch.cat(_window_anchors(p.x_panel, p.y_panel, p.x_sign)).T.numpy()
+    names = [f"{fit}_{k}" for fit in ("quadratic", "up", "down") for k in ("cx", "kx", "cy", "ky")]
+    return pd.DataFrame(values, index=pd.Index(tickers, name="ticker"), columns=names)
+
+
 def _group_columns(
     xg: Tensor,
     yg: Tensor,
@@ -374,9 +476,15 @@ def _group_columns(
     hac_lags: int | None,
     huber: HuberMode,
     last_row: Tensor,
+    anchors: Sequence[Tensor] | None = None,
 ) -> dict[str, Any]:
-    """Every fitted ``[T, n]`` column of one group of tickers (``xg``, ``yg``: excess returns)."""
-    fit = quadratic_fit(xg, yg, window=window, min_obs=min_obs, device=device)
+    """Every fitted ``[T, n]`` column of one group of tickers (``xg``, ``yg``: excess returns).
+
+    ``anchors``: the fits' centres and scales (:func:`_window_anchors`) when the rows are a
+    later stretch of a longer panel.
+    """
+    main, up, down = (None, None, None) if anchors is None else anchors
+    fit = quadratic_fit(xg, yg, window=window, min_obs=min_obs, device=device, anchors=main)
     dev = fit.beta.device
     xd = xg.to(dev)
     inference = robust_covariance(xd, yg.to(dev), fit, se=se, hac_lags=hac_lags)
@@ -390,8 +498,10 @@ def _group_columns(
     side_min = up_down_min_obs(min_obs)
     signs = x_sign.to(dev)
     side_betas = []
-    for side in (signs > 0, signs < 0):
-        one_side = quadratic_fit(torch.where(side, xd, nan), yg, window=window, min_obs=side_min, device=dev)
+    for side, side_anchors in ((signs > 0, up), (signs < 0, down)):
+        one_side = quadratic_fit(
+            torch.where(side, xd, nan), yg, window=window, min_obs=side_min, device=dev, anchors=side_anchors
+        )
         side_betas.append(torch.where(fit.valid, one_side.linear_beta, nan))
         del one_side
     up_beta, down_beta = side_betas
@@ -424,6 +534,18 @@ def _group_columns(
     }
     out.update(_huber_columns(xd, yg.to(dev), fit, huber=huber, last_row=last_row, level=level))
     return out
+
+
+def _window_anchors(x: Tensor, y: Tensor, x_sign: Tensor) -> list[Tensor]:
+    """:func:`~sensitivity.model.rolling_anchors` of the three rolling fits of
+    :func:`_group_columns` (the quadratic fit, the up days' and the down days'), ``[4, N]`` each."""
+    nan = torch.tensor(math.nan, dtype=torch.float64)
+    x64 = x.to(torch.float64)
+    return [
+        rolling_anchors(x64, y),
+        rolling_anchors(torch.where(x_sign > 0, x64, nan), y),
+        rolling_anchors(torch.where(x_sign < 0, x64, nan), y),
+    ]
 
 
 def _huber_columns(

@@ -85,6 +85,7 @@ __all__ = [
     "default_chunk_size",
     "quadratic_fit",
     "resolve_device",
+    "rolling_anchors",
 ]
 
 #: Smallest reciprocal condition number of the standardised centred design accepted.
@@ -303,6 +304,7 @@ def quadratic_fit(
     min_obs: int,
     chunk_size: int | None = None,
     device: DeviceLike = None,
+    anchors: Tensor | None = None,
 ) -> QuadraticFit:
     """Fit ``y = alpha + beta*x + gamma*x**2 + e`` by OLS on every row's window, for every column.
 
@@ -323,6 +325,12 @@ def quadratic_fit(
         Where to compute: ``"cpu"`` (the default, also for None), ``"cuda"`` (or any torch
         device) or ``"auto"`` (CUDA when available); see :func:`resolve_device`.  The results
         stay there.
+    anchors
+        Rolling fits only: each column's centres and scales (``[4, N]``, from
+        :func:`rolling_anchors`) to use instead of those of these rows.  Given the anchors of
+        a longer panel and the rows of that panel from a multiple of ``window`` on, every row
+        from the second block of ``window`` rows on gets the longer panel's results to the
+        bit: how a daily run fits only its latest days.
 
     Returns
     -------
@@ -335,7 +343,8 @@ def quadratic_fit(
     ConfigError
         For ``window``, ``min_obs``, ``chunk_size`` or ``device`` out of range.
     DataValidationError
-        For ``x`` or ``y`` of the wrong type, shape or dtype.
+        For ``x`` or ``y`` of the wrong type, shape or dtype, or ``anchors`` of the wrong
+        shape or given for ``window == 0``.
     """
     xt = _check_panel("x", x)
     yt = _check_panel("y", y)
@@ -345,6 +354,13 @@ def quadratic_fit(
         )
     w, m = check_window(window, min_obs)
     dev = resolve_device(device)
+    if anchors is not None:
+        if w == 0:
+            raise DataValidationError("anchors apply to rolling fits only (window > 0)")
+        if not isinstance(anchors, Tensor) or tuple(anchors.shape) != (4, int(xt.shape[1])):
+            shape = tuple(anchors.shape) if isinstance(anchors, Tensor) else type(anchors).__name__
+            raise DataValidationError(f"anchors must be a [4, {int(xt.shape[1])}] tensor, got {shape}")
+        anchors = anchors.to(device=dev, dtype=torch.float64)
     t_rows, n_cols = (int(s) for s in xt.shape)
     chunk_size = None if chunk_size is None else _check_int("chunk_size", chunk_size, 1)
 
@@ -378,6 +394,7 @@ def quadratic_fit(
                     ws,
                     store[:, c0:c1],
                     n_store[c0:c1],
+                    None if anchors is None else anchors[:, c0:c1, None],
                 )
 
         for_each_chunk(fit_columns, range(0, n_cols, chunk), dev, "quadratic-fit")
@@ -457,7 +474,14 @@ class _Workspace:
 
 
 def _fit_chunk(
-    x: Tensor, y: Tensor, window: int, min_obs: int, ws: _Workspace, out: Tensor, n_out: Tensor
+    x: Tensor,
+    y: Tensor,
+    window: int,
+    min_obs: int,
+    ws: _Workspace,
+    out: Tensor,
+    n_out: Tensor,
+    anchors: Tensor | None = None,
 ) -> None:
     """The kernel on one chunk of ``n`` columns, stored ticker-major.
 
@@ -465,12 +489,13 @@ def _fit_chunk(
     :data:`_PLANES` then the covariance entries of :data:`COV_ENTRIES`) and ``n_out``
     (``[n, R]`` int64); ``R = 1`` when ``window == 0``, else ``T`` rounded up to whole blocks
     (the padding rows hold whatever the arithmetic gives; callers slice them off).
+    ``anchors``: ``[4, n, 1]`` centres and scales to use (:func:`rolling_anchors`).
     """
     n, t_rows = x.shape
     mom = ws.moments[:, :n]
     # Rolling windows centre each column on its first CENTRE_ROWS rows of data: rows added
     # after those change none of its results, to the bit.
-    sums, kx, ky, cx, cy = _moment_planes(x, y, mom, t_rows, CENTRE_ROWS if window > 0 else None)
+    sums, kx, ky, cx, cy = _moment_planes(x, y, mom, t_rows, CENTRE_ROWS if window > 0 else None, anchors)
     if window == 0:
         sums = torch.empty((9, n, 1), dtype=mom.dtype, device=mom.device)
         for p, total in zip(mom, sums, strict=True):
@@ -511,8 +536,57 @@ def _early_cells(valid: Tensor, rows: int) -> tuple[Tensor, Tensor, Tensor]:
     return at, keep, keep.sum(-1, keepdim=True, dtype=torch.float64).clamp_(min=1.0)
 
 
+def rolling_anchors(x: Tensor, y: Tensor) -> Tensor:
+    """The centres and scales a rolling :func:`quadratic_fit` of ``x``, ``y`` uses per column.
+
+    ``[4, N]`` float64 on the panels' device: ``cx, kx, cy, ky`` of :func:`_moment_planes`,
+    from each column's first :data:`CENTRE_ROWS` rows of data.  Pass them as ``anchors`` to
+    fit a later stretch of the same panel with the same bits as the whole.
+    """
+    xt = _check_panel("x", x)
+    yt = _check_panel("y", y)
+    if xt.shape != yt.shape:
+        raise DataValidationError(
+            f"x and y must have the same shape [T, N], got {tuple(xt.shape)} and {tuple(yt.shape)}"
+        )
+    xT = _chunk_input(_ticker_major(xt), xt.device)
+    yT = _chunk_input(_ticker_major(yt), yt.device)
+    n, t_rows = (int(s) for s in xT.shape)
+    if t_rows == 0:
+        return xT.new_ones((4, n)).mul_(math.nan)
+    with torch.no_grad():
+        valid = torch.eq(torch.mul(xT, 0.0).add_(torch.mul(yT, 0.0)), 0.0)
+        at, keep, count = _early_cells(valid, CENTRE_ROWS)
+        zero = xT.new_zeros(())
+        cx, kx = _early_anchor(xT, at, keep, count, zero)
+        cy, ky = _early_anchor(yT, at, keep, count, zero)
+    return torch.cat((cx, kx, cy, ky), dim=1).T.contiguous()
+
+
+def _early_anchor(
+    raw: Tensor, at: Tensor, keep: Tensor, count: Tensor, zero: Tensor
+) -> tuple[Tensor, Tensor]:
+    """``(centre, scale)`` (``[n, 1]``) of ``raw`` (``[n, T]``) from its early cells
+    (:func:`_early_cells`): the mean and a power of two near the standard deviation about it."""
+    early = torch.where(keep, torch.gather(raw.expand(at.shape[0], raw.shape[-1]), 1, at), zero)
+    centre = early.sum(-1, keepdim=True).div_(count)
+    early.sub_(centre).mul_(early).masked_fill_(~keep, 0.0)
+    var = early.sum(-1, keepdim=True).div_(count)
+    return centre, _power_of_two_scale(var)
+
+
+def _power_of_two_scale(var: Tensor) -> Tensor:
+    ok = torch.isfinite(var) & (var > 0)
+    return torch.exp2(torch.round(0.5 * torch.log2(torch.where(ok, var, 1.0))))
+
+
 def _moment_planes(
-    x: Tensor, y: Tensor, mom: Tensor, t_rows: int, early_rows: int | None
+    x: Tensor,
+    y: Tensor,
+    mom: Tensor,
+    t_rows: int,
+    early_rows: int | None,
+    anchors: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Fill ``mom`` (``[9, n, R]``) with ``1, u, u^2, u^3, u^4, v, uv, u^2 v, v^2`` per cell.
 
@@ -523,7 +597,8 @@ def _moment_planes(
     it (exact scaling: it only keeps fourth powers away from overflow and underflow).
     Centring removes any constant level (returns plus an offset) before powers are taken;
     taking the centre from the early rows keeps each row's results independent of the rows
-    added after it once they lie beyond them.  Returns ``(mom, kx, ky, cx, cy)``, the last four
+    added after it once they lie beyond them.  ``anchors`` (``[4, n, 1]``: ``cx, kx, cy,
+    ky``) are used as given instead.  Returns ``(mom, kx, ky, cx, cy)``, the last four
     ``[n, 1]``.
     """
     one, u, u2, u3, u4, v, uv, u2v, v2 = mom.unbind(0)
@@ -538,30 +613,28 @@ def _moment_planes(
         for p in mom:
             p[:, t_rows:] = 0.0
     zero = mom.new_zeros(())
-    if early_rows is None:
+    if anchors is not None:
+        given = ((anchors[0], anchors[1]), (anchors[2], anchors[3]))
+    elif early_rows is None:
         count = valid.sum(-1, keepdim=True, dtype=torch.float64).clamp_(min=1.0)
     else:
         at, keep, count = _early_cells(valid, early_rows)
     stats = []
-    for raw, dst, sq in ((x, u, u2), (y, v, v2)):
+    for i, (raw, dst, sq) in enumerate(((x, u, u2), (y, v, v2))):
         d = dst[:, :t_rows]
         s = sq[:, :t_rows]
-        if early_rows is None:
+        if anchors is not None:
+            centre, scale = given[i]
+        elif early_rows is None:
             torch.where(valid, raw, zero, out=d)
             centre = d.sum(-1, keepdim=True).div_(count)
         else:
-            early = torch.where(keep, torch.gather(raw.expand(d.shape), 1, at), zero)
-            centre = early.sum(-1, keepdim=True).div_(count)
+            centre, scale = _early_anchor(raw, at, keep, count, zero)
         torch.sub(raw, centre, out=d)
         torch.where(valid, d, zero, out=d)
         torch.mul(d, d, out=s)
-        if early_rows is None:
-            var = s.sum(-1, keepdim=True).div_(count)
-        else:
-            early.sub_(centre).mul_(early).masked_fill_(~keep, 0.0)
-            var = early.sum(-1, keepdim=True).div_(count)
-        ok = torch.isfinite(var) & (var > 0)
-        scale = torch.exp2(torch.round(0.5 * torch.log2(torch.where(ok, var, 1.0))))
+        if anchors is None and early_rows is None:
+            scale = _power_of_two_scale(s.sum(-1, keepdim=True).div_(count))
         d.div_(scale)
         s.div_(scale * scale)
         stats.append((scale, centre))

@@ -1,0 +1,71 @@
+"""``quadratic_sensitivity(..., from_date=...)`` and ``fit_anchors``: what lets a daily run
+keep its stored per-day rows and fit only the new days (``sensitivity.reuse``; the pipeline's
+side is tested in ``test_pipeline_fit.py``)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from sensitivity.api import fit_anchors, quadratic_sensitivity
+from sensitivity.errors import ConfigError
+from sensitivity.model import CENTRE_ROWS
+
+
+def panel(t_rows: int = 900, n: int = 7, seed: int = 5) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """Stock returns with gaps, a late listing and a delisting; each stock's own index
+    returns (NaN where it did not trade); a risk-free rate with a missing day."""
+    rng = np.random.default_rng(seed)
+    dates = pd.bdate_range("2001-01-02", periods=t_rows)
+    x = rng.normal(0.0003, 0.011, t_rows)
+    y = 0.0002 + 1.1 * x[:, None] + 4.0 * x[:, None] ** 2 + rng.normal(0, 0.012, (t_rows, n))
+    y[rng.random((t_rows, n)) < 0.04] = np.nan
+    y[: t_rows // 2, 1] = np.nan  # listed late
+    y[t_rows - 40 :, 2] = np.nan  # delisted
+    cols = [f"S{i}" for i in range(n)]
+    stocks = pd.DataFrame(y, index=dates, columns=cols)
+    index = pd.DataFrame(np.where(np.isnan(y), np.nan, x[:, None]), index=dates, columns=cols)
+    rf = pd.DataFrame(np.full((t_rows, n), 0.00012), index=dates, columns=cols)
+    rf.iloc[t_rows - 100, :] = np.nan
+    return stocks, index, rf
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"se": "hac"}, {"se": "hc1", "fit": "huber"}, {"risk_free": True}],
+    ids=["ols", "hac", "hc1-huber", "excess"],
+)
+@pytest.mark.parametrize("back", [1, 3, 60, 252, 253, 400])
+def test_rows_from_a_date_are_the_whole_tables_rows_to_the_bit(options: dict, back: int) -> None:
+    """``from_date`` fits about two windows instead of every row; the rows it returns equal
+    those of the whole table exactly (every column, NaN where NaN), at block boundaries too."""
+    stocks, index, rf = panel()
+    kwargs = dict(options)
+    if kwargs.pop("risk_free", False):
+        kwargs["risk_free"] = rf
+    whole = quadratic_sensitivity(stocks, index, window=100, min_obs=40, **kwargs)
+    day = stocks.index[-back]
+    part = quadratic_sensitivity(stocks, index, window=100, min_obs=40, from_date=day.date(), **kwargs)
+    expected = whole[pd.to_datetime(whole["date"]) >= day].reset_index(drop=True)
+    assert len(part) > 0
+    pd.testing.assert_frame_equal(part.reset_index(drop=True), expected, check_exact=True)
+
+
+def test_from_date_needs_a_rolling_window() -> None:
+    stocks, index, _ = panel(300)
+    with pytest.raises(ConfigError, match="from_date needs a rolling window"):
+        quadratic_sensitivity(stocks, index, window=0, min_obs=40, from_date=stocks.index[-1].date())
+
+
+def test_anchors_come_from_each_tickers_first_rows_only() -> None:
+    """What a stored row depends on besides its window: the anchors do not move when rows are
+    appended to a ticker that has traded for CENTRE_ROWS rows, and do for a younger one."""
+    stocks, index, _ = panel()
+    late_start = int(np.flatnonzero(stocks["S1"].notna().to_numpy())[0])
+    cut = late_start + CENTRE_ROWS // 2
+    short = fit_anchors(stocks.iloc[:cut], index.iloc[:cut])
+    full = fit_anchors(stocks, index)
+    assert list(full.columns)[:4] == ["quadratic_cx", "quadratic_kx", "quadratic_cy", "quadratic_ky"]
+    assert np.array_equal(short.loc["S0"].to_numpy(), full.loc["S0"].to_numpy())
+    assert not np.array_equal(short.loc["S1"].to_numpy(), full.loc["S1"].to_numpy())
