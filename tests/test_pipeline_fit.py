@@ -4,10 +4,15 @@ Huber fits and the scenario table, on a files source (no Prefect)."""
 from __future__ import annotations
 
 import datetime as dt
+import logging
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 
@@ -16,7 +21,7 @@ from sensitivity.errors import ModelFitError
 from sensitivity.pipeline import build_manifest, fetch_symbol, fit_universe, fit_universe_with_history
 from sensitivity.report import SENSITIVITY_COLUMNS, render_report
 from sensitivity.scenarios import scenario_table
-from sensitivity.store import ReportStore
+from sensitivity.store import INPUTS_KEY, InputsStamp, PriceStore, ReportStore
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -153,21 +158,21 @@ def test_the_fits_summary_from_each_tickers_last_row_is_the_full_summary(
     """The fit summarises its table from each ticker's last row (its rows run ticker by
     ticker, each by date): the same frame as summary_table over every row; rows in another
     order take the full summary and give the same."""
-    from sensitivity.pipeline import _fit_universe, _latest_summary, _ticker_codes
+    from sensitivity.pipeline import _run_ends, _ticker_codes
     from sensitivity.report import summary_table
 
     cfg = config(source, tmp_path / "data")
     for symbol in cfg.fetch_symbols:
         fetch_symbol(cfg, symbol)
-    _, table = _fit_universe(cfg, ["KO", "JPM"])
+    fit_universe(cfg, ["KO", "JPM"])
+    table = ReportStore(tmp_path / "data").read_sensitivity()
     expected = summary_table(table)
     assert len(expected) == 2
-    dates = pd.to_datetime(table["date"])
-    pd.testing.assert_frame_equal(_latest_summary(table, _ticker_codes(table)[0], dates), expected)
+    ends = _run_ends(_ticker_codes(table)[0], pd.to_datetime(table["date"]))
+    assert ends is not None
+    pd.testing.assert_frame_equal(summary_table(table.iloc[ends]), expected)
     shuffled = table.sample(frac=1.0, random_state=0)
-    pd.testing.assert_frame_equal(
-        _latest_summary(shuffled, _ticker_codes(shuffled)[0], pd.to_datetime(shuffled["date"])), expected
-    )
+    assert _run_ends(_ticker_codes(shuffled)[0], pd.to_datetime(shuffled["date"])) is None
     stored = ReportStore(tmp_path / "data").read_summary()
     assert stored["ticker"].tolist() == expected["ticker"].tolist()
 
@@ -325,3 +330,167 @@ def test_the_pipeline_on_cuda_equals_the_cpu_within_1e9(source: Path, tmp_path: 
         ok = ~np.isnan(want)
         err = np.abs(got[ok] - want[ok]) / _column_scale(cpu, column)[ok]
         assert err.max(initial=0.0) <= 1e-9, f"{column}: max scaled difference {err.max():.2e}"
+
+
+# -- daily runs keep the stored rows (sensitivity.reuse) -------------------------------------
+
+BEFORE = dt.date(2018, 3, 29)
+
+
+def fetched(cfg: Config) -> Config:
+    for symbol in cfg.fetch_symbols:
+        fetch_symbol(cfg, symbol)
+    return cfg
+
+
+def ended(cfg: Config, end: dt.date, **model: object) -> Config:
+    raw = cfg.to_dict()
+    raw["universe"]["end"] = end
+    raw["model"].update(model)
+    return Config.model_validate(raw)
+
+
+def files(data: Path) -> dict[str, bytes]:
+    folder = ReportStore(data).sensitivity_dir
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.parquet"))}
+
+
+def tables(data: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    reports = ReportStore(data)
+    summary = reports.read_summary()
+    return reports.read_sensitivity(), summary[summary["as_of"] == summary["as_of"].max()].reset_index(
+        drop=True
+    )
+
+
+def kept_count(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
+    """(tickers kept, of which with new days) from the fit's log line."""
+    pattern = re.compile(r"kept the stored rows of (\d+), (\d+) of them")
+    found = [pattern.search(r.getMessage()) for r in caplog.records]
+    last = [m for m in found if m is not None][-1]
+    return int(last.group(1)), int(last.group(2))
+
+
+@pytest.mark.parametrize(
+    "model",
+    [{}, {"se": "hac", "risk_free_symbol": "^IRX"}, {"fit": "huber", "se": "hc1"}],
+    ids=["ols", "hac-excess", "huber-hc1"],
+)
+def test_a_daily_run_writes_what_a_fit_of_the_whole_range_writes(
+    source: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    model: dict,
+) -> None:
+    """Fit through BEFORE, then through END with the stored rows kept: the per-day files,
+    the summary and the report's rows equal those of a fresh data folder fitted through END
+    in one go, bit for bit (Huber columns included: with fit = "ols" they move to the new
+    latest row)."""
+    caplog.set_level(logging.INFO, logger="sensitivity.pipeline")
+    after = fetched(config(source, tmp_path / "daily", **model))
+    fit_universe(ended(after, BEFORE), ["KO", "JPM"])
+    assert kept_count(caplog) == (0, 0)
+    daily = fit_universe_with_history(after, ["KO", "JPM"])
+    assert kept_count(caplog) == (2, 2)
+
+    once = fetched(config(source, tmp_path / "once", **model))
+    whole = fit_universe_with_history(once, ["KO", "JPM"])
+    assert kept_count(caplog) == (0, 0)
+    (a_rows, a_summary), (b_rows, b_summary) = tables(tmp_path / "daily"), tables(tmp_path / "once")
+    pd.testing.assert_frame_equal(a_rows, b_rows, check_exact=True)
+    pd.testing.assert_frame_equal(a_summary, b_summary, check_exact=True)
+    if model.get("fit") != "huber":
+        assert a_rows["huber_beta"].notna().sum() == 2  # each ticker's latest row only
+    assert daily.outcome.rows == whole.outcome.rows
+    assert daily.outcome.rows_by_ticker == whole.outcome.rows_by_ticker
+    assert daily.outcome.fitted_by_ticker == whole.outcome.fitted_by_ticker
+    assert (daily.outcome.first_date, daily.outcome.as_of) == (whole.outcome.first_date, whole.outcome.as_of)
+    keys = ["ticker", "date"]
+    assert daily.history is not None
+    assert whole.history is not None
+    pd.testing.assert_frame_equal(
+        daily.history.sort_values(keys, ignore_index=True),
+        whole.history.sort_values(keys, ignore_index=True),
+        check_exact=True,
+    )
+    # The files carry their stamps: the last date and a digest of the inputs through it.
+    for data in ("daily", "once"):
+        path = ReportStore(tmp_path / data).sensitivity_path("^GSPC", "KO", 126)
+        stamp = InputsStamp.from_bytes((pq.read_schema(path).metadata or {}).get(INPUTS_KEY))
+        assert stamp is not None
+        assert stamp.through == a_rows.loc[a_rows["ticker"] == "KO", "date"].max()
+    assert files(tmp_path / "daily") == files(tmp_path / "once")
+
+
+def test_a_rerun_with_nothing_new_leaves_the_files_alone(
+    source: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="sensitivity.pipeline")
+    cfg = fetched(config(source, tmp_path))
+    fit_universe(cfg, ["KO", "JPM"])
+    before = {p: p.stat().st_mtime_ns for p in ReportStore(tmp_path).sensitivity_dir.glob("*.parquet")}
+    rows, summary = tables(tmp_path)
+    again = fit_universe_with_history(cfg, ["KO", "JPM"])
+    assert kept_count(caplog) == (2, 0)
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    rows2, summary2 = tables(tmp_path)
+    pd.testing.assert_frame_equal(rows, rows2, check_exact=True)
+    pd.testing.assert_frame_equal(summary, summary2, check_exact=True)
+    assert again.outcome.rows == len(rows)
+    assert again.history is not None
+    assert len(again.history) == len(rows)
+
+
+def moved(cfg: Config, data: Path) -> Config:
+    raw = cfg.to_dict()
+    raw["output"]["data_dir"] = str(data)
+    return Config.model_validate(raw)
+
+
+@pytest.mark.parametrize("change", ["restated-price", "start", "se", "min-obs", "no-stamp"])
+def test_anything_that_changes_a_stored_row_refits_the_ticker_in_full(
+    source: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    change: str,
+) -> None:
+    """A restated price before the stored rows' last date, another start date, estimator or
+    minimum give other digests: those tickers are fitted in full, and the files equal those
+    of a fresh folder with the same prices.  A file without a stamp (an older version wrote
+    it) is refitted too."""
+    caplog.set_level(logging.INFO, logger="sensitivity.pipeline")
+    daily = tmp_path / "daily"
+    after = fetched(config(source, daily))
+    fit_universe(ended(after, BEFORE), ["KO", "JPM"])
+    kept = 1
+    if change == "restated-price":
+        path = PriceStore(daily).path_for("KO")
+        table = pq.read_table(path)
+        close = table.column("adj_close").to_numpy().copy()
+        close[10] *= 1.0001  # a restated adjusted close well before the stored rows' end
+        i = table.schema.get_field_index("adj_close")
+        pq.write_table(table.set_column(i, table.schema.field(i), pa.array(close)), path)
+    elif change == "start":
+        raw = after.to_dict()
+        raw["universe"]["start"] = dt.date(2017, 2, 1)
+        after, kept = Config.model_validate(raw), 0
+    elif change == "se":
+        after, kept = ended(after, END, se="hc1"), 0
+    elif change == "min-obs":
+        after, kept = ended(after, END, min_obs=61), 0
+    elif change == "no-stamp":
+        path = ReportStore(daily).sensitivity_path("^GSPC", "JPM", 126)
+        table = pq.read_table(path)
+        meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != INPUTS_KEY}
+        pq.write_table(table.replace_schema_metadata(meta), path)
+    fit_universe(after, ["KO", "JPM"])
+    assert kept_count(caplog)[0] == kept
+
+    once = tmp_path / "once"
+    shutil.copytree(daily / "prices", once / "prices")
+    fit_universe(moved(after, once), ["KO", "JPM"])
+    (a_rows, a_summary), (b_rows, b_summary) = tables(daily), tables(once)
+    pd.testing.assert_frame_equal(a_rows, b_rows, check_exact=True)
+    pd.testing.assert_frame_equal(a_summary, b_summary, check_exact=True)

@@ -13,6 +13,7 @@ dates), reads and writes through the store, and returns a small, JSON-friendly o
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import logging
 import math
 import os
@@ -27,6 +28,7 @@ from typing import Any, Final, Literal
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
 
 from sensitivity import progress
 from sensitivity.config import Config
@@ -39,9 +41,17 @@ from sensitivity.returns import (
     period_risk_free,
     price_series,
 )
+from sensitivity.reuse import FitInputs, Kept, reusable_rows
 from sensitivity.sources.base import PriceSource, fetch_checked, make_source
 from sensitivity.sources.quality import CheckedPrices, QualityReport
-from sensitivity.store import DateRange, PriceStore, ReportStore, store_lock
+from sensitivity.store import (
+    SENSITIVITY_SCHEMA,
+    DateRange,
+    PriceStore,
+    ReportStore,
+    store_lock,
+    table_from_frame,
+)
 from sensitivity.symbols import normalize_symbol
 
 log = logging.getLogger(__name__)
@@ -538,7 +548,7 @@ def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:
     over ``model.scenarios``).  Raises :class:`~sensitivity.errors.ModelFitError` when the
     index (or the risk-free rate symbol) has no prices or no ticker has any return.
     """
-    return _fit_universe(config, tickers)[0]
+    return _fit_universe(config, tickers).outcome
 
 
 def fit_universe_with_history(config: Config, tickers: Sequence[str]) -> FittedUniverse:
@@ -550,17 +560,20 @@ def fit_universe_with_history(config: Config, tickers: Sequence[str]) -> FittedU
     The rows are a copy of half the table's columns (about 0.4 GB at that size), kept only up
     to :data:`HANDOVER_MAX_BYTES`; above, ``history`` is None.
     """
-    from sensitivity.report import SENSITIVITY_COLUMNS
-
-    outcome, table = _fit_universe(config, tickers)
-    if len(table) * len(SENSITIVITY_COLUMNS) * 8 > HANDOVER_MAX_BYTES:
-        return FittedUniverse(outcome, None)
-    return FittedUniverse(outcome, table[list(SENSITIVITY_COLUMNS)])
+    return _fit_universe(config, tickers, with_history=True)
 
 
-def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, pd.DataFrame]:
-    """:func:`fit_universe`, and the per-day rows it wrote (every column)."""
+def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool = False) -> FittedUniverse:
+    """:func:`fit_universe`, and with ``with_history`` the per-day rows it wrote (report columns).
+
+    With a rolling window, a ticker whose stored file was computed from the same inputs
+    through its last date (:mod:`sensitivity.reuse`) keeps those rows: only its later days
+    are fitted and appended (a daily run fits a day, not twenty years); every other ticker
+    is fitted in full.  Either way every file holds what a fit of the whole range gives.
+    """
     from sensitivity.api import quadratic_sensitivity
+    from sensitivity.model import resolve_device
+    from sensitivity.report import SENSITIVITY_COLUMNS, summary_table
     from sensitivity.scenarios import scenario_table
 
     t0 = time.perf_counter()
@@ -592,58 +605,245 @@ def _fit_universe(config: Config, tickers: Sequence[str]) -> tuple[FitOutcome, p
             f"(tickers: {', '.join(tickers)}); check the symbols and the dates"
         )
     aligned = aligned_returns_from_arrays(index_arrays, stock_arrays, index_symbol=u.index)
-    result = quadratic_sensitivity(
-        aligned.stock_returns,
-        aligned.index_returns,
-        window=m.window,
-        min_obs=m.min_obs,
-        se=m.se,
-        hac_lags=m.hac_lags,
-        fit=m.fit,
-        risk_free=_risk_free_returns(config, aligned, arrays),
-        device=config.runtime.device,
+    inputs = FitInputs(
+        aligned,
+        _risk_free_returns(config, aligned, arrays),
+        FitInputs.settings_of(
+            index=u.index,
+            window=m.window,
+            min_obs=m.min_obs,
+            se=m.se,
+            hac_lags=m.hac_lags,
+            fit=m.fit,
+            device=resolve_device(config.runtime.device).type,
+        ),
     )
-    codes, names = _ticker_codes(result)
-    table = _with_prices(result, aligned.close, aligned.prev_close, u.index, (codes, names))
-    rows_by_ticker = dict(zip(names, np.bincount(codes, minlength=len(names)).tolist(), strict=True))
+    reports = ReportStore(data_dir)
+    kept = (
+        reusable_rows(reports, inputs, index=u.index, window=m.window, tickers=aligned.tickers)
+        if m.window > 0
+        else {}
+    )
+    growing = _growing(inputs, kept)
+
+    def fit(names: list[str], from_date: dt.date | None = None) -> pd.DataFrame:
+        every = len(names) == len(aligned.tickers)
+        rf = inputs.risk_free
+        result = quadratic_sensitivity(
+            aligned.stock_returns if every else aligned.stock_returns[names],
+            aligned.index_returns if every else aligned.index_returns[names],
+            window=m.window,
+            min_obs=m.min_obs,
+            se=m.se,
+            hac_lags=m.hac_lags,
+            fit=m.fit,
+            risk_free=rf if rf is None or every else rf[names],
+            device=config.runtime.device,
+            from_date=from_date,
+        )
+        return _with_prices(result, aligned.close, aligned.prev_close, u.index)
+
+    full = [t for t in aligned.tickers if t not in kept]
+    table = fit(full) if full else None
+    added = (
+        _after(fit(list(growing), min(growing.values())), {t: kept[t].through for t in growing})
+        if growing
+        else None
+    )
+    extended = _extended(kept, added, clear_huber=m.fit == "ols")
+    rows = _Rows.of(table, extended)
     for t in stock_arrays:
-        if t not in rows_by_ticker:
+        if t not in rows.total:
             no_data[t] = (
                 f"no date between {u.start} and {u.resolved_end} on which both it and "
                 f"{u.index} traded twice in a row (no aligned return)"
             )
     # no_data names only tickers without a row (no stored prices, or none aligned): nothing to drop.
-    if table.empty:
+    if not rows.total:
         raise ModelFitError(
             f"no ticker has an aligned return against {u.index} between {u.start} and "
             f"{u.resolved_end}; check the symbols and the dates"
         )
-    # Fitted rows per ticker (counted by code, not by grouping the table's strings).
-    has_value = table["sensitivity"].notna().to_numpy()
-    fitted = dict(zip(names, np.bincount(codes[has_value], minlength=len(names)).tolist(), strict=True))
-    dates = pd.to_datetime(table["date"])
-    summary = _latest_summary(table, codes, dates)
+    summary = summary_table(rows.latest)
     summary["fit"] = m.fit
     scenarios = scenario_table(summary, m.scenarios, fit=m.fit)
-    reports = ReportStore(data_dir)
+    last_dates = {t: d for t, d in rows.last.items() if t in full or t in growing}
+    stamps = {(u.index, t, m.window): s for t, s in inputs.stamps(last_dates).items()} if m.window > 0 else {}
     with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
-        reports.write_sensitivity(table)
+        if table is not None and len(table):
+            reports.write_sensitivity(table, stamps=stamps)
+        if growing:
+            reports.write_sensitivity_tables(
+                {(u.index, t, m.window): extended[t] for t in growing}, stamps=stamps
+            )
         reports.write_summary(summary)
         reports.write_scenarios(scenarios)
+    order = [t for t in aligned.tickers if t in rows.total]
     outcome = FitOutcome(
-        as_of=_iso(dates.max()) or "",
+        as_of=rows.as_of.isoformat(),
         index=u.index,
         window=m.window,
-        rows=len(table),
-        rows_by_ticker={str(k): int(v) for k, v in rows_by_ticker.items() if k not in no_data},
-        fitted_by_ticker={str(k): int(fitted.get(k, 0)) for k in rows_by_ticker if k not in no_data},
-        first_date=_iso(dates.min()) or "",
-        last_date=_iso(dates.max()) or "",
+        rows=sum(rows.total.values()),
+        rows_by_ticker={t: rows.total[t] for t in order},
+        fitted_by_ticker={t: rows.fitted[t] for t in order},
+        first_date=rows.first_date.isoformat(),
+        last_date=rows.as_of.isoformat(),
         no_data=no_data,
         seconds=round(time.perf_counter() - t0, 4),
     )
     progress.emit(progress.ProgressEvent("fit", detail=f"{outcome.rows} rows"))
-    return outcome, table
+    log.info(
+        "fit %d ticker(s) in full; kept the stored rows of %d, %d of them with new days",
+        len(full),
+        len(kept),
+        len(growing),
+    )
+    history = None
+    if with_history and outcome.rows * len(SENSITIVITY_COLUMNS) * 8 <= HANDOVER_MAX_BYTES:
+        history = _history(table, extended, order, list(SENSITIVITY_COLUMNS))
+    return FittedUniverse(outcome, history)
+
+
+def _growing(inputs: FitInputs, kept: Mapping[str, Kept]) -> dict[str, dt.date]:
+    """Kept tickers with a return after their stored rows: the first calendar date after them."""
+    a = inputs.aligned
+    out: dict[str, dt.date] = {}
+    for t, k in kept.items():
+        later = np.isfinite(a.stock_returns[t].to_numpy()[k.row + 1 :])
+        if later.any():
+            out[t] = a.calendar[k.row + 1].date()
+    return out
+
+
+def _after(frame: pd.DataFrame, through: Mapping[str, dt.date]) -> pd.DataFrame:
+    """The rows of ``frame`` dated after their ticker's ``through`` date."""
+    limit = frame["ticker"].map({t: pd.Timestamp(d) for t, d in through.items()})
+    return frame.loc[(pd.to_datetime(frame["date"]) > limit).to_numpy()].reset_index(drop=True)
+
+
+def _extended(
+    kept: Mapping[str, Kept], added: pd.DataFrame | None, *, clear_huber: bool
+) -> dict[str, pa.Table]:
+    """Each kept ticker's whole table: its stored rows, then the rows ``added`` for it.
+
+    ``clear_huber``: with ``fit = "ols"`` only a ticker's latest row has a Huber fit, so the
+    stored rows of a ticker that gained rows lose theirs (as a fit of the whole range gives).
+    """
+    from sensitivity.api import HUBER_COLUMNS
+
+    new: dict[str, pa.Table] = {}
+    if added is not None and len(added):
+        table = table_from_frame(added, SENSITIVITY_SCHEMA, "sensitivity table")
+        codes, names = _ticker_codes(added)
+        bounds = np.flatnonzero(np.r_[True, codes[1:] != codes[:-1], True])
+        for lo, hi in itertools.pairwise(bounds.tolist()):
+            new[names[int(codes[lo])]] = table.slice(int(lo), int(hi - lo))
+    out: dict[str, pa.Table] = {}
+    for t, k in kept.items():
+        if t not in new:
+            out[t] = k.table
+            continue
+        old = k.table
+        if clear_huber:
+            for name in HUBER_COLUMNS:
+                old = _cleared(old, name)
+        out[t] = pa.concat_tables([old, new[t].replace_schema_metadata(old.schema.metadata)])
+    return out
+
+
+def _cleared(table: pa.Table, name: str) -> pa.Table:
+    """``table`` with the column ``name`` all null.  A stored ticker's Huber columns are null
+    but on its last row: those rows are kept as they are (no copy), the last one replaced."""
+    i = table.schema.get_field_index(name)
+    column = table.column(i)
+    n = table.num_rows
+    head = column.slice(0, n - 1)
+    chunks = [*head.chunks] if head.null_count == n - 1 else [pa.nulls(n - 1, column.type)]
+    cleared = pa.chunked_array([*chunks, pa.nulls(1, column.type)], type=column.type)
+    return table.set_column(i, table.schema.field(i), cleared)
+
+
+@dataclass(frozen=True)
+class _Rows:
+    """Counts and dates of a fit's rows per ticker (computed and kept together), and each
+    ticker's latest row (the summary's input)."""
+
+    total: dict[str, int]
+    fitted: dict[str, int]
+    last: dict[str, dt.date]
+    first_date: dt.date
+    as_of: dt.date
+    latest: pd.DataFrame
+
+    @classmethod
+    def of(cls, table: pd.DataFrame | None, extended: Mapping[str, pa.Table]) -> _Rows:
+        total: dict[str, int] = {}
+        fitted: dict[str, int] = {}
+        last: dict[str, dt.date] = {}
+        firsts: list[dt.date] = []
+        latest: list[pd.DataFrame] = []
+        if table is not None and len(table):
+            codes, names = _ticker_codes(table)
+            has_value = table["sensitivity"].notna().to_numpy()
+            total.update(zip(names, np.bincount(codes, minlength=len(names)).tolist(), strict=True))
+            fitted.update(
+                zip(names, np.bincount(codes[has_value], minlength=len(names)).tolist(), strict=True)
+            )
+            dates = pd.to_datetime(table["date"])
+            run_ends = _run_ends(codes, dates)
+            latest.append(table.iloc[run_ends] if run_ends is not None else table)
+            last.update(zip(names, (d.date() for d in dates.iloc[_last_positions(codes)]), strict=True))
+            firsts.append(dates.min().date())
+        if extended:
+            ends = [t.slice(t.num_rows - 1) for t in extended.values()]
+            latest.append(pa.concat_tables(ends).to_pandas(date_as_object=False))
+            for t, tab in extended.items():
+                total[t] = tab.num_rows
+                fitted[t] = tab.num_rows - tab.column("sensitivity").null_count
+                last[t] = tab.column("date")[-1].as_py()
+                firsts.append(tab.column("date")[0].as_py())
+        frame = pd.concat(latest, ignore_index=True) if len(latest) > 1 else (latest or [pd.DataFrame()])[0]
+        as_of = max(last.values()) if last else dt.date.min
+        return cls(total, fitted, last, min(firsts) if firsts else dt.date.min, as_of, frame)
+
+
+def _last_positions(codes: npt.NDArray[np.intp]) -> npt.NDArray[np.intp]:
+    """The position of each code's last row (codes ``0 .. k-1``)."""
+    n = int(codes.max()) + 1 if len(codes) else 0
+    last = np.full(n, -1, dtype=np.intp)
+    last[codes] = np.arange(len(codes), dtype=np.intp)  # later positions overwrite earlier ones
+    return last
+
+
+def _run_ends(codes: npt.NDArray[np.intp], dates: pd.Series) -> npt.NDArray[np.intp] | None:
+    """Positions of each ticker's latest row when the rows run ticker by ticker, each by date
+    (as the fit writes them); None otherwise (then the summary groups every row).
+
+    A ticker's latest row then ends its run: the summary of those rows alone is the table's,
+    without grouping and sorting 2.5 million rows (0.25 s at 500 tickers x 20 years).
+    """
+    ends = np.r_[codes[1:] != codes[:-1], True] if len(codes) else np.zeros(0, dtype=bool)
+    days = dates.to_numpy(dtype="datetime64[ns]")
+    # One run per ticker: as many runs as distinct codes, which are the runs' own codes.
+    runs_in_order = int(ends.sum()) == len(np.unique(codes[ends])) and bool(
+        np.all((days[1:] > days[:-1]) | ends[:-1])
+    )
+    return np.flatnonzero(ends) if runs_in_order else None
+
+
+def _history(
+    table: pd.DataFrame | None, extended: Mapping[str, pa.Table], order: Sequence[str], columns: list[str]
+) -> pd.DataFrame:
+    """The report's columns of every row written or kept, ``date`` as timestamps."""
+    parts: list[pd.DataFrame] = []
+    if table is not None and len(table):
+        parts.append(table[columns])
+    if extended:
+        kept = pa.concat_tables([extended[t] for t in order if t in extended]).select(columns)
+        frame = kept.to_pandas(date_as_object=False)
+        frame["date"] = frame["date"].astype("datetime64[ns]")
+        parts.append(frame)
+    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
 
 
 def _risk_free_returns(
@@ -679,28 +879,6 @@ def _ticker_codes(table: pd.DataFrame) -> tuple[npt.NDArray[np.intp], list[str]]
     per ticker and the price lookup work on (grouping 2.4 million strings took 0.2 s a time)."""
     codes, names = pd.factorize(table["ticker"], sort=False)
     return np.asarray(codes, dtype=np.intp), [str(n) for n in names]
-
-
-def _latest_summary(table: pd.DataFrame, codes: npt.NDArray[np.intp], dates: pd.Series) -> pd.DataFrame:
-    """:func:`~sensitivity.report.summary_table` of the fit's table, from each ticker's last row.
-
-    The fit's rows run ticker by ticker (``codes``, :func:`_ticker_codes`), each by date
-    (``dates``, the table's ``date`` as datetimes), so
-    a ticker's latest row ends its run: the summary of those rows alone is the table's (its
-    ``as_of`` too, the latest of them), without grouping and sorting 2.5 million rows (0.25 s
-    at 500 tickers x 20 years).  Rows in any other order go to the full summary.
-    """
-    from sensitivity.report import summary_table
-
-    ends = np.r_[codes[1:] != codes[:-1], True] if len(codes) else np.zeros(0, dtype=bool)
-    days = dates.to_numpy(dtype="datetime64[ns]")
-    # One run per ticker: as many runs as distinct codes, which are the runs' own codes.
-    runs_in_order = int(ends.sum()) == len(np.unique(codes[ends])) and bool(
-        np.all((days[1:] > days[:-1]) | ends[:-1])
-    )
-    if not runs_in_order:
-        return summary_table(table)
-    return summary_table(table.iloc[np.flatnonzero(ends)])
 
 
 def _with_prices(

@@ -1,0 +1,189 @@
+"""Which stored per-day rows a run can keep instead of computing them again.
+
+A rolling fit's row on day ``t`` depends on the data of its window, on the centres and scales
+of the ticker's fits (:func:`sensitivity.api.fit_anchors`, taken from its first year of data),
+on where the calendar's blocks of ``window`` rows start (its dates from the first), on the
+model's settings and on the code that computes it -- on nothing after ``t``.  So the rows a
+file holds through its last date stay what a recomputation would give, to the bit, as long
+as all of that through that date is unchanged.  Each per-day file written by the pipeline
+keeps an :class:`~sensitivity.store.InputsStamp`: its last date and a digest of those inputs
+through it (:meth:`FitInputs.digests`).  The next run computes the digest of its own inputs
+through the same date; where they agree it keeps the file's rows and fits only the later days
+(``quadratic_sensitivity(..., from_date=...)``), and where anything differs -- a restated
+price, another start date, another window, risk-free rate or estimator, a new version of the
+code -- it computes the ticker's rows in full, as without stamps.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from functools import cache, cached_property
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from sensitivity.returns import AlignedReturns
+from sensitivity.store import SCHEMA_VERSIONS, InputsStamp, ReportStore, SensitivityKey
+
+__all__ = ["FitInputs", "Kept", "code_digest", "reusable_rows"]
+
+#: The modules whose code shapes the stored numbers: a change to any of them (an upgrade, or
+#: an edit in a checkout) recomputes every ticker once.
+_NUMERIC_MODULES = (
+    "api",
+    "inference",
+    "model",
+    "pipeline",
+    "returns",
+    "reuse",
+    "robust",
+    "sensitivity",
+    "store",
+    "threads",
+)
+
+
+@cache
+def code_digest() -> str:
+    """A digest of the source of the modules that compute and store the per-day rows."""
+    import torch
+
+    folder = Path(__file__).parent
+    h = hashlib.blake2b(digest_size=16)
+    for name in _NUMERIC_MODULES:
+        h.update(name.encode())
+        h.update((folder / f"{name}.py").read_bytes())
+    h.update(f"torch {torch.__version__} numpy {np.__version__}".encode())
+    return h.hexdigest()
+
+
+@dataclass(frozen=True, eq=False)
+class FitInputs:
+    """What a run's per-day rows are computed from: aligned returns, risk-free returns
+    (``[dates, tickers]`` or None) and the settings (:meth:`settings_of`)."""
+
+    aligned: AlignedReturns
+    risk_free: pd.DataFrame | None
+    settings: bytes
+
+    @staticmethod
+    def settings_of(
+        *, index: str, window: int, min_obs: int, se: str, hac_lags: int | None, fit: str, device: str
+    ) -> bytes:
+        """The settings part of every digest (``device``: the resolved device type)."""
+        return json.dumps(
+            {
+                "index": index,
+                "window": window,
+                "min_obs": min_obs,
+                "se": se,
+                "hac_lags": hac_lags,
+                "fit": fit,
+                "device": device,
+                "schema": SCHEMA_VERSIONS["sensitivity"],
+                "code": code_digest(),
+            },
+            sort_keys=True,
+        ).encode()
+
+    @cached_property
+    def anchors(self) -> pd.DataFrame:
+        """:func:`~sensitivity.api.fit_anchors` of every ticker (computed once, when needed)."""
+        from sensitivity.api import fit_anchors
+
+        a = self.aligned
+        return fit_anchors(a.stock_returns, a.index_returns, risk_free=self.risk_free)
+
+    @cached_property
+    def _columns(self) -> tuple[dict[str, int], list[np.ndarray]]:
+        """Each ticker's column number and the hashed panels ticker-major (``[N, T]``; views
+        where pandas holds a panel as one block)."""
+        a = self.aligned
+        panels = [a.stock_returns, a.index_returns, a.close, a.prev_close]
+        if self.risk_free is not None:
+            panels.append(self.risk_free)
+        columns = a.stock_returns.columns
+        arrays = [
+            (p if p.columns.equals(columns) else p[columns]).to_numpy(dtype=np.float64).T for p in panels
+        ]
+        return {str(t): i for i, t in enumerate(columns)}, arrays
+
+    def digest(self, ticker: str, row: int) -> str:
+        """The ticker's digest of everything its rows depend on through calendar row ``row``.
+
+        Hashes the settings, the calendar's dates up to ``row`` and the ticker's stock and
+        index returns, closes, previous closes and risk-free returns up to ``row`` (the bytes
+        of the float64 values), and its fits' anchors.  Safe on several threads once
+        :meth:`prepare` has run.
+        """
+        columns, arrays = self._columns
+        i = columns[ticker]
+        h = hashlib.blake2b(self.settings, digest_size=20)
+        h.update(b"risk-free" if self.risk_free is not None else b"raw")
+        h.update(np.ascontiguousarray(self.aligned.calendar.asi8[: row + 1]).tobytes())
+        for values in arrays:
+            h.update(np.ascontiguousarray(values[i, : row + 1]).data)
+        h.update(np.ascontiguousarray(self.anchors.loc[ticker].to_numpy(dtype=np.float64)).data)
+        return h.hexdigest()
+
+    def prepare(self) -> None:
+        """Compute what :meth:`digest` shares between tickers (before using it on threads)."""
+        _ = self.anchors, self._columns
+
+    def stamps(self, last_dates: Mapping[str, dt.date]) -> dict[str, InputsStamp]:
+        """The :class:`~sensitivity.store.InputsStamp` of each ticker's rows through its last date."""
+        days = pd.DatetimeIndex([pd.Timestamp(d) for d in last_dates.values()])
+        rows = self.aligned.calendar.get_indexer(days)
+        return {
+            t: InputsStamp(last_dates[t], self.digest(t, int(r)))
+            for t, r in zip(last_dates, rows, strict=True)
+            if r >= 0
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class Kept:
+    """A ticker's stored rows that a run keeps: the file's table, its last date and its
+    calendar row."""
+
+    table: pa.Table
+    through: dt.date
+    row: int
+
+
+def reusable_rows(
+    reports: ReportStore, inputs: FitInputs, *, index: str, window: int, tickers: Iterable[str]
+) -> dict[str, Kept]:
+    """The stored per-day rows of ``tickers`` that ``inputs`` would compute again, bit for bit.
+
+    Reads the footer of each ticker's file; where the digest of ``inputs`` through the
+    stamp's date matches the stamp's, reads the file (whose last row must be dated
+    ``through``).  Files without a stamp or with another digest are left out (not decoded):
+    those tickers are computed in full.
+    """
+    keys = {(index, t, window): t for t in tickers}
+    calendar = inputs.aligned.calendar
+    rows: dict[str, int] = {}
+    inputs.prepare()
+
+    def same_inputs(key: SensitivityKey, stamp: InputsStamp) -> bool:
+        row = int(calendar.get_indexer(pd.DatetimeIndex([pd.Timestamp(stamp.through)]))[0])
+        if row < 0 or inputs.digest(keys[key], row) != stamp.digest:
+            return False
+        rows[keys[key]] = row
+        return True
+
+    tables = reports.read_sensitivity_tables(keys, keep=same_inputs)
+    kept: dict[str, Kept] = {}
+    for key, (table, stamp) in tables.items():
+        t = keys[key]
+        if stamp is None or table.num_rows == 0 or table.column("date")[-1].as_py() != stamp.through:
+            continue
+        kept[t] = Kept(table, stamp.through, rows[t])
+    return kept
