@@ -20,11 +20,12 @@ from typing import IO, Any
 
 import battery
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import Universe
 
 import sensitivity.store as store_mod
-from sensitivity.store import PriceStore
+from sensitivity.store import INPUTS_KEY, PriceStore
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -76,6 +77,14 @@ def reap() -> Iterator[list[subprocess.Popen[str]]]:
         proc.communicate(timeout=30)
 
 
+def _unstamp(path: Path) -> None:
+    """Drop a per-day file's stamp, as an older version wrote it, so that the next run
+    rewrites the file (a rerun with nothing new leaves stamped files alone)."""
+    table = pq.read_table(path)
+    meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != INPUTS_KEY}
+    pq.write_table(table.replace_schema_metadata(meta), path)
+
+
 # -- kill -9 in the middle of a write ----------------------------------------------------------------
 
 
@@ -91,6 +100,8 @@ def test_kill9_mid_write_keeps_the_previous_file_and_the_next_run_recovers(
     files_universe: Universe, reap: list[subprocess.Popen[str]], pattern: str, target: str
 ) -> None:
     u = files_universe
+    if target.startswith("reports/sensitivity/"):
+        _unstamp(u.data / target)
     clean = battery.tables(u.data)
     before = battery.checksums(u.data)
     proc = _start(pattern, "steps", u.config, u.data)
@@ -183,6 +194,7 @@ def test_permission_denied_on_a_table_write_is_a_store_error(
     files_universe: Universe, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     u = files_universe
+    _unstamp(u.data / "reports/sensitivity/^GSPC__MSFT__w20.parquet")
     before = battery.checksums(u.data)
     _failing_write(monkeypatch, "*__MSFT__*", PermissionError(errno.EACCES, "Permission denied"))
     outcome = battery.run(u.config, u.data)
