@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import cloudpickle
-import pandas as pd
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -46,6 +45,7 @@ from sensitivity.errors import (
 )
 from sensitivity.pipeline import (
     FetchOutcome,
+    History,
     failure_reason,
     fetch_batch,
     fetch_symbol,
@@ -165,12 +165,12 @@ def fetch_options(config: Config) -> dict[str, Any]:
 
 
 @task(name="fit-sensitivity", cache_policy=NO_CACHE, persist_result=False)
-def fit_sensitivity(config: Config, tickers: list[str]) -> tuple[dict[str, Any], pd.DataFrame | None]:
+def fit_sensitivity(config: Config, tickers: list[str]) -> tuple[dict[str, Any], History | None]:
     """One batched fit of every ticker; writes the sensitivity and summary tables.
 
-    Returns the outcome and the per-day rows written, in the report's columns, which the
-    report task draws from instead of reading them back (never persisted: they stay in the
-    flow's memory); None above ``pipeline.HANDOVER_MAX_BYTES``.
+    Returns the outcome and the per-day rows written, in the report's columns and per
+    combination, which the report task draws from instead of reading them back (never
+    persisted: they stay in the flow's memory); None above ``pipeline.HANDOVER_MAX_BYTES``.
     """
     fitted = fit_universe_with_history(config, tickers)
     return fitted.outcome.to_dict(), fitted.history
@@ -183,7 +183,7 @@ def write_report(
     fetches: list[dict[str, Any]],
     failures: dict[str, str],
     started_at: dt.datetime,
-    history: pd.DataFrame | None = None,
+    history: History | None = None,
 ) -> dict[str, str]:
     """Render the HTML report and the manifest (from ``history``, the fit's rows, when given)."""
     from sensitivity.pipeline import FitOutcome
@@ -483,7 +483,7 @@ def stock_sensitivity(
     failures.update(fit["no_data"])
     # quote(): plain data, no futures inside; Prefect would otherwise visit every element of
     # the 500 fetch outcomes and per-ticker counts before the task starts (0.1 s).
-    paths = write_report(quote(cfg), quote(fit), quote(fetches), quote(failures), started_at, history)
+    paths = write_report(quote(cfg), quote(fit), quote(fetches), quote(failures), started_at, quote(history))
     summary = _summary_rows(cfg, fit)
     _publish(summary, fit, failures, paths)
     result = {"as_of": fit["as_of"], "rows": fit["rows"], "paths": paths, "failures": failures, **summary}

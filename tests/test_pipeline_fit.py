@@ -7,6 +7,7 @@ import datetime as dt
 import logging
 import re
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from sensitivity.errors import ModelFitError
 from sensitivity.pipeline import build_manifest, fetch_symbol, fit_universe, fit_universe_with_history
 from sensitivity.report import SENSITIVITY_COLUMNS, render_report
 from sensitivity.scenarios import scenario_table
-from sensitivity.store import INPUTS_KEY, InputsStamp, PriceStore, ReportStore
+from sensitivity.store import INPUTS_KEY, InputsStamp, PriceStore, ReportStore, SensitivityKey
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -221,6 +222,13 @@ def test_fit_universe_without_the_rate_symbols_prices_names_it(source: Path, tmp
         fit_universe(cfg, ["KO", "JPM"])
 
 
+def long_rows(history: Mapping[SensitivityKey, pd.DataFrame | pa.Table]) -> pd.DataFrame:
+    """A fit's per-combination rows for the report as one frame, ``date`` as timestamps."""
+    parts = [r.to_pandas(date_as_object=False) if isinstance(r, pa.Table) else r for r in history.values()]
+    frame = pd.concat(parts, ignore_index=True)
+    return frame.assign(date=pd.to_datetime(frame["date"]).astype("datetime64[ns]"))
+
+
 def test_the_fits_rows_are_what_the_report_would_read_back(source: Path, tmp_path: Path) -> None:
     """The flow hands the fit's rows to the report instead of reading the files back: the
     rows, their values to the bit, and the page drawn from them are the same."""
@@ -233,11 +241,13 @@ def test_the_fits_rows_are_what_the_report_would_read_back(source: Path, tmp_pat
         index_ticker="^GSPC", window=126, tickers=["KO", "JPM"], columns=SENSITIVITY_COLUMNS
     )
     history = fitted.history
-    assert list(history.columns) == list(SENSITIVITY_COLUMNS)
-    assert fitted.outcome.rows == len(history) == len(stored)
-    assert list(history["ticker"].unique()) == ["KO", "JPM"]  # the fit's order; the store sorts
+    assert history is not None
+    assert list(history) == [("^GSPC", "KO", 126), ("^GSPC", "JPM", 126)]  # the fit's order
+    assert all(list(rows.columns) == list(SENSITIVITY_COLUMNS) for rows in history.values())
+    rows = long_rows(history)
+    assert fitted.outcome.rows == len(rows) == len(stored)
     keys = ["ticker", "date"]
-    mine = history.assign(date=pd.to_datetime(history["date"])).sort_values(keys, ignore_index=True)
+    mine = rows.sort_values(keys, ignore_index=True)
     theirs = stored.assign(date=pd.to_datetime(stored["date"])).sort_values(keys, ignore_index=True)
     pd.testing.assert_frame_equal(mine, theirs, check_exact=True, check_dtype=False)
 
@@ -261,7 +271,7 @@ def test_a_history_too_large_to_copy_is_read_back_by_the_report(
         fetch_symbol(cfg, symbol)
     kept = fit_universe_with_history(cfg, ["KO", "JPM"])
     assert kept.history is not None
-    size = len(kept.history) * len(SENSITIVITY_COLUMNS) * 8
+    size = len(long_rows(kept.history)) * len(SENSITIVITY_COLUMNS) * 8
     monkeypatch.setattr(pipeline, "HANDOVER_MAX_BYTES", size - 1)
     fitted = fit_universe_with_history(cfg, ["KO", "JPM"])
     assert fitted.history is None
@@ -408,10 +418,12 @@ def test_a_daily_run_writes_what_a_fit_of_the_whole_range_writes(
     keys = ["ticker", "date"]
     assert daily.history is not None
     assert whole.history is not None
+    assert list(daily.history) == list(whole.history)
     pd.testing.assert_frame_equal(
-        daily.history.sort_values(keys, ignore_index=True),
-        whole.history.sort_values(keys, ignore_index=True),
+        long_rows(daily.history).sort_values(keys, ignore_index=True),
+        long_rows(whole.history).sort_values(keys, ignore_index=True),
         check_exact=True,
+        check_dtype=False,
     )
     # The files carry their stamps: the last date and a digest of the inputs through it.
     for data in ("daily", "once"):
@@ -440,7 +452,7 @@ def test_a_rerun_with_nothing_new_leaves_the_files_alone(
     pd.testing.assert_frame_equal(summary, summary2, check_exact=True)
     assert again.outcome.rows == len(rows)
     assert again.history is not None
-    assert len(again.history) == len(rows)
+    assert len(long_rows(again.history)) == len(rows)
 
 
 def moved(cfg: Config, data: Path) -> Config:

@@ -995,3 +995,17 @@ def test_render_report_without_any_fit_says_so() -> None:
     assert checker.images == []
     assert "No stock has a fitted sensitivity" in page
     assert "nothing to map" in page
+
+
+@pytest.mark.parametrize(("n_days", "word"), [(260, "weekly"), (800, "monthly")])
+def test_the_heatmap_bins_follow_the_span_of_the_whole_group(n_days: int, word: str) -> None:
+    """Weekly bins up to two years of data, monthly beyond: the figure and its caption agree,
+    also when only some tickers are charted (the group's span decides for all)."""
+    frame = make_sensitivity(STOCKS, n_days=n_days)
+    page = render_report(frame, summary_table(frame), MANIFEST, chart_limit=2, workers=0).decode("utf-8")
+    checker = parse(page)
+    (heatmap,) = charts(checker, "heatmap")
+    assert f"heatmap of {word} mean sensitivity" in str(heatmap["alt"])
+    assert (
+        f"Mean sensitivity per ticker (rows, in the overview's order) and {word.removesuffix('ly')}" in page
+    )

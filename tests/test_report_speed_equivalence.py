@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pytest
 from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -192,3 +193,46 @@ def test_a_report_whose_workers_fail_is_still_complete(
 def test_render_report_rejects_a_bad_worker_count(universe: Universe, workers: object) -> None:
     with pytest.raises(ValueError, match="workers must be None or an integer >= 0"):
         render_report(universe.frame, universe.summary, {}, workers=workers)  # type: ignore[arg-type]
+
+
+def split_by_combination(frame: pd.DataFrame, *, arrow: bool) -> dict[tuple[str, str, int], Any]:
+    """``frame``'s rows per combination, last ticker first, as DataFrames or as Arrow tables
+    with ``date`` as date32 (how the store and the pipeline hold them)."""
+    out: dict[tuple[str, str, int], Any] = {}
+    for (index, ticker, window), rows in reversed(list(frame.groupby(list(report.KEY_COLUMNS), sort=True))):
+        rows = rows.sort_values("date", kind="stable")
+        if arrow:
+            table = pa.Table.from_pandas(rows, preserve_index=False)
+            days = pa.array(pd.to_datetime(rows["date"]).dt.date, type=pa.date32())
+            rows = table.set_column(table.schema.get_field_index("date"), "date", days)
+        out[(str(index), str(ticker), int(window))] = rows
+    return out
+
+
+@pytest.mark.parametrize("arrow", [False, True], ids=["pandas", "arrow"])
+@pytest.mark.parametrize("chart_limit", [40, 4])
+def test_a_page_from_rows_split_by_combination_is_the_page_of_the_table(
+    universe: Universe, arrow: bool, chart_limit: int
+) -> None:
+    """What the pipeline hands over (rows per combination, Arrow tables for the rows a daily
+    run kept) draws the page of the long table, charted or not, byte for byte."""
+    shuffled = universe.frame.sample(frac=1.0, random_state=7)  # the table's row order is free
+    page = render_report(shuffled, universe.summary, {}, workers=0, chart_limit=chart_limit)
+    if chart_limit == 40:
+        assert page == universe.page
+    split = split_by_combination(universe.frame, arrow=arrow)
+    assert render_report(split, universe.summary, {}, workers=0, chart_limit=chart_limit) == page
+
+
+def test_rows_split_by_combination_are_checked(universe: Universe) -> None:
+    split = split_by_combination(universe.frame, arrow=True)
+    key = next(iter(split))
+    with pytest.raises(TypeError, match=r"must be a pandas DataFrame or an Arrow table, got list"):
+        render_report({**split, key: [1, 2]}, universe.summary, {}, workers=0)
+    with pytest.raises(ValueError, match=r"lacks column\(s\) sensitivity_se"):
+        render_report({**split, key: split[key].drop_columns(["sensitivity_se"])}, universe.summary, {})
+    backwards = split[key].take(pa.array(range(split[key].num_rows - 1, -1, -1)))
+    with pytest.raises(ValueError, match=rf"the rows of {key[1]} against \^GSPC .* are not in date order"):
+        render_report({**split, key: backwards}, universe.summary, {}, workers=0)
+    with pytest.raises(ValueError, match=r"sensitivity is empty"):
+        render_report({k: v.slice(0, 0) for k, v in split.items()}, universe.summary, {}, workers=0)

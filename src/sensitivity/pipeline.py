@@ -23,7 +23,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -49,6 +49,7 @@ from sensitivity.store import (
     DateRange,
     PriceStore,
     ReportStore,
+    SensitivityKey,
     store_lock,
     table_from_frame,
 )
@@ -515,18 +516,25 @@ def replay_records(records: Sequence[logging.LogRecord]) -> None:
             logger.handle(record)
 
 
+#: The per-day rows a fit hands to the report, per combination (see :class:`FittedUniverse`).
+History: TypeAlias = dict[SensitivityKey, pd.DataFrame | pa.Table]
+
+
 @dataclass(frozen=True, eq=False)
 class FittedUniverse:
     """What :func:`fit_universe_with_history` wrote: its outcome and the per-day rows.
 
     ``history`` holds the rows written to ``reports/sensitivity/`` in the columns the report
-    draws from (:data:`sensitivity.report.SENSITIVITY_COLUMNS`), ``date`` as timestamps: what
-    :func:`write_run_report` would otherwise read back from the store; None when they are
-    more than :data:`HANDOVER_MAX_BYTES` (the report then reads them back).
+    draws from (:data:`sensitivity.report.SENSITIVITY_COLUMNS`), per combination (its key ->
+    its rows by date, a DataFrame for a ticker fitted in full, the Arrow table of the rows
+    kept and added for one a daily run extended), as
+    :func:`~sensitivity.report.render_report` takes them: what :func:`write_run_report` would
+    otherwise read back from the store; None when they are more than
+    :data:`HANDOVER_MAX_BYTES` (the report then reads them back).
     """
 
     outcome: FitOutcome
-    history: pd.DataFrame | None
+    history: History | None
 
 
 #: The largest copy of the per-day rows (the report's columns, float64) that
@@ -700,7 +708,7 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
     )
     history = None
     if with_history and outcome.rows * len(SENSITIVITY_COLUMNS) * 8 <= HANDOVER_MAX_BYTES:
-        history = _history(table, extended, order, list(SENSITIVITY_COLUMNS))
+        history = _history(table, extended, (u.index, m.window), order, list(SENSITIVITY_COLUMNS))
     return FittedUniverse(outcome, history)
 
 
@@ -832,18 +840,35 @@ def _run_ends(codes: npt.NDArray[np.intp], dates: pd.Series) -> npt.NDArray[np.i
 
 
 def _history(
-    table: pd.DataFrame | None, extended: Mapping[str, pa.Table], order: Sequence[str], columns: list[str]
-) -> pd.DataFrame:
-    """The report's columns of every row written or kept, ``date`` as timestamps."""
-    parts: list[pd.DataFrame] = []
+    table: pd.DataFrame | None,
+    extended: Mapping[str, pa.Table],
+    combo: tuple[str, int],
+    order: Sequence[str],
+    columns: list[str],
+) -> History:
+    """The report's columns of every row written or kept, per combination, in ``order``.
+
+    The rows of tickers fitted in full are slices of one copy of those columns (the fit
+    writes them ticker by ticker, each by date; otherwise they are grouped); a kept ticker's
+    are its Arrow table's columns, not copied.  Nothing is converted to pandas here: the
+    report converts only the combinations it charts.
+    """
+    index, window = combo
+    parts: dict[str, pd.DataFrame | pa.Table] = {}
     if table is not None and len(table):
-        parts.append(table[columns])
-    if extended:
-        kept = pa.concat_tables([extended[t] for t in order if t in extended]).select(columns)
-        frame = kept.to_pandas(date_as_object=False)
-        frame["date"] = frame["date"].astype("datetime64[ns]")
-        parts.append(frame)
-    return pd.concat(parts, ignore_index=True) if len(parts) > 1 else parts[0]
+        rows = table[columns]
+        codes, names = _ticker_codes(rows)
+        ends = _run_ends(codes, pd.to_datetime(rows["date"]))
+        if ends is not None:
+            starts = np.r_[0, ends[:-1] + 1]
+            for lo, hi in zip(starts.tolist(), (ends + 1).tolist(), strict=True):
+                parts[names[int(codes[lo])]] = rows.iloc[lo:hi]
+        else:
+            for name, group in rows.groupby("ticker", sort=False):
+                parts[str(name)] = group.sort_values("date", kind="stable")
+    for t, kept in extended.items():
+        parts[t] = kept.select(columns)
+    return {(index, t, window): parts[t] for t in order if t in parts}
 
 
 def _risk_free_returns(
@@ -912,7 +937,7 @@ def write_run_report(
     *,
     started_at: dt.datetime,
     run_id: str | None = None,
-    history: pd.DataFrame | None = None,
+    history: Mapping[SensitivityKey, pd.DataFrame | pa.Table] | None = None,
 ) -> dict[str, str]:
     """Render the HTML report and the manifest of this run for ``fit.as_of``; return their paths.
 
@@ -923,6 +948,7 @@ def write_run_report(
 
     data_dir = config.output.data_dir
     reports = ReportStore(data_dir)
+    table: pd.DataFrame | Mapping[SensitivityKey, pd.DataFrame | pa.Table]
     if history is not None:
         table = history
     else:
@@ -1009,6 +1035,7 @@ __all__ = [
     "FetchPlan",
     "FitOutcome",
     "FittedUniverse",
+    "History",
     "build_manifest",
     "fetch_symbol",
     "fit_universe",
