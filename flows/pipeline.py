@@ -96,9 +96,13 @@ def fetch_prices(config: Config, symbol: str) -> list[dict[str, Any]]:
     return [{"symbol": symbol, "outcome": outcome.to_dict()}]
 
 
-def _log_outcome(logger: Any, outcome: FetchOutcome) -> None:
-    """One fetch's line and its quality records in the task's log."""
-    logger.info("%s", outcome.describe())
+def _log_outcome(logger: Any, outcome: FetchOutcome, lines: list[str] | None = None) -> None:
+    """One fetch's line and its quality records in the task's log; with ``lines`` the line is
+    appended there instead (a batch logs its symbols' lines as one record)."""
+    if lines is None:
+        logger.info("%s", outcome.describe())
+    else:
+        lines.append(outcome.describe())
     if outcome.restated:
         logger.warning(
             "%s: the source restated its history (%s); refetched %s to %s and replaced the stored history",
@@ -137,11 +141,16 @@ def fetch_price_batch(
         level = logging.getLogger("sensitivity").getEffectiveLevel()
         results, records = workers.call(_fetch_batch_here, config, symbols, level)
         replay_records(records)
+    # One record for the batch's lines: each record is shipped to Prefect's API and stored by
+    # its server, and 500 of them cost more CPU than the fetches' merges of a few days.
+    lines: list[str] = []
     for entry in results:
         if "outcome" in entry:
-            _log_outcome(logger, FetchOutcome(**entry["outcome"]))
+            _log_outcome(logger, FetchOutcome(**entry["outcome"]), lines)
         else:
             logger.error("%s: %s", entry["symbol"], entry["error"])
+    if lines:
+        logger.info("%d symbol(s) fetched:\n%s", len(lines), "\n".join(lines))
     return results
 
 

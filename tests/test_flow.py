@@ -430,3 +430,30 @@ def test_fetch_workers_follow_runtime_fetch_processes(
     finally:
         if pool is not None:
             pool.close()
+
+
+def test_a_batch_logs_its_symbols_lines_as_one_record(
+    flow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    """Each log record goes to Prefect's API and its database: a batch of a local source logs
+    one record holding every symbol's line, not one record per symbol."""
+    infos: list[str] = []
+
+    class Logger:
+        def info(self, msg: str, *args: Any) -> None:
+            infos.append(msg % args)
+
+        def warning(self, msg: str, *args: Any) -> None:
+            pass
+
+        error = warning
+
+    monkeypatch.setitem(flow.fn.__globals__, "get_run_logger", Logger)
+    tickers = ["AAPL", "MSFT", "INTC", "JPM", "GS", "XOM", "JNJ", "PG", "KO", "WMT"]
+    result = run(flow, tmp_path, tickers=tickers)  # more symbols than fetch tasks: batches
+    assert result["failures"] == {}
+    batches = [m for m in infos if "symbol(s) fetched:" in m]
+    lines = [line for m in batches for line in m.splitlines()[1:]]
+    assert sorted(line.split(":")[0] for line in lines) == sorted([*tickers, "^GSPC"])
+    assert len(batches) < len(lines)  # fewer records than symbols
+    assert not any(m.split(":")[0] in tickers for m in infos)  # no line on its own
