@@ -1295,3 +1295,20 @@ def test_a_large_frame_converts_on_threads_to_the_same_table_and_names_the_first
     bad["gamma_p"] = "x"
     with pytest.raises(DataValidationError, match="column n_obs"):
         store_mod.table_from_frame(bad, SENSITIVITY_SCHEMA, "big table")
+
+
+def test_rows_read_for_a_daily_run_survive_their_file_being_replaced_or_removed(tmp_path: Path) -> None:
+    """The per-day files a daily run keeps are memory-mapped (their floats are views of the
+    file's pages): a file replaced by a rename, as every write here does, or removed while
+    its rows are held leaves the rows as they were read."""
+    rs = ReportStore(tmp_path)
+    keys = [("^GSPC", "AAPL", 252), ("^GSPC", "KO", 252)]
+    days = [f"2024-01-{d:02d}" for d in range(2, 12)]
+    rs.write_sensitivity(pd.concat([sens_frame(*k, days, seed=i) for i, k in enumerate(keys)]))
+    held = rs.read_sensitivity_tables(keys)
+    copies = {k: pa.Table.from_pylist(t.to_pylist(), schema=t.schema) for k, (t, _) in held.items()}
+    assert all(held[k][0].equals(store_mod.read_table(rs.sensitivity_path(*k), "sensitivity")) for k in keys)
+    rs.write_sensitivity(sens_frame(*keys[0], days, seed=9))  # replaced by a rename
+    rs.sensitivity_path(*keys[1]).unlink()  # removed
+    for k in keys:
+        assert held[k][0].equals(copies[k])
