@@ -227,6 +227,7 @@ def test_store_coverage_is_merged_and_replaced(tmp_path: Path) -> None:
     assert store.coverage("ACME") == [(D(2024, 1, 1), D(2024, 1, 9)), (D(2024, 3, 1), D(2024, 3, 5))]
     store.merge("ACME", frame, source="t", replace=True, covers=(D(2023, 12, 1), D(2024, 1, 31)))
     assert store.coverage("ACME") == [(D(2023, 12, 1), D(2024, 1, 31))]
+    assert_one_read_snapshot(store, "ACME")
     with pytest.raises(ValueError, match=r"covers must be \(start, end\) with start <= end"):
         store.merge("ACME", frame, source="t", covers=(D(2024, 2, 1), D(2024, 1, 1)))
 
@@ -241,6 +242,20 @@ def test_store_without_coverage_metadata_covers_its_stored_span(tmp_path: Path) 
     meta = {k: v for k, v in (table.schema.metadata or {}).items() if k != b"sensitivity.coverage"}
     pq.write_table(table.replace_schema_metadata(meta), path)  # as an older version wrote it
     assert store.coverage("ACME") == [(D(2024, 1, 2), D(2024, 1, 8))]
+    assert_one_read_snapshot(store, "ACME")
+
+
+def assert_one_read_snapshot(store: PriceStore, symbol: str) -> None:
+    """What a fetch merges into, read once: the frame with provenance and the coverage, as
+    :meth:`PriceStore.read` and :meth:`PriceStore.coverage` give them apart."""
+    snapshot = store.read_with_coverage(symbol)
+    assert snapshot is not None
+    frame, coverage = snapshot
+    stored = store.read(symbol, with_provenance=True)
+    assert stored is not None
+    pd.testing.assert_frame_equal(frame, stored, check_exact=True)
+    assert coverage == store.coverage(symbol)
+    assert store.read_with_coverage("NEVER") is None
 
 
 # -- fetch_symbol with the files source ------------------------------------------------------------------

@@ -294,9 +294,9 @@ def _read_stored(store: PriceStore, symbol: str) -> _Stored:
     path = store.path_for(symbol)
     for _ in range(_MAX_STORE_RACES):
         before = _fingerprint(path)
-        frame = store.read(symbol, with_provenance=True)
-        coverage = store.coverage(symbol) if frame is not None else None
+        read = store.read_with_coverage(symbol)
         if _fingerprint(path) == before:
+            frame, coverage = read if read is not None else (None, None)
             return _Stored(frame, coverage, before)
     raise StoreError(
         f"{symbol}: another run rewrote {path} during each of {_MAX_STORE_RACES} reads; "
