@@ -7,7 +7,7 @@ model's settings and on the code that computes it -- on nothing after ``t``.  So
 file holds through its last date stay what a recomputation would give, to the bit, as long
 as all of that through that date is unchanged.  Each per-day file written by the pipeline
 keeps an :class:`~sensitivity.store.InputsStamp`: its last date and a digest of those inputs
-through it (:meth:`FitInputs.digests`).  The next run computes the digest of its own inputs
+through it (:meth:`FitInputs.digest`).  The next run computes the digest of its own inputs
 through the same date; where they agree it keeps the file's rows and fits only the later days
 (``quadratic_sensitivity(..., from_date=...)``), and where anything differs -- a restated
 price, another start date, another window, risk-free rate or estimator, a new version of the

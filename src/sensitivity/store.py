@@ -506,6 +506,8 @@ def _io_workers(n: int) -> int:
 def _map_io(fn: Callable[[_T], _R], items: Sequence[_T], *, workers: int | None = None) -> list[_R]:
     """``[fn(item) for item in items]`` a few at a time on threads (file reads), in order;
     ``workers``: at most that many threads (decoding is CPU work: one per CPU)."""
+    if len(items) <= 1:
+        return [fn(item) for item in items]
     n = _io_workers(len(items)) if workers is None else max(1, min(workers, len(items)))
     with ThreadPoolExecutor(max_workers=n, thread_name_prefix="store-read") as pool:
         return list(pool.map(fn, items))
@@ -537,10 +539,7 @@ def write_tables_atomic(plans: Sequence[tuple[Path, pa.Table]], *, plain_floats:
 
 def _read_tables(paths: Sequence[Path], kind: Kind, columns: Sequence[str] | None = None) -> list[pa.Table]:
     """:func:`read_table` of each path, a few at a time, in order (first error raised)."""
-    if len(paths) <= 1:
-        return [read_table(p, kind, columns) for p in paths]
-    with ThreadPoolExecutor(max_workers=_io_workers(len(paths)), thread_name_prefix="store-read") as pool:
-        return list(pool.map(lambda p: read_table(p, kind, columns), paths))
+    return _map_io(lambda p: read_table(p, kind, columns), paths)
 
 
 # --------------------------------------------------------------------------------------------
@@ -1100,8 +1099,7 @@ class PriceStore:
             except FileNotFoundError:
                 return None
 
-        with ThreadPoolExecutor(max_workers=_io_workers(len(paths)), thread_name_prefix="store-read") as pool:
-            results = list(pool.map(_one, paths.values()))
+        results = _map_io(_one, list(paths.values()))
         return {sym: r for sym, r in zip(paths, results, strict=True) if r is not None}
 
     def coverage(self, symbol: str) -> list[DateRange] | None:
@@ -1521,8 +1519,7 @@ class ReportStore:
             if stamp is not None:
                 meta[INPUTS_KEY] = stamp.to_bytes()
             plans.append((self.sensitivity_path(*key), table.replace_schema_metadata(meta)))
-        with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-read") as pool:
-            list(pool.map(lambda plan: _refuse_newer(plan[0], "sensitivity"), plans))
+        _map_io(lambda plan: _refuse_newer(plan[0], "sensitivity"), plans)
         return write_tables_atomic(plans, plain_floats=True)
 
     def read_sensitivity_tables(
