@@ -43,6 +43,7 @@ from sensitivity.errors import (
     StoreError,
     StoreLockedError,
 )
+from sensitivity.memory import use_jemalloc
 from sensitivity.pipeline import (
     FetchOutcome,
     History,
@@ -448,6 +449,7 @@ def stock_sensitivity(
     fail, the others are still written and the run ends Failed, listing each failed symbol.
     """
     started_at = dt.datetime.now(dt.UTC)
+    use_jemalloc()  # Arrow's pool for this run and its worker processes (sensitivity.memory)
     logger = get_run_logger()
     cfg = load_config(
         config,

@@ -39,6 +39,7 @@ from rich.table import Table
 from sensitivity import __version__, plan, progress
 from sensitivity.config import Config, SourceKind, load_config
 from sensitivity.errors import ConfigError, PartialRunError, SensitivityError
+from sensitivity.memory import use_jemalloc
 from sensitivity.process_pool import discard_spares, prestart
 
 FLOW_ENTRYPOINT = "flows/pipeline.py:stock_sensitivity"
@@ -378,6 +379,7 @@ def run(
         "min_obs": min_obs,
         "data_dir": overrides["data_dir"],
     }
+    use_jemalloc()  # before the workers start: they inherit it
     _prestart_workers(cfg)
     try:
         with _temporary_server_started_early():
@@ -423,6 +425,7 @@ def serve(
     """Serve the deployments of prefect.yaml from this process (no work pool needed)."""
     import importlib.util
 
+    use_jemalloc()  # the flow runs' processes inherit it
     try:
         root = project_root()
         spec = importlib.util.spec_from_file_location(
