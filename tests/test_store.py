@@ -751,6 +751,12 @@ def test_repetitive_columns_are_dictionary_encoded_and_distinct_ones_are_not(tmp
     assert not encoded["date"]
     assert all(encoded[c] for c in ("index_ticker", "ticker", "window", "se_type"))
     assert not any(encoded[c] for c in ("alpha", "beta", "gamma", "sensitivity"))
+    # Known without counting (one row per date): so also in a file of one row, and n_obs
+    # (mostly the window) is always a dictionary.
+    (one_day,) = rs.write_sensitivity(sens_frame("^GSPC", "KO", 252, days[:1]))
+    encoded = dictionary_encoded(one_day)
+    assert not encoded["date"]
+    assert all(encoded[c] for c in ("index_ticker", "ticker", "window", "n_obs", "se_type"))
     encoded = dictionary_encoded(summary)
     assert encoded["as_of"]  # the same day on every row
     assert encoded["date"]
