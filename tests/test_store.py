@@ -757,6 +757,16 @@ def test_repetitive_columns_are_dictionary_encoded_and_distinct_ones_are_not(tmp
     encoded = dictionary_encoded(one_day)
     assert not encoded["date"]
     assert all(encoded[c] for c in ("index_ticker", "ticker", "window", "n_obs", "se_type"))
+    # A price file: one row per date as well; a fetch's time and its source repeat.
+    store = PriceStore(tmp_path)
+    for day in days[:3]:  # three fetches: three distinct fetched_at values over three rows
+        store.merge(
+            "AAPL", prices([day]), source="test", fetched_at=pd.Timestamp(day, tz="UTC").to_pydatetime()
+        )
+    encoded = dictionary_encoded(store.path_for("AAPL"))
+    assert not encoded["date"]
+    assert encoded["fetched_at"]
+    assert encoded["source"]
     encoded = dictionary_encoded(summary)
     assert encoded["as_of"]  # the same day on every row
     assert encoded["date"]

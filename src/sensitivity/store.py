@@ -450,9 +450,12 @@ def write_bytes_atomic(path: str | Path, data: bytes) -> Path:
     return write_atomic(path, _write)
 
 
-def write_table_atomic(path: str | Path, table: pa.Table, *, sync_dir: bool = True) -> Path:
-    """Write an Arrow ``table`` as zstd-compressed Parquet to ``path`` atomically."""
-    return prepare_table(path, table).commit(sync_dir=sync_dir)
+def write_table_atomic(
+    path: str | Path, table: pa.Table, *, sync_dir: bool = True, distinct: Collection[str] | None = None
+) -> Path:
+    """Write an Arrow ``table`` as zstd-compressed Parquet to ``path`` atomically
+    (``distinct``: as in :func:`prepare_table`)."""
+    return prepare_table(path, table, distinct=distinct).commit(sync_dir=sync_dir)
 
 
 def prepare_table(
@@ -487,6 +490,11 @@ def prepare_table(
         fh.write(sink.getvalue())
 
     return PreparedFile(path, _write, sweep=sweep)
+
+
+#: A price file's columns with distinct values: one row per date (``check_price_frame``);
+#: its ``fetched_at`` (one time per fetch) and ``source`` repeat.
+PRICE_DISTINCT: Final = ("date",)
 
 
 def _dictionary_columns(table: pa.Table, distinct: Collection[str] | None = None) -> list[str]:
@@ -886,7 +894,8 @@ def write_price_file(
     path: str | Path, frame: pd.DataFrame, *, symbol: str, source: str, fetched_at: dt.datetime
 ) -> Path:
     """Write a price frame to ``path`` in PRICE_SCHEMA, atomically (used for the sample)."""
-    return write_table_atomic(path, price_table(frame, symbol=symbol, source=source, fetched_at=fetched_at))
+    table = price_table(frame, symbol=symbol, source=source, fetched_at=fetched_at)
+    return write_table_atomic(path, table, distinct=PRICE_DISTINCT)
 
 
 def _to_date(value: object, what: str) -> dt.date:
@@ -1295,7 +1304,9 @@ class PriceStore:
             rows_removed=rows_removed,
             path=path,
         )
-        return PreparedMerge(result, prepare_table(path, table.replace_schema_metadata(meta)))
+        return PreparedMerge(
+            result, prepare_table(path, table.replace_schema_metadata(meta), distinct=PRICE_DISTINCT)
+        )
 
     @staticmethod
     def _norm(symbol: str) -> str:
