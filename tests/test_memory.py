@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pyarrow as pa
 import pytest
@@ -55,7 +54,8 @@ def test_importing_the_library_leaves_arrows_pool_alone() -> None:
 
 
 @needs_jemalloc
-def test_use_jemalloc_makes_it_the_pool_here_and_in_processes_started_after() -> None:
+def test_use_jemalloc_makes_it_the_pool_of_this_process_only() -> None:
+    (default, _) = _python(_REPORT)
     code = (
         "import subprocess, sys\n"
         "from sensitivity.memory import use_jemalloc\n"
@@ -64,7 +64,7 @@ def test_use_jemalloc_makes_it_the_pool_here_and_in_processes_started_after() ->
         " check=True).stdout)\n"
         "print(use_jemalloc())\n"  # a second call changes nothing
     )
-    assert _python(code) == ["jemalloc", "jemalloc", "jemalloc", "jemalloc", "jemalloc", "jemalloc"]
+    assert _python(code) == ["jemalloc", "jemalloc", "-", default, "-", "jemalloc"]
 
 
 def test_a_pool_the_user_named_is_kept() -> None:
@@ -72,18 +72,34 @@ def test_a_pool_the_user_named_is_kept() -> None:
     assert _python(code, **{POOL_VARIABLE: "system"}) == ["system", "system", "system"]
 
 
-@needs_jemalloc
-def test_the_worker_processes_of_a_run_use_it(tmp_path: Path) -> None:
-    """A worker a :class:`ProcessPool` starts after ``use_jemalloc`` allocates from jemalloc."""
-    (tmp_path / "pool_backend.py").write_text(
-        "import pyarrow as pa\n\ndef backend():\n    return pa.default_memory_pool().backend_name\n"
-    )
-    code = (
-        f"import sys; sys.path.insert(0, {str(tmp_path)!r})\n"
-        "from sensitivity.memory import use_jemalloc\n"
-        "from sensitivity.process_pool import ProcessPool\n"
-        "use_jemalloc()\n"
-        "with ProcessPool('pool_backend:backend', 1) as pool:\n"
-        "    print(pool.call(lambda: 'the-caller'))\n"
-    )
-    assert _python(code) == ["jemalloc"]
+class _Chosen(Exception):
+    """Raised by the patched ``use_jemalloc``: the run stops right there."""
+
+
+def test_sensitivity_run_chooses_the_pool_before_it_starts_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    import sensitivity.cli as cli
+
+    calls: list[str] = []
+
+    def chosen() -> str:
+        calls.append("use_jemalloc")
+        raise _Chosen
+
+    monkeypatch.setattr(cli, "use_jemalloc", chosen)
+    monkeypatch.setattr(cli, "_prestart_workers", lambda cfg: calls.append("prestart"))
+    result = CliRunner().invoke(cli.app, ["run", "--config", "config/sample.toml"])
+    assert isinstance(result.exception, _Chosen)
+    assert calls == ["use_jemalloc"]
+
+
+def test_the_flow_chooses_the_pool_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.pipeline as flow_module
+
+    def chosen() -> str:
+        raise _Chosen
+
+    monkeypatch.setattr(flow_module, "use_jemalloc", chosen)
+    with pytest.raises(_Chosen):
+        flow_module.stock_sensitivity.fn(config="config/sample.toml")
