@@ -1328,3 +1328,37 @@ def test_rows_read_for_a_daily_run_survive_their_file_being_replaced_or_removed(
     rs.sensitivity_path(*keys[1]).unlink()  # removed
     for k in keys:
         assert held[k][0].equals(copies[k])
+
+
+def test_rewriting_files_read_whole_skips_only_the_version_check_of_unchanged_ones(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daily run reads each per-day file whole, then writes it back with new rows: a file
+    still the one it read (its version checked by the read) is not opened again for its
+    version, but one replaced meanwhile -- here by a newer version of the package -- is, and
+    is left alone."""
+    rs = ReportStore(tmp_path)
+    keys = [("^GSPC", "AAPL", 252), ("^GSPC", "KO", 252), ("^GSPC", "MSFT", 252)]
+    days = [f"2024-01-{d:02d}" for d in range(2, 12)]
+    rs.write_sensitivity(pd.concat([sens_frame(*k, days, seed=i) for i, k in enumerate(keys)]))
+    held = {k: t for k, (t, _) in rs.read_sensitivity_tables(keys[:2]).items()}  # not MSFT
+    checked: list[str] = []
+    real = store_mod._refuse_newer
+
+    def counted(path: Path, kind: str) -> None:
+        checked.append(path.name)
+        real(path, kind)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store_mod, "_refuse_newer", counted)
+    msft = store_mod.read_table(rs.sensitivity_path(*keys[2]), "sensitivity")
+    rs.write_sensitivity_tables({**held, keys[2]: msft})
+    assert checked == [rs.sensitivity_path(*keys[2]).name]  # only the file not read whole
+    checked.clear()
+    held = {k: t for k, (t, _) in rs.read_sensitivity_tables(keys[:2]).items()}
+    newer = rs.sensitivity_path(*keys[1])
+    _write_with_metadata(newer, str(SCHEMA_VERSIONS["sensitivity"] + 1).encode(), kind=b"sensitivity")
+    before = newer.read_bytes()
+    with pytest.raises(StoreError, match="newer version"):
+        rs.write_sensitivity_tables(held)
+    assert checked == [newer.name]
+    assert newer.read_bytes() == before

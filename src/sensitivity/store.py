@@ -666,6 +666,16 @@ def _added_since(kind: Kind, version: int) -> dict[str, Any]:
     return added
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime_ns)`` of ``path``, None if it cannot be read: a file the store
+    replaces (always by a rename) gets another."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _refuse_newer(path: Path, kind: Kind) -> None:
     """Refuse to replace ``path`` when a newer version of the package wrote it.
 
@@ -1442,6 +1452,9 @@ class ReportStore:
         self.summary_dir = self.folder / "summary"
         self.scenarios_dir = self.folder / "scenarios"
         self.daily_dir = self.folder / "daily"
+        # Per-day files this store read whole (so of a version it may replace), by their
+        # identity then: a rewrite of one still unchanged need not read its version again.
+        self._read_whole: dict[Path, tuple[int, int, int]] = {}
 
     # -- paths ---------------------------------------------------------------------------
 
@@ -1548,7 +1561,11 @@ class ReportStore:
             if stamp is not None:
                 meta[INPUTS_KEY] = stamp.to_bytes()
             plans.append((self.sensitivity_path(*key), table.replace_schema_metadata(meta)))
-        _map_io(lambda plan: _refuse_newer(plan[0], "sensitivity"), plans)
+        # A file read whole since and still the same (it is only ever replaced by a rename,
+        # which changes its identity) was of a version this code may replace: the daily run's
+        # 500 files then need no second footer read (0.13 s).
+        stale = [path for path, _ in plans if self._read_whole.get(path) != _identity(path)]
+        _map_io(lambda path: _refuse_newer(path, "sensitivity"), stale)
         # One row per date in each file (checked by both callers): its dates are distinct;
         # its other columns that are not floats repeat (one combination, n_obs mostly the
         # window, one se_type), so nothing needs counting.
@@ -1571,6 +1588,7 @@ class ReportStore:
         def one(key: SensitivityKey) -> tuple[pa.Table, InputsStamp | None] | None:
             path = self.sensitivity_path(*key)
             try:
+                before = _identity(path)
                 # Mapped: the floats (plain, uncompressed) are views of the file's pages, not
                 # fresh copies.  500 x 20 years read in 0.68-0.76 s instead of 1.05-1.9 s with
                 # a third of the system time; a daily run's fit step took 5.49 s instead of
@@ -1581,7 +1599,10 @@ class ReportStore:
                     if keep is not None and (stamp is None or not keep(key, stamp)):
                         return None
                     # One file per thread: Arrow's own threads on top only add contention.
-                    return _read_opened(path, pf, meta, "sensitivity", use_threads=False), stamp
+                    table = _read_opened(path, pf, meta, "sensitivity", use_threads=False)
+                if before is not None and _identity(path) == before:  # not replaced meanwhile
+                    self._read_whole[path] = before
+                return table, stamp
             except (FileNotFoundError, _DamagedFileError):
                 return None
 
