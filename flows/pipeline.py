@@ -449,7 +449,7 @@ def stock_sensitivity(
     fail, the others are still written and the run ends Failed, listing each failed symbol.
     """
     started_at = dt.datetime.now(dt.UTC)
-    use_jemalloc()  # Arrow's pool for this run and its worker processes (sensitivity.memory)
+    use_jemalloc()  # Arrow's pool for this run's own process (sensitivity.memory)
     logger = get_run_logger()
     cfg = load_config(
         config,

@@ -76,7 +76,7 @@ class _Chosen(Exception):
     """Raised by the patched ``use_jemalloc``: the run stops right there."""
 
 
-def test_sensitivity_run_chooses_the_pool_before_it_starts_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_sensitivity_run_chooses_the_pool_before_any_work(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
     import sensitivity.cli as cli

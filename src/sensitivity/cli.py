@@ -379,7 +379,7 @@ def run(
         "min_obs": min_obs,
         "data_dir": overrides["data_dir"],
     }
-    use_jemalloc()  # before the workers start: they inherit it
+    use_jemalloc()  # Arrow's pool for this process, before any work (sensitivity.memory)
     _prestart_workers(cfg)
     try:
         with _temporary_server_started_early():
@@ -425,7 +425,6 @@ def serve(
     """Serve the deployments of prefect.yaml from this process (no work pool needed)."""
     import importlib.util
 
-    use_jemalloc()  # the flow runs' processes inherit it
     try:
         root = project_root()
         spec = importlib.util.spec_from_file_location(

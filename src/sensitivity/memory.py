@@ -11,10 +11,11 @@ for the whole process with ``prctl``, which slowed the torch kernel's large pane
 quarter, so the run takes Arrow's jemalloc pool instead, where pyarrow was built with it
 (Linux wheels; not macOS or Windows).
 
-:func:`use_jemalloc` is called by ``sensitivity run`` and ``sensitivity serve`` and at the
-start of the flow, not on import: a program that only imports the library keeps its own
-choice.  The fetch's worker processes keep Arrow's default (their share of the zeroing was
-under 1% of a run).  A pool named in ``ARROW_DEFAULT_MEMORY_POOL`` is always left alone.
+:func:`use_jemalloc` is called by ``sensitivity run`` and at the start of the flow (so
+also in runs of the deployments), not on import: a program that only imports the library
+keeps its own choice.  The fetch's worker processes keep Arrow's default (their share of the
+zeroing was under 1% of a run).  A pool named in ``ARROW_DEFAULT_MEMORY_POOL`` is always left
+alone.
 """
 
 from __future__ import annotations
