@@ -11,6 +11,8 @@ import pytest
 from sensitivity.api import fit_anchors, quadratic_sensitivity
 from sensitivity.errors import ConfigError
 from sensitivity.model import CENTRE_ROWS
+from sensitivity.returns import AlignedReturns
+from sensitivity.reuse import FitInputs
 
 
 def panel(t_rows: int = 900, n: int = 7, seed: int = 5) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
@@ -69,3 +71,45 @@ def test_anchors_come_from_each_tickers_first_rows_only() -> None:
     assert list(full.columns)[:4] == ["quadratic_cx", "quadratic_kx", "quadratic_cy", "quadratic_ky"]
     assert np.array_equal(short.loc["S0"].to_numpy(), full.loc["S0"].to_numpy())
     assert not np.array_equal(short.loc["S1"].to_numpy(), full.loc["S1"].to_numpy())
+
+
+def _fit_inputs(risk_free: bool) -> FitInputs:
+    stocks, index, rf = panel()
+    close = (1.0 + stocks.fillna(0.0)).cumprod() * 50.0
+    aligned = AlignedReturns(
+        calendar=pd.DatetimeIndex(stocks.index),
+        stock_returns=stocks,
+        index_returns=index,
+        close=close,
+        prev_close=close.shift(1),
+        market_returns=index.iloc[:, 0],
+    )
+    settings = FitInputs.settings_of(
+        index="^X", window=126, min_obs=60, se="classical", hac_lags=None, fit="ols", device="cpu"
+    )
+    return FitInputs(aligned, rf if risk_free else None, settings)
+
+
+@pytest.mark.parametrize("risk_free", [False, True], ids=["raw", "excess"])
+def test_a_digest_that_goes_on_from_an_earlier_one_equals_one_from_scratch(risk_free: bool) -> None:
+    """A daily run checks each stamp at its stored row, then stamps the new last row going on
+    from there: the same digest as hashing everything again, for each ticker and row order."""
+    fresh, reused = _fit_inputs(risk_free), _fit_inputs(risk_free)
+    for inputs in (fresh, reused):
+        inputs.prepare()
+    tickers = list(fresh.aligned.stock_returns.columns)
+    for t in tickers:
+        for row in (300, 301, 899, 450, 0):  # on, on, on, back (from scratch), back to the first
+            resumed = reused.digest(t, row)
+            assert resumed == _fit_inputs(risk_free).digest(t, row)
+    # And every row tells the inputs apart: one changed value changes every digest through it.
+    stocks = fresh.aligned.stock_returns
+    changed = _fit_inputs(risk_free)
+    changed.aligned.stock_returns.iloc[500, 3] = stocks.iloc[500, 3] + 1e-12
+    assert changed.digest("S3", 499) == fresh.digest("S3", 499)
+    assert changed.digest("S3", 500) != fresh.digest("S3", 500)
+    assert changed.digest("S3", 899) != fresh.digest("S3", 899)
+    # The digest covers each of the other inputs too.
+    assert fresh.digest("S0", 899) != fresh.digest("S4", 899)
+    stamps = reused.stamps({t: fresh.aligned.calendar[899].date() for t in tickers})
+    assert {t: s.digest for t, s in stamps.items()} == {t: fresh.digest(t, 899) for t in tickers}

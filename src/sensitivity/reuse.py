@@ -114,27 +114,48 @@ class FitInputs:
         ]
         return {str(t): i for i, t in enumerate(columns)}, arrays
 
+    @cached_property
+    def _running(self) -> dict[str, tuple[int, hashlib.blake2b]]:
+        """Each ticker's latest running hash (:meth:`_hash_through`) and its calendar row."""
+        return {}
+
     def digest(self, ticker: str, row: int) -> str:
         """The ticker's digest of everything its rows depend on through calendar row ``row``.
 
-        Hashes the settings, the calendar's dates up to ``row`` and the ticker's stock and
-        index returns, closes, previous closes and risk-free returns up to ``row`` (the bytes
-        of the float64 values), and its fits' anchors.  Safe on several threads once
-        :meth:`prepare` has run.
+        Hashes the settings, the ticker's fits' anchors, then row by row through ``row`` the
+        calendar's date and the ticker's stock and index returns, close, previous close and
+        risk-free return (the bytes of the int64 dates and float64 values).  Row by row, so a
+        later row's digest goes on from an earlier one's (a daily run checks its stamps at the
+        stored rows, then stamps the new last rows: the second pass hashes only the new days).
+        Safe on several threads, one ticker per thread, once :meth:`prepare` has run.
         """
+        return self._hash_through(ticker, row).hexdigest()
+
+    def _hash_through(self, ticker: str, row: int) -> hashlib.blake2b:
         columns, arrays = self._columns
         i = columns[ticker]
-        h = hashlib.blake2b(self.settings, digest_size=20)
-        h.update(b"risk-free" if self.risk_free is not None else b"raw")
-        h.update(np.ascontiguousarray(self.aligned.calendar.asi8[: row + 1]).tobytes())
-        for values in arrays:
-            h.update(np.ascontiguousarray(values[i, : row + 1]).data)
-        h.update(np.ascontiguousarray(self.anchors.loc[ticker].to_numpy(dtype=np.float64)).data)
-        return h.hexdigest()
+        kept = self._running.get(ticker)
+        if kept is not None and kept[0] <= row:
+            done, h = kept[0], kept[1].copy()
+        else:
+            done = -1
+            h = hashlib.blake2b(self.settings, digest_size=20)
+            h.update(b"risk-free" if self.risk_free is not None else b"raw")
+            h.update(np.ascontiguousarray(self.anchors.loc[ticker].to_numpy(dtype=np.float64)).data)
+        if row > done:
+            # Rows [done + 1, row] interleaved (date, then each panel's value): one C-order
+            # block, so hashing rows a and then b equals hashing a and b at once.
+            block = np.empty((row - done, 1 + len(arrays)), dtype=np.float64)
+            block[:, 0] = self.aligned.calendar.asi8[done + 1 : row + 1].view(np.float64)
+            for k, values in enumerate(arrays, start=1):
+                block[:, k] = values[i, done + 1 : row + 1]
+            h.update(block.data)
+        self._running[ticker] = (row, h)
+        return h
 
     def prepare(self) -> None:
         """Compute what :meth:`digest` shares between tickers (before using it on threads)."""
-        _ = self.anchors, self._columns
+        _ = self.anchors, self._columns, self._running
 
     def stamps(self, last_dates: Mapping[str, dt.date]) -> dict[str, InputsStamp]:
         """The :class:`~sensitivity.store.InputsStamp` of each ticker's rows through its last date."""
