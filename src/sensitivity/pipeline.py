@@ -16,7 +16,6 @@ import datetime as dt
 import itertools
 import logging
 import math
-import os
 import platform
 import time
 from collections.abc import Mapping, Sequence
@@ -50,6 +49,7 @@ from sensitivity.store import (
     PriceStore,
     ReportStore,
     SensitivityKey,
+    file_identity,
     store_lock,
     table_from_frame,
 )
@@ -278,24 +278,13 @@ class _Stored:
     fingerprint: tuple[int, int, int] | None
 
 
-def _fingerprint(path: Path) -> tuple[int, int, int] | None:
-    """Identity of a stored file (inode, size, mtime): changes with every atomic replace."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    except OSError as exc:
-        raise StoreError(f"cannot read {path}: {exc}") from exc
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 def _read_stored(store: PriceStore, symbol: str) -> _Stored:
     """The stored prices and coverage of ``symbol`` as one consistent snapshot."""
     path = store.path_for(symbol)
     for _ in range(_MAX_STORE_RACES):
-        before = _fingerprint(path)
+        before = file_identity(path)
         read = store.read_with_coverage(symbol)
-        if _fingerprint(path) == before:
+        if file_identity(path) == before:
             frame, coverage = read if read is not None else (None, None)
             return _Stored(frame, coverage, before)
     raise StoreError(
@@ -401,7 +390,7 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
         )
         try:
             with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
-                if _fingerprint(store.path_for(sym)) != stored.fingerprint:
+                if file_identity(store.path_for(sym)) != stored.fingerprint:
                     log.info("%s: another run rewrote the stored prices meanwhile; starting over", sym)
                     continue
                 merged = prepared.commit()

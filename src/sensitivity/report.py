@@ -287,7 +287,6 @@ class _History:
 
     def __init__(self, rows: pd.DataFrame | pa.Table, key: tuple[str, str, int]) -> None:
         self._rows = rows
-        self._key = key
         self._frame: pd.DataFrame | None = None
         if isinstance(rows, pa.Table):
             days = rows.column("date").cast(pa.timestamp("ns"))

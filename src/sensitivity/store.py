@@ -492,9 +492,11 @@ def prepare_table(
     return PreparedFile(path, _write, sweep=sweep)
 
 
-#: A price file's columns with distinct values: one row per date (``check_price_frame``);
-#: its ``fetched_at`` (one time per fetch) and ``source`` repeat.
-PRICE_DISTINCT: Final = ("date",)
+#: The distinct columns of a price or per-day file: one row per date (``check_price_frame``;
+#: both per-day writers check it); the rest repeat (a price file's ``fetched_at``, one time
+#: per fetch, and ``source``; a per-day file's combination, ``n_obs``, mostly the window,
+#: and ``se_type``).
+ONE_ROW_PER_DATE: Final = ("date",)
 
 
 def _dictionary_columns(table: pa.Table, distinct: Collection[str] | None = None) -> list[str]:
@@ -666,13 +668,15 @@ def _added_since(kind: Kind, version: int) -> dict[str, Any]:
     return added
 
 
-def _identity(path: Path) -> tuple[int, int, int] | None:
-    """``(inode, size, mtime_ns)`` of ``path``, None if it cannot be read: a file the store
-    replaces (always by a rename) gets another."""
+def file_identity(path: Path) -> tuple[int, int, int] | None:
+    """``(inode, size, mtime_ns)`` of a stored file, None if there is none: it changes with
+    every replacement (the store only replaces a file by renaming another over it)."""
     try:
         st = os.stat(path)
-    except OSError:
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
@@ -905,7 +909,7 @@ def write_price_file(
 ) -> Path:
     """Write a price frame to ``path`` in PRICE_SCHEMA, atomically (used for the sample)."""
     table = price_table(frame, symbol=symbol, source=source, fetched_at=fetched_at)
-    return write_table_atomic(path, table, distinct=PRICE_DISTINCT)
+    return write_table_atomic(path, table, distinct=ONE_ROW_PER_DATE)
 
 
 def _to_date(value: object, what: str) -> dt.date:
@@ -1058,9 +1062,7 @@ class PriceStore:
             return None
         frame = frame_from_price_table(table, with_provenance=True)
         ranges = _parse_coverage(meta.get(COVERAGE_KEY))
-        if ranges is None:  # written without coverage: its first to its last stored date
-            ranges = [] if frame.empty else [(frame.index.min().date(), frame.index.max().date())]
-        return frame, ranges
+        return frame, ranges if ranges is not None else _stored_span(frame)
 
     def read_many(
         self,
@@ -1315,7 +1317,7 @@ class PriceStore:
             path=path,
         )
         return PreparedMerge(
-            result, prepare_table(path, table.replace_schema_metadata(meta), distinct=PRICE_DISTINCT)
+            result, prepare_table(path, table.replace_schema_metadata(meta), distinct=ONE_ROW_PER_DATE)
         )
 
     @staticmethod
@@ -1331,7 +1333,13 @@ class PriceStore:
             ranges = _parse_coverage((pq.read_schema(path).metadata or {}).get(COVERAGE_KEY))
         except (OSError, pa.ArrowException):
             ranges = None
-        return ranges if ranges is not None else [(old.index[0].date(), old.index[-1].date())]
+        return ranges if ranges is not None else _stored_span(old)
+
+
+def _stored_span(frame: pd.DataFrame) -> list[DateRange]:
+    """What a price file written without coverage covers: its first to its last stored date
+    (``frame``: its rows, by date)."""
+    return [] if frame.empty else [(frame.index[0].date(), frame.index[-1].date())]
 
 
 def _parse_coverage(raw: bytes | None) -> list[DateRange] | None:
@@ -1564,12 +1572,9 @@ class ReportStore:
         # A file read whole since and still the same (it is only ever replaced by a rename,
         # which changes its identity) was of a version this code may replace: the daily run's
         # 500 files then need no second footer read (0.13 s).
-        stale = [path for path, _ in plans if self._read_whole.get(path) != _identity(path)]
+        stale = [path for path, _ in plans if self._read_whole.get(path) != file_identity(path)]
         _map_io(lambda path: _refuse_newer(path, "sensitivity"), stale)
-        # One row per date in each file (checked by both callers): its dates are distinct;
-        # its other columns that are not floats repeat (one combination, n_obs mostly the
-        # window, one se_type), so nothing needs counting.
-        return write_tables_atomic(plans, plain_floats=True, distinct=("date",))
+        return write_tables_atomic(plans, plain_floats=True, distinct=ONE_ROW_PER_DATE)
 
     def read_sensitivity_tables(
         self,
@@ -1588,7 +1593,7 @@ class ReportStore:
         def one(key: SensitivityKey) -> tuple[pa.Table, InputsStamp | None] | None:
             path = self.sensitivity_path(*key)
             try:
-                before = _identity(path)
+                before = file_identity(path)
                 # Mapped: the floats (plain, uncompressed) are views of the file's pages, not
                 # fresh copies.  500 x 20 years read in 0.68-0.76 s instead of 1.05-1.9 s with
                 # a third of the system time; a daily run's fit step took 5.49 s instead of
@@ -1600,7 +1605,7 @@ class ReportStore:
                         return None
                     # One file per thread: Arrow's own threads on top only add contention.
                     table = _read_opened(path, pf, meta, "sensitivity", use_threads=False)
-                if before is not None and _identity(path) == before:  # not replaced meanwhile
+                if before is not None and file_identity(path) == before:  # not replaced meanwhile
                     self._read_whole[path] = before
                 return table, stamp
             except (FileNotFoundError, _DamagedFileError):
@@ -1966,6 +1971,7 @@ __all__ = [
     "PriceStore",
     "ReportStore",
     "SensitivityKey",
+    "file_identity",
     "frame_from_price_table",
     "prepare_table",
     "price_table",
