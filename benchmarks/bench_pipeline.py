@@ -2,6 +2,7 @@
 
     python benchmarks/bench_pipeline.py [--symbols 500 --years 20 --format csv|parquet]
                                         [--workdir DIR] [--keep] [--server] [--fresh-prefect]
+                                        [--repeat N] [--deployment]
 
 It writes a ``files`` source of ``--symbols`` synthetic stocks plus an index (``^SYN``), about
 252 trading days a year, in Yahoo's column layout (``Date,Open,High,Low,Close,Adj Close,Volume``),
@@ -12,7 +13,17 @@ included -- twice:
 
 1. the **full backfill** into an empty data folder;
 2. after appending one trading day to every file, the **next day's run** (``--end`` one day
-   later) on the same data folder: what the daily deployment does.
+   later) on the same data folder: what the daily deployment does.  ``--repeat N`` runs it N
+   times, each from a copy of the data folder as the backfill left it, and reports the best
+   and the median: on a shared VM one run says little.
+
+With ``--deployment`` (implies ``--server``) the next day is also run as production runs it:
+``sensitivity serve --no-schedules`` serves the ``daily`` deployment of ``prefect.yaml`` and
+``prefect deployment run 'stock-sensitivity/daily' --param config=... --param end=... --watch``
+triggers it, ``--repeat`` times.  Its time is the flow run's, from the moment the serving
+process took it (state Pending: the flow-run process is about to start) to its final state,
+so the wait for the runner's next poll is left out; its CPU time and peak memory are not
+measured (the process is the serving process's child).
 
 For each run it prints the wall time, the peak resident memory of the largest process of the
 run (``ru_maxrss`` of the waited-for process tree) and the rows written.  ``PREFECT_HOME`` points
@@ -259,6 +270,72 @@ def start_server(env: dict[str, str], log: Path) -> tuple[subprocess.Popen[bytes
     raise SystemExit(f"the Prefect server did not answer within 180 s; see {log}")
 
 
+def start_serving(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """``sensitivity serve --no-schedules --deployment daily`` from the project root, once it
+    serves (its console says so)."""
+    exe = Path(sys.executable).parent / "sensitivity"
+    # The runner polls for runs to start every 10 s by default; 2 s keeps the benchmark short.
+    env = {**env, "PREFECT_RUNNER_POLL_FREQUENCY": "2"}
+    cmd = [str(exe), "serve", "--no-schedules", "--deployment", "daily"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"sensitivity serve exited with {proc.returncode}; see {log}")
+        if "being served" in log.read_text(errors="replace"):
+            return proc
+        time.sleep(0.5)
+    proc.terminate()
+    raise SystemExit(f"sensitivity serve did not start serving within 180 s; see {log}")
+
+
+def run_deployment(
+    cfg: Path, end: str, env: dict[str, str], log: Path, server: subprocess.Popen[bytes] | None
+) -> RunResult:
+    """Trigger the served ``daily`` deployment for the next day and wait for it to finish.
+
+    The time is the flow run's from Pending (the serving process took it and starts its
+    process) to its final state, read from Prefect's database under ``env``'s
+    ``PREFECT_HOME``; CPU time and peak memory are unknown (NaN, 0).
+    """
+    import re
+    import sqlite3
+
+    exe = Path(sys.executable).parent / "prefect"
+    cmd = [
+        str(exe),
+        "deployment",
+        "run",
+        "stock-sensitivity/daily",
+        "--param",
+        f"config={cfg}",
+        "--param",
+        f"end={end}",
+        "--watch",
+    ]
+    server_before = server_cpu(server)
+    with log.open("w") as fh:
+        done = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, check=False)
+    output = log.read_text(errors="replace")
+    found = re.search(r"UUID:\s*([0-9a-f-]{36})", output)
+    if done.returncode != 0 or found is None:
+        return RunResult(float("nan"), 0, done.returncode or 1, output)
+    db = Path(env["PREFECT_HOME"]) / "prefect.db"
+    with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
+        states = dict(
+            conn.execute(
+                "select type, min(timestamp) from flow_run_state where flow_run_id = ? group by type",
+                (found.group(1),),
+            ).fetchall()
+        )
+    if "PENDING" not in states or "COMPLETED" not in states:
+        return RunResult(float("nan"), 0, 1, output + f"\nflow run states: {sorted(states)}")
+    seconds = (
+        dt.datetime.fromisoformat(states["COMPLETED"]) - dt.datetime.fromisoformat(states["PENDING"])
+    ).total_seconds()
+    return RunResult(seconds, 0, 0, output, server_cpu_seconds=server_cpu(server) - server_before)
+
+
 def step_times(prefect_home: Path) -> list[tuple[str, float, float, float]]:
     """Per flow run (oldest first): (flow run name, fetch s, fit s, report s) from the Prefect
     database of ``prefect_home`` (the start and end of each task run); empty if unreadable."""
@@ -321,14 +398,31 @@ def main() -> None:
         action="store_true",
         help="do not create Prefect's database before the backfill (the backfill then pays for it)",
     )
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="next-day runs, each from the data folder as the backfill left it (best and median shown)",
+    )
+    parser.add_argument(
+        "--deployment",
+        action="store_true",
+        help="also run the next day as the served `daily` deployment, triggered by "
+        "`prefect deployment run` (implies --server)",
+    )
     args = parser.parse_args()
+    if args.repeat < 1:
+        parser.error("--repeat must be at least 1")
+    if args.deployment:
+        args.server = True
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench-pipeline-"))
     work.mkdir(parents=True, exist_ok=True)
     names = symbol_names(args.symbols)
     days = 252 * args.years
     source, data_dir, cfg = work / "source", work / "data", work / "config.toml"
-    for path in (source, data_dir):
+    snapshot = work / "data-after-backfill"
+    for path in (source, data_dir, snapshot):
         shutil.rmtree(path, ignore_errors=True)
     dates, prices = synthetic_prices(args.symbols, days + 1)
     # The last business day is held back: the incremental run appends it.
@@ -365,16 +459,42 @@ def main() -> None:
     rows_full, files_full = rows_written(data_dir)
 
     append_day(source, names, dates[-1], args.format)
-    second = run_cli(
-        ["run", "--config", str(cfg), "--end", dates[-1].strftime("%Y-%m-%d")],
-        env,
-        work / "incremental.log",
-        server,
-    )
-    if second.returncode != 0:
-        print(second.output[-4000:])
-        raise SystemExit(f"the incremental run failed with exit status {second.returncode}")
+    next_day = dates[-1].strftime("%Y-%m-%d")
+    runs = 1 + args.repeat * (2 if args.deployment else 1)
+    if runs > 2:
+        shutil.copytree(data_dir, snapshot, symlinks=True)
+
+    def from_backfill() -> None:
+        """The data folder as the backfill left it again, written out before the next run."""
+        shutil.rmtree(data_dir)
+        shutil.copytree(snapshot, data_dir, symlinks=True)
+        os.sync()
+
+    results: list[tuple[str, RunResult]] = [("full backfill", first)]
+    for i in range(args.repeat):
+        if i:
+            from_backfill()
+        res = run_cli(
+            ["run", "--config", str(cfg), "--end", next_day], env, work / f"incremental-{i + 1}.log", server
+        )
+        if res.returncode != 0:
+            print(res.output[-4000:])
+            raise SystemExit(f"the incremental run failed with exit status {res.returncode}")
+        results.append((f"next day (incremental) {i + 1}", res))
     rows_inc, files_inc = rows_written(data_dir)
+    if args.deployment:
+        serving = start_serving(env, work / "serve.log")
+        try:
+            for i in range(args.repeat):
+                from_backfill()
+                res = run_deployment(cfg, next_day, env, work / f"deployment-{i + 1}.log", server)
+                if res.returncode != 0:
+                    print(res.output[-4000:])
+                    raise SystemExit(f"the deployment run failed (exit status {res.returncode})")
+                results.append((f"next day, deployment run {i + 1}", res))
+        finally:
+            serving.terminate()
+            serving.wait(timeout=60)
     if server is not None:
         server.terminate()
         server.wait(timeout=30)
@@ -384,22 +504,24 @@ def main() -> None:
         f"| {'rows in sensitivity/':>20} |"
     )
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|{'-' * 14}|{'-' * 13}|{'-' * 22}|")
-    for label, res, rows in (
-        ("full backfill", first, rows_full),
-        ("next day (incremental)", second, rows_inc),
-    ):
+    for label, res in results:
+        rows = rows_full if label == "full backfill" else rows_inc
         server_s = "-" if math.isnan(res.server_cpu_seconds) else f"{res.server_cpu_seconds:.1f}"
-        print(
-            f"| {label:<34} | {res.seconds:8.1f} | {res.cpu_seconds:7.1f} | {server_s:>12} "
-            f"| {res.peak_rss / 2**20:11.0f} | {rows:>20,} |"
-        )
+        cpu_s = "-" if math.isnan(res.cpu_seconds) else f"{res.cpu_seconds:.1f}"
+        rss = f"{res.peak_rss / 2**20:.0f}" if res.peak_rss else "-"
+        print(f"| {label:<34} | {res.seconds:8.1f} | {cpu_s:>7} | {server_s:>12} | {rss:>11} | {rows:>20,} |")
+    summaries: dict[str, list[float]] = {}
+    for label, res in results[1:]:
+        summaries.setdefault("deployment" if "deployment" in label else "cli", []).append(res.seconds)
+    for kind, times in summaries.items():
+        if len(times) > 1:
+            what = "next day as a deployment run" if kind == "deployment" else "next day (sensitivity run)"
+            print(f"{what}: best {min(times):.1f} s, median {float(np.median(times)):.1f} s of {len(times)}")
     steps = step_times(work / "prefect-home")
-    if len(steps) >= 2:
+    if len(steps) >= len(results):
         print(f"\n| {'steps (task runs, s)':<34} | {'fetch':>8} | {'fit':>8} | {'report':>8} | {'rest':>8} |")
         print(f"|{'-' * 36}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
-        for label, res, (_, fetch, fit, report) in zip(
-            ("full backfill", "next day (incremental)"), (first, second), steps[-2:], strict=True
-        ):
+        for (label, res), (_, fetch, fit, report) in zip(results, steps[-len(results) :], strict=True):
             rest = res.seconds - fetch - fit - report
             print(f"| {label:<34} | {fetch:8.1f} | {fit:8.1f} | {report:8.1f} | {rest:8.1f} |")
         print("rest: Python and Prefect start-up (imports, the API server unless one runs), exit.")
@@ -409,9 +531,17 @@ def main() -> None:
         "included); server CPU s: the Prefect server's meanwhile. Two cores: a run cannot take "
         "less wall time than half of the two together."
     )
+    if args.deployment:
+        print(
+            "deployment run: from the moment the serving process took the run (Pending) to its "
+            "end; the wait for the runner's poll is left out, CPU and memory not measured."
+        )
     print(f"files in sensitivity/: {files_full} after the backfill, {files_inc} after the next day")
     print(f"load average now: {os.getloadavg()[0]:.2f}")
     if args.json:
+        incremental = [res for label, res in results[1:] if "deployment" not in label]
+        deployed = [res.seconds for label, res in results[1:] if "deployment" in label]
+        second = min(incremental, key=lambda r: r.seconds)
         args.json.write_text(
             json.dumps(
                 {
@@ -420,6 +550,8 @@ def main() -> None:
                     "format": args.format,
                     "backfill_s": first.seconds,
                     "incremental_s": second.seconds,
+                    "incremental_runs_s": [r.seconds for r in incremental],
+                    "deployment_runs_s": deployed,
                     "backfill_cpu_s": first.cpu_seconds,
                     "incremental_cpu_s": second.cpu_seconds,
                     "backfill_server_cpu_s": None
