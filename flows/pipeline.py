@@ -55,6 +55,7 @@ from sensitivity.pipeline import (
     write_run_report,
 )
 from sensitivity.plan import FETCH_WORKER, fetch_batches, fetch_processes
+from sensitivity.preload import import_steps_in_background
 from sensitivity.process_pool import ProcessPool
 
 DEFAULT_CONFIG = "config/default.toml"
@@ -465,6 +466,7 @@ def stock_sensitivity(
             "data_dir": data_dir,
         },
     )
+    import_steps_in_background()  # torch and matplotlib, while the fetch runs (sensitivity.preload)
     u = cfg.universe
     logger.info(
         "%d tickers against %s, %s to %s, source %s, window %d (min_obs %d), data_dir %s",

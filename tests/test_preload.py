@@ -1,0 +1,87 @@
+"""Importing the fit's and the report's modules ahead, on a thread (:mod:`sensitivity.preload`).
+
+The imports are process state: each check runs in a fresh interpreter.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+
+import pytest
+
+from sensitivity.preload import STEP_MODULES
+
+
+def _python(code: str) -> list[str]:
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=180, check=True
+    )
+    return done.stdout.split()
+
+
+def test_the_thread_imports_torch_and_matplotlib_and_a_second_call_does_nothing() -> None:
+    code = (
+        "import sys\n"
+        "import flows.pipeline\n"  # what a deployment run's process has loaded when the flow starts
+        "from sensitivity.preload import STEP_MODULES, import_steps_in_background\n"
+        "print(any(m in sys.modules for m in ('torch', 'matplotlib', *STEP_MODULES)))\n"
+        "thread = import_steps_in_background()\n"
+        "print(thread.daemon)\n"
+        "thread.join(120)\n"
+        "print(all(m in sys.modules for m in ('torch', 'matplotlib', *STEP_MODULES)))\n"
+        "print(import_steps_in_background())\n"
+    )
+    assert _python(code) == ["False", "True", "True", "None"]
+
+
+def test_a_step_importing_meanwhile_gets_the_whole_module() -> None:
+    code = (
+        "from sensitivity.preload import import_steps_in_background\n"
+        "thread = import_steps_in_background()\n"
+        "from sensitivity.api import quadratic_sensitivity\n"  # while the thread may hold the lock
+        "from sensitivity.report import render_report\n"
+        "thread.join(120)\n"
+        "print(callable(quadratic_sensitivity), callable(render_report))\n"
+    )
+    assert _python(code) == ["True", "True"]
+
+
+def test_a_failing_import_is_left_to_the_step() -> None:
+    code = (
+        "import sys\n"
+        "sys.modules['torch'] = None\n"  # importing torch now raises ImportError
+        "from sensitivity.preload import import_steps_in_background\n"
+        "import_steps_in_background().join(120)\n"
+        "print('sensitivity.api' in sys.modules)\n"
+        "try:\n"
+        "    import sensitivity.api\n"
+        "except ImportError:\n"
+        "    print('raised')\n"
+    )
+    assert _python(code) == ["False", "raised"]
+
+
+class _Started(Exception):
+    """Raised by the patched ``import_steps_in_background``: the run stops right there."""
+
+
+def test_the_flow_starts_the_imports_once_the_config_is_valid(monkeypatch: pytest.MonkeyPatch) -> None:
+    import flows.pipeline as flow_module
+    from sensitivity.errors import ConfigError
+
+    def started() -> None:
+        raise _Started
+
+    monkeypatch.setattr(flow_module, "import_steps_in_background", started)
+    monkeypatch.setattr(flow_module, "use_jemalloc", lambda: "jemalloc")
+    monkeypatch.setattr(flow_module, "get_run_logger", lambda: logging.getLogger("test-preload"))
+    with pytest.raises(ConfigError):
+        flow_module.stock_sensitivity.fn(config="config/sample.toml", window=-1)
+    with pytest.raises(_Started):
+        flow_module.stock_sensitivity.fn(config="config/sample.toml")
+
+
+def test_the_step_modules_are_the_ones_the_fit_and_the_report_use() -> None:
+    assert STEP_MODULES == ("sensitivity.api", "sensitivity.report")
