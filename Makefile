@@ -5,7 +5,9 @@
 #   make lint    ruff (lint + format check) and mypy
 #   make bench   the kernel against statsmodels RollingOLS, a numpy lstsq loop and the memory floor
 #                (quick grid, a few minutes); make bench-full: the whole grid; make bench-pipeline:
-#                the flow end to end (500 symbols x 20 years, backfill then the next day)
+#                the flow end to end (500 symbols x 20 years, backfill then the next day three
+#                times through `sensitivity run` and three times as the served daily deployment,
+#                against a Prefect server on 127.0.0.1, as scheduled runs go)
 #   make audit   pip-audit: known vulnerabilities of everything installed in .venv (needs pypi.org)
 #
 # torch is installed first, pinned to the CPU build (TORCH_SPEC), so that resolving the
@@ -63,7 +65,7 @@ bench-full: $(VENV)/.installed-dev
 	$(PY) benchmarks/bench_kernel.py --full
 
 bench-pipeline: $(VENV)/.installed
-	$(PY) benchmarks/bench_pipeline.py
+	$(PY) benchmarks/bench_pipeline.py --server --repeat 3 --deployment
 
 # The project itself is not on PyPI (--skip-editable); the README notes the last result.
 audit: $(VENV)/.installed-audit
