@@ -6,7 +6,9 @@ starts with Prefect and the flow's module only, so the fit step imported torch (
 one core) and the report matplotlib (about 0.4 s) while nothing else ran: the fetch had
 finished.  The fetch itself runs in worker processes, or waits on the network, and leaves
 the flow's process mostly idle; :func:`import_steps_in_background` does those imports then,
-on a thread.
+on a thread.  The cores are shared, so a local fetch takes a little longer (at 500 symbols on
+two cores: fit step 1.2 to 2 s shorter, fetch 0.5 to 1.3 s longer, the run 0.2 to 0.7 s
+shorter; benchmarks/README.md, session 17).
 
 Python's per-module import locks keep this safe: a step that imports one of these modules
 while the thread still does waits for it and gets the complete module; an import error is
