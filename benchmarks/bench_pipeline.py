@@ -460,8 +460,7 @@ def main() -> None:
 
     append_day(source, names, dates[-1], args.format)
     next_day = dates[-1].strftime("%Y-%m-%d")
-    runs = 1 + args.repeat * (2 if args.deployment else 1)
-    if runs > 2:
+    if args.repeat > 1 or args.deployment:  # a later next day starts from the same state
         shutil.copytree(data_dir, snapshot, symlinks=True)
 
     def from_backfill() -> None:
@@ -471,6 +470,7 @@ def main() -> None:
         os.sync()
 
     results: list[tuple[str, RunResult]] = [("full backfill", first)]
+    rows: dict[str, int] = {"full backfill": rows_full}  # rows in sensitivity/ after each run
     for i in range(args.repeat):
         if i:
             from_backfill()
@@ -481,6 +481,7 @@ def main() -> None:
             print(res.output[-4000:])
             raise SystemExit(f"the incremental run failed with exit status {res.returncode}")
         results.append((f"next day (incremental) {i + 1}", res))
+        rows[results[-1][0]] = rows_written(data_dir)[0]
     rows_inc, files_inc = rows_written(data_dir)
     if args.deployment:
         serving = start_serving(env, work / "serve.log")
@@ -492,6 +493,7 @@ def main() -> None:
                     print(res.output[-4000:])
                     raise SystemExit(f"the deployment run failed (exit status {res.returncode})")
                 results.append((f"next day, deployment run {i + 1}", res))
+                rows[results[-1][0]] = rows_written(data_dir)[0]
         finally:
             serving.terminate()
             serving.wait(timeout=60)
@@ -505,11 +507,11 @@ def main() -> None:
     )
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|{'-' * 14}|{'-' * 13}|{'-' * 22}|")
     for label, res in results:
-        rows = rows_full if label == "full backfill" else rows_inc
         server_s = "-" if math.isnan(res.server_cpu_seconds) else f"{res.server_cpu_seconds:.1f}"
         cpu_s = "-" if math.isnan(res.cpu_seconds) else f"{res.cpu_seconds:.1f}"
         rss = f"{res.peak_rss / 2**20:.0f}" if res.peak_rss else "-"
-        print(f"| {label:<34} | {res.seconds:8.1f} | {cpu_s:>7} | {server_s:>12} | {rss:>11} | {rows:>20,} |")
+        n = rows[label]
+        print(f"| {label:<34} | {res.seconds:8.1f} | {cpu_s:>7} | {server_s:>12} | {rss:>11} | {n:>20,} |")
     summaries: dict[str, list[float]] = {}
     for label, res in results[1:]:
         summaries.setdefault("deployment" if "deployment" in label else "cli", []).append(res.seconds)
