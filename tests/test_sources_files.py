@@ -245,9 +245,9 @@ def test_files_update_reads_only_the_lines_of_its_range(
     text, dates = _long_csv()
     write(folder, "X.csv", text, newline)
     source = FilesSource(folder)
-    ranges = [(dates[25], dates[29]), (dates[18], dates[22]), (dates[3], dates[3]), (dates[1], dates[4])]
+    ranges = [(dates[25], dates[29]), (dates[18], dates[22]), (dates[3], dates[3]), (D(2018, 1, 1), dates[4])]
     want = {r: _whole_read(source, "X", *r) for r in ranges}
-    monkeypatch.setattr(files_module, "csv_price_frame", _must_not_run)
+    monkeypatch.setattr(files_module, "csv_price_frame", _no_whole_read)
     for (start, end), expected in want.items():
         got = source.fetch_checked("X", start, end)
         pd.testing.assert_frame_equal(got.frame, expected.frame, check_exact=True)
@@ -255,29 +255,13 @@ def test_files_update_reads_only_the_lines_of_its_range(
     assert [i.date for i in want[(dates[18], dates[22])].quality.dropped] == [dates[20].isoformat()]
 
 
-def test_files_backfill_reads_the_whole_file_without_scanning_it(
-    folder: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A range from the first line on (a backfill) leaves nothing out: the first line's date
-    says so, and the file is parsed whole without looking for the range's lines."""
-    text, dates = _long_csv()
-    write(folder, "X.csv", text)
-    source = FilesSource(folder)
-    want = {r: _whole_read(source, "X", *r) for r in [(dates[0], dates[29]), (D(2018, 1, 1), dates[9])]}
-    monkeypatch.setattr(files_module, "_dated_lines", _must_not_run)
-    for (start, end), expected in want.items():
-        got = source.fetch_checked("X", start, end)
-        pd.testing.assert_frame_equal(got.frame, expected.frame, check_exact=True)
-        assert got.quality == expected.quality
-
-
 def _swap_first_two(line: str) -> str:
     cells = line.split(",")
     return ",".join([cells[1], cells[0], *cells[2:]])
 
 
-def _must_not_run(*args: object, **kwargs: object) -> None:
-    raise AssertionError("called where it should not be")
+def _no_whole_read(*args: object, **kwargs: object) -> None:
+    raise AssertionError("the whole file was parsed")
 
 
 def test_files_update_names_the_files_own_line_numbers(folder: Path) -> None:

@@ -620,10 +620,9 @@ def csv_range_frame(
     and ``empty_rows`` are then those of :func:`csv_price_frame_fast` on the header and
     those lines alone, and messages name the file's own line numbers; lines outside the range
     are not checked.  None, having logged nothing and left ``empty_rows`` alone, for any other
-    file, when no line is dated in the range, when the range starts at the first line (a
-    backfill: there is nothing to leave out, and the first line's date alone says so) or when
-    the range's lines hold no close: :func:`csv_price_frame` of the whole text then answers as
-    it always does.
+    file, when no line is dated in the range, when the range holds every line (parse the
+    whole text) or when those lines hold no price: :func:`csv_price_frame` of the whole text
+    then answers as it always does.
     """
     text = text.removeprefix("\ufeff")
     if not text.isascii():
@@ -632,15 +631,13 @@ def csv_range_frame(
     if parsed is None or parsed[0].get("date") != 0:
         return None
     body_start = parsed[2]
-    if text[body_start : body_start + 10] >= start.isoformat():
-        return None  # the range starts at the first line (a backfill): nothing to leave out
     lines = _dated_lines(np.frombuffer(text.encode("ascii"), dtype=np.uint8), body_start)
     if lines is None:
         return None
     starts, dates = lines
     lo = int(np.searchsorted(dates, start.isoformat().encode("ascii"), side="left"))
     hi = int(np.searchsorted(dates, end.isoformat().encode("ascii"), side="right"))
-    if lo >= hi or lo == 0:
+    if lo >= hi or (lo == 0 and hi == len(dates)):
         return None
     stop = int(starts[hi]) if hi < len(starts) else len(text)
     piece = text[:body_start] + text[int(starts[lo]) : stop]
