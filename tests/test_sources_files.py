@@ -5,9 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
-import re
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -25,7 +23,6 @@ from sensitivity.errors import (
 )
 from sensitivity.prices import PRICE_COLUMNS
 from sensitivity.sources import FilesSource, PriceSource
-from sensitivity.sources import files as files_module
 from sensitivity.sources.files import (
     canonical_column,
     csv_price_frame,
@@ -33,7 +30,6 @@ from sensitivity.sources.files import (
     csv_price_frame_reference,
     table_price_frame,
 )
-from sensitivity.sources.quality import REASON_NO_PRICE, CheckedPrices, QualityIssue, clean_price_frame
 
 D = dt.date
 YF_DOWNLOAD_AAPL = FIXTURES / "files" / "yf_download" / "AAPL.csv"
@@ -209,123 +205,6 @@ def test_files_range_is_inclusive_and_empty_range_is_an_error(folder: Path) -> N
         source.fetch("AAPL", D(2020, 1, 1), D(2020, 2, 1))
     with pytest.raises(ConfigError, match=r"start 2019-02-22 is after end 2019-02-19"):
         source.fetch("AAPL", D(2019, 2, 22), D(2019, 2, 19))
-
-
-def _long_csv(days: int = 30) -> tuple[str, list[dt.date]]:
-    """A classic CSV of ``days`` weekdays from 2019-01-02, one row without a price."""
-    dates = [d.date() for d in pd.bdate_range("2019-01-02", periods=days)]
-    rows = [
-        f"{d.isoformat()},{100 + i}.25,{101 + i}.5,{99 + i}.125,{100 + i}.75,{99 + i}.0625,{1000 + i}"
-        for i, d in enumerate(dates)
-    ]
-    rows[20] = f"{dates[20].isoformat()},null,null,null,null,null,0"
-    return "\n".join(["Date,Open,High,Low,Close,Adj Close,Volume", *rows]) + "\n", dates
-
-
-def _whole_read(source: FilesSource, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
-    """What ``fetch_checked`` gave before it read ranges: the whole file, then the range."""
-    empty: list[dt.date] = []
-    frame = source.read(symbol, empty_rows=empty)
-    return clean_price_frame(
-        frame,
-        symbol,
-        origin=f"{symbol}'s file in {source.folder}",
-        start=start,
-        end=end,
-        dropped=[QualityIssue(d.isoformat(), REASON_NO_PRICE) for d in empty],
-    )
-
-
-@pytest.mark.parametrize("newline", ["\n", "\r\n"])
-def test_files_update_reads_only_the_lines_of_its_range(
-    folder: Path, newline: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A sorted CSV is parsed only from the range's first line to its last; the frame and the
-    quality report are those of the whole file's read cut to the range."""
-    text, dates = _long_csv()
-    write(folder, "X.csv", text, newline)
-    source = FilesSource(folder)
-    ranges = [(dates[25], dates[29]), (dates[18], dates[22]), (dates[3], dates[3]), (D(2018, 1, 1), dates[4])]
-    want = {r: _whole_read(source, "X", *r) for r in ranges}
-    monkeypatch.setattr(files_module, "csv_price_frame", _no_whole_read)
-    for (start, end), expected in want.items():
-        got = source.fetch_checked("X", start, end)
-        pd.testing.assert_frame_equal(got.frame, expected.frame, check_exact=True)
-        assert got.quality == expected.quality
-    assert [i.date for i in want[(dates[18], dates[22])].quality.dropped] == [dates[20].isoformat()]
-
-
-def _swap_first_two(line: str) -> str:
-    cells = line.split(",")
-    return ",".join([cells[1], cells[0], *cells[2:]])
-
-
-def _no_whole_read(*args: object, **kwargs: object) -> None:
-    raise AssertionError("the whole file was parsed")
-
-
-def test_files_update_names_the_files_own_line_numbers(folder: Path) -> None:
-    text, dates = _long_csv()
-    write(folder, "X.csv", text.replace("124.75,", "-1.0,"))  # the close on line 26
-    source = FilesSource(folder)
-    message = rf"^X: X\.csv line 26 \({dates[24]}\): close is -1\.0; prices must be positive"
-    with pytest.raises(DataValidationError, match=message):
-        source.fetch_checked("X", dates[22], dates[29])
-    with pytest.raises(DataValidationError, match=message):
-        source.read("X")
-
-
-def test_files_update_leaves_the_lines_before_its_range_alone(folder: Path) -> None:
-    """A damaged line outside the range is not parsed (as a download of the range would not
-    hold it); a range that includes it gives the whole file's message."""
-    text, dates = _long_csv()
-    lines = text.split("\n")
-    lines[3] = lines[3].replace("102.75", "abc")
-    write(folder, "X.csv", "\n".join(lines))
-    source = FilesSource(folder)
-    assert list(source.fetch("X", dates[25], dates[29]).index.date) == dates[25:30]
-    with pytest.raises(DataValidationError, match=r"^X: X\.csv line 4: close value 'abc' is not a number"):
-        source.fetch("X", dates[0], dates[29])
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        pytest.param(lambda lines: [lines[0], *lines[2:], lines[1]], id="unsorted"),
-        pytest.param(lambda lines: [*lines[:3], lines[2], *lines[3:]], id="duplicate-date"),
-        pytest.param(lambda lines: [lines[0], *lines[1:5], "", *lines[5:]], id="blank-line"),
-        pytest.param(
-            lambda lines: [lines[0], lines[1].replace(",", " 00:00:00,", 1), *lines[2:]], id="date-with-time"
-        ),
-        pytest.param(lambda lines: [_swap_first_two(line) for line in lines], id="date-not-first"),
-    ],
-)
-def test_files_update_reads_other_files_whole(folder: Path, change: Any) -> None:
-    """Unsorted dates, a date twice, a blank line, dates with a time, or the date not in the
-    first column: the whole file is read, with its sorting, its messages and its checks."""
-    text, dates = _long_csv()
-    lines = change(text.rstrip("\n").split("\n"))
-    write(folder, "X.csv", "\n".join(lines) + "\n")
-    source = FilesSource(folder)
-    start, end = dates[25], dates[29]
-    try:
-        want = _whole_read(source, "X", start, end)
-    except DataValidationError as exc:
-        with pytest.raises(DataValidationError, match=re.escape(str(exc))):
-            source.fetch_checked("X", start, end)
-        return
-    got = source.fetch_checked("X", start, end)
-    pd.testing.assert_frame_equal(got.frame, want.frame, check_exact=True)
-    assert got.quality == want.quality
-
-
-def test_files_update_without_a_close_in_its_range_gives_the_usual_message(folder: Path) -> None:
-    text, dates = _long_csv()
-    write(folder, "X.csv", text)
-    with pytest.raises(
-        EmptyDataError, match=rf"X: X's file in .* has no prices between {dates[20]} and {dates[20]}"
-    ):
-        FilesSource(folder).fetch("X", dates[20], dates[20])
 
 
 # -- refusals ---------------------------------------------------------------------------------------

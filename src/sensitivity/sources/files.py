@@ -32,9 +32,7 @@ CSV files are read by a vectorised fast path (:func:`csv_price_frame_fast`, pyar
 handles the plain files every writer produces; anything unusual (a malformed line, quoting, a
 blank-looking row, a value or date it cannot prove it parses the same way) falls back to the
 reference parser (:func:`csv_price_frame_reference`), which gives every message.  Both return the
-same frame whenever the fast path answers.  A fetch of a date range from a CSV whose lines all
-start with their ``YYYY-MM-DD`` date, in increasing order, parses only the lines of the range
-(:func:`csv_range_frame`; a daily update of a twenty-year file reads a few lines).
+same frame whenever the fast path answers.
 
 The file name comes only from the validated symbol (:func:`sensitivity.symbols.normalize_symbol`)
 and the file must resolve inside the folder: a symlink that leads out of it is refused.
@@ -52,7 +50,6 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -209,69 +206,40 @@ class FilesSource:
         it is given.
         """
         sym = normalize_symbol(symbol)
-        path, content = self._content(sym)
-        return self._frame(sym, path, content, empty_rows)
-
-    def _content(self, sym: str) -> tuple[Path, pa.Table | str]:
-        """``sym``'s file and what it holds: the Parquet table, or the CSV text."""
         path = self.path_for(sym)
+        origin = path.name
         try:
             if path.suffix == ".parquet":
-                return path, pq.read_table(path)
+                table = pq.read_table(path)
+                return table_price_frame(table, sym, origin=origin, empty_rows=empty_rows)
             data = path.read_bytes()
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise self._unreadable_parquet(sym, path, exc) from exc
+            raise DataValidationError(
+                f"{sym}: {origin} in {self.folder} is not a readable Parquet file ({exc}); "
+                "rewrite it or replace it with a CSV"
+            ) from exc
         except OSError as exc:
             raise SourceError(
-                f"{sym}: cannot read {path.name} in {self.folder} ({exc.strerror or exc}); check "
+                f"{sym}: cannot read {origin} in {self.folder} ({exc.strerror or exc}); check "
                 "the file's permissions",
                 symbol=sym,
             ) from exc
         try:
-            return path, data.decode("utf-8-sig")
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise DataValidationError(
-                f"{sym}: {path.name} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+                f"{sym}: {origin} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
             ) from exc
-
-    def _frame(
-        self, sym: str, path: Path, content: pa.Table | str, empty_rows: list[dt.date] | None
-    ) -> pd.DataFrame:
-        """The price frame of a file's ``content`` (:meth:`_content`), every row."""
-        if isinstance(content, str):
-            return csv_price_frame(content, sym, origin=path.name, empty_rows=empty_rows)
-        try:
-            return table_price_frame(content, sym, origin=path.name, empty_rows=empty_rows)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-            raise self._unreadable_parquet(sym, path, exc) from exc
-
-    def _unreadable_parquet(self, sym: str, path: Path, exc: Exception) -> DataValidationError:
-        return DataValidationError(
-            f"{sym}: {path.name} in {self.folder} is not a readable Parquet file ({exc}); "
-            "rewrite it or replace it with a CSV"
-        )
+        return csv_price_frame(text, sym, origin=origin, empty_rows=empty_rows)
 
     def fetch_checked(self, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
         """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive) and its quality
         report (rows without a price, and the boundary checks of
-        :func:`~sensitivity.sources.quality.clean_price_frame`).
-
-        A CSV whose data lines all start with their ``YYYY-MM-DD`` date, in increasing order,
-        is parsed only from the first line of the range to its last
-        (:func:`csv_range_frame`): a daily update of a twenty-year file reads a few lines,
-        not five thousand.  Lines outside the range are then neither parsed nor checked (as
-        a download of the range would not hold them); any other file is parsed whole.
-        """
+        :func:`~sensitivity.sources.quality.clean_price_frame`)."""
         check_date_range(start, end)
         sym = normalize_symbol(symbol)
-        path, content = self._content(sym)
         empty: list[dt.date] = []
-        frame = None
-        if isinstance(content, str):
-            frame = csv_range_frame(content, sym, start, end, origin=path.name, empty_rows=empty)
-        if frame is None:
-            empty.clear()
-            frame = self._frame(sym, path, content, empty)
+        frame = self.read(sym, empty_rows=empty)
         return clean_price_frame(
             frame,
             sym,
@@ -519,12 +487,7 @@ _FAST_PARSE = pa_csv.ParseOptions(
 
 
 def csv_price_frame_fast(
-    text: str,
-    symbol: str,
-    *,
-    origin: str,
-    empty_rows: list[dt.date] | None = None,
-    skipped_lines: int = 0,
+    text: str, symbol: str, *, origin: str, empty_rows: list[dt.date] | None = None
 ) -> pd.DataFrame | None:
     """The price frame of a plain CSV, parsed vectorised with pyarrow; None when it declines.
 
@@ -542,9 +505,6 @@ def csv_price_frame_fast(
     ``float()``, so the values are the reference parser's bit for bit.  Texts the two may
     read differently (``inf``, ``nan(1)``, ``1_000``) give a non-finite value or an error in
     pyarrow, and the fast path declines.
-
-    ``skipped_lines``: data lines of the file left out of ``text`` between its header and its
-    first data line (:func:`csv_range_frame`); messages count them in the line numbers.
     """
     text = text.removeprefix("\ufeff")
     if not text.isascii() or '"' in text or "\x00" in text:
@@ -593,89 +553,13 @@ def csv_price_frame_fast(
     for name in header:
         if canonical_column(name) is None and name.strip():
             log.debug("%s: %s: ignoring column %r", symbol, origin, name)
-    first_line = text.count("\n", 0, body_start) + 1 + skipped_lines
+    first_line = text.count("\n", 0, body_start) + 1
     lines = np.arange(first_line, first_line + len(dates), dtype=np.int64)
 
     def locate(i: int) -> str:
         return f"line {lines[i]}"
 
     return _assemble(dates, values, symbol, origin, locate, empty_rows)
-
-
-def csv_range_frame(
-    text: str,
-    symbol: str,
-    start: dt.date,
-    end: dt.date,
-    *,
-    origin: str,
-    empty_rows: list[dt.date] | None = None,
-) -> pd.DataFrame | None:
-    """The price frame of the lines of a CSV dated ``start`` to ``end``, or None.
-
-    Answers only for a plain CSV (as :func:`csv_price_frame_fast` reads it) with the date as
-    its first column and every data line starting with a ``YYYY-MM-DD`` date and a comma, the
-    dates strictly increasing: the lines of the range are then one run, found by a binary
-    search over the lines' first ten bytes, and only they are parsed.  The frame, the logs
-    and ``empty_rows`` are then those of :func:`csv_price_frame_fast` on the header and
-    those lines alone, and messages name the file's own line numbers; lines outside the range
-    are not checked.  None, having logged nothing and left ``empty_rows`` alone, for any other
-    file, when no line is dated in the range, when the range holds every line (parse the
-    whole text) or when those lines hold no price: :func:`csv_price_frame` of the whole text
-    then answers as it always does.
-    """
-    text = text.removeprefix("\ufeff")
-    if not text.isascii():
-        return None
-    parsed = _fast_header(text, symbol, origin)
-    if parsed is None or parsed[0].get("date") != 0:
-        return None
-    body_start = parsed[2]
-    lines = _dated_lines(np.frombuffer(text.encode("ascii"), dtype=np.uint8), body_start)
-    if lines is None:
-        return None
-    starts, dates = lines
-    lo = int(np.searchsorted(dates, start.isoformat().encode("ascii"), side="left"))
-    hi = int(np.searchsorted(dates, end.isoformat().encode("ascii"), side="right"))
-    if lo >= hi or (lo == 0 and hi == len(dates)):
-        return None
-    stop = int(starts[hi]) if hi < len(starts) else len(text)
-    piece = text[:body_start] + text[int(starts[lo]) : stop]
-    found: list[dt.date] = []
-    try:
-        frame = csv_price_frame_fast(piece, symbol, origin=origin, empty_rows=found, skipped_lines=lo)
-    except EmptyDataError:
-        return None  # no price in the range: the whole file's read names the range
-    if frame is not None and empty_rows is not None:
-        empty_rows.extend(found)
-    return frame
-
-
-def _dated_lines(
-    data: npt.NDArray[np.uint8], body_start: int
-) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.bytes_]] | None:
-    """Where each data line of ``data`` starts and its date (``YYYY-MM-DD`` bytes), when every
-    line from ``body_start`` on starts with such a date and a comma and the dates strictly
-    increase; else None."""
-    body = data[body_start:]
-    if body.size == 0:
-        return None
-    starts = np.flatnonzero(body == 0x0A) + 1
-    starts = np.concatenate(([0], starts[starts < body.size]))
-    if int(starts[-1]) + 11 > body.size or np.any(np.diff(starts) < 12):
-        return None  # a line too short for a date and a comma
-    cells = body[starts[:, None] + np.arange(11)]
-    digits = cells[:, [0, 1, 2, 3, 5, 6, 8, 9]]
-    if not (
-        ((digits >= 0x30) & (digits <= 0x39)).all()
-        and (cells[:, [4, 7]] == 0x2D).all()
-        and (cells[:, 10] == 0x2C).all()
-    ):
-        return None
-    dates = np.ascontiguousarray(cells[:, :10]).view("S10").ravel()
-    if not (dates[1:] > dates[:-1]).all():
-        return None  # unsorted, or a date twice: the whole file's read sorts or names it
-    return starts + body_start, dates
 
 
 def _fast_header(text: str, symbol: str, origin: str) -> tuple[dict[str, int], list[str], int] | None:
