@@ -469,8 +469,8 @@ def main() -> None:
         shutil.copytree(snapshot, data_dir, symlinks=True)
         os.sync()
 
-    results: list[tuple[str, RunResult]] = [("full backfill", first)]
-    rows: dict[str, int] = {"full backfill": rows_full}  # rows in sensitivity/ after each run
+    # (label, "backfill" | "cli" | "deployment", result, rows in sensitivity/ after the run)
+    results: list[tuple[str, str, RunResult, int]] = [("full backfill", "backfill", first, rows_full)]
     for i in range(args.repeat):
         if i:
             from_backfill()
@@ -480,9 +480,8 @@ def main() -> None:
         if res.returncode != 0:
             print(res.output[-4000:])
             raise SystemExit(f"the incremental run failed with exit status {res.returncode}")
-        results.append((f"next day (incremental) {i + 1}", res))
-        rows[results[-1][0]] = rows_written(data_dir)[0]
-    rows_inc, files_inc = rows_written(data_dir)
+        rows_inc, files_inc = rows_written(data_dir)
+        results.append((f"next day (incremental) {i + 1}", "cli", res, rows_inc))
     if args.deployment:
         serving = start_serving(env, work / "serve.log")
         try:
@@ -492,8 +491,9 @@ def main() -> None:
                 if res.returncode != 0:
                     print(res.output[-4000:])
                     raise SystemExit(f"the deployment run failed (exit status {res.returncode})")
-                results.append((f"next day, deployment run {i + 1}", res))
-                rows[results[-1][0]] = rows_written(data_dir)[0]
+                results.append(
+                    (f"next day, deployment run {i + 1}", "deployment", res, rows_written(data_dir)[0])
+                )
         finally:
             serving.terminate()
             serving.wait(timeout=60)
@@ -506,24 +506,21 @@ def main() -> None:
         f"| {'rows in sensitivity/':>20} |"
     )
     print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|{'-' * 14}|{'-' * 13}|{'-' * 22}|")
-    for label, res in results:
+    for label, _, res, n in results:
         server_s = "-" if math.isnan(res.server_cpu_seconds) else f"{res.server_cpu_seconds:.1f}"
         cpu_s = "-" if math.isnan(res.cpu_seconds) else f"{res.cpu_seconds:.1f}"
         rss = f"{res.peak_rss / 2**20:.0f}" if res.peak_rss else "-"
-        n = rows[label]
         print(f"| {label:<34} | {res.seconds:8.1f} | {cpu_s:>7} | {server_s:>12} | {rss:>11} | {n:>20,} |")
-    summaries: dict[str, list[float]] = {}
-    for label, res in results[1:]:
-        summaries.setdefault("deployment" if "deployment" in label else "cli", []).append(res.seconds)
-    for kind, times in summaries.items():
+    runs = {kind: [res for _, k, res, _ in results if k == kind] for kind in ("cli", "deployment")}
+    for kind, what in (("cli", "next day (sensitivity run)"), ("deployment", "next day as a deployment run")):
+        times = [res.seconds for res in runs[kind]]
         if len(times) > 1:
-            what = "next day as a deployment run" if kind == "deployment" else "next day (sensitivity run)"
             print(f"{what}: best {min(times):.1f} s, median {float(np.median(times)):.1f} s of {len(times)}")
     steps = step_times(work / "prefect-home")
     if len(steps) >= len(results):
         print(f"\n| {'steps (task runs, s)':<34} | {'fetch':>8} | {'fit':>8} | {'report':>8} | {'rest':>8} |")
         print(f"|{'-' * 36}|{'-' * 10}|{'-' * 10}|{'-' * 10}|{'-' * 10}|")
-        for (label, res), (_, fetch, fit, report) in zip(results, steps[-len(results) :], strict=True):
+        for (label, _, res, _), (_, fetch, fit, report) in zip(results, steps[-len(results) :], strict=True):
             rest = res.seconds - fetch - fit - report
             print(f"| {label:<34} | {fetch:8.1f} | {fit:8.1f} | {report:8.1f} | {rest:8.1f} |")
         print("rest: Python and Prefect start-up (imports, the API server unless one runs), exit.")
@@ -541,9 +538,7 @@ def main() -> None:
     print(f"files in sensitivity/: {files_full} after the backfill, {files_inc} after the next day")
     print(f"load average now: {os.getloadavg()[0]:.2f}")
     if args.json:
-        incremental = [res for label, res in results[1:] if "deployment" not in label]
-        deployed = [res.seconds for label, res in results[1:] if "deployment" in label]
-        second = min(incremental, key=lambda r: r.seconds)
+        second = min(runs["cli"], key=lambda r: r.seconds)
         args.json.write_text(
             json.dumps(
                 {
@@ -552,8 +547,8 @@ def main() -> None:
                     "format": args.format,
                     "backfill_s": first.seconds,
                     "incremental_s": second.seconds,
-                    "incremental_runs_s": [r.seconds for r in incremental],
-                    "deployment_runs_s": deployed,
+                    "incremental_runs_s": [r.seconds for r in runs["cli"]],
+                    "deployment_runs_s": [r.seconds for r in runs["deployment"]],
                     "backfill_cpu_s": first.cpu_seconds,
                     "incremental_cpu_s": second.cpu_seconds,
                     "backfill_server_cpu_s": None

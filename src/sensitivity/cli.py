@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib
 import os
 import sys
 import threading
@@ -40,6 +41,7 @@ from sensitivity import __version__, plan, progress
 from sensitivity.config import Config, SourceKind, load_config
 from sensitivity.errors import ConfigError, PartialRunError, SensitivityError
 from sensitivity.memory import use_jemalloc
+from sensitivity.preload import STEP_MODULES
 from sensitivity.process_pool import discard_spares, prestart
 
 FLOW_ENTRYPOINT = "flows/pipeline.py:stock_sensitivity"
@@ -159,8 +161,8 @@ def _load_flow_and_steps() -> Any:
         gc.disable()
     try:
         flow = load_pipeline_flow()
-        import sensitivity.api
-        import sensitivity.report  # noqa: F401
+        for name in STEP_MODULES:  # what the fit and the report import (torch, matplotlib)
+            importlib.import_module(name)
     finally:
         if tune:
             gc.freeze()
