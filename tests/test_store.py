@@ -32,7 +32,7 @@ from sensitivity.errors import (
     StoreError,
     StoreLockedError,
 )
-from sensitivity.prices import PRICE_COLUMNS
+from sensitivity.prices import POSITIVE_COLUMNS, PRICE_COLUMNS, check_price_arrays, check_price_frame
 from sensitivity.store import (
     PRICE_SCHEMA,
     SCHEMA_VERSION,
@@ -407,21 +407,27 @@ def _fetches(draw: st.DrawFn) -> list[list[int]]:
 @given(_fetches())
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 def test_merge_property_union_of_dates_latest_fetch_wins(tmp_path: Path, fetches: list[list[int]]) -> None:
+    """Each merge's file is the union by date of what was stored and what was fetched, the
+    fetch winning: the very table the generic conversion gives for that union (pandas)."""
     folder = tmp_path / f"run-{os.urandom(4).hex()}"
     store = PriceStore(folder)
     days = pd.bdate_range("2024-01-01", periods=31)
-    expected: dict[pd.Timestamp, float] = {}
+    expected = pd.DataFrame()
     for k, positions in enumerate(fetches):
         frame = prices(days[sorted(positions)], seed=k)
         frame["close"] = float(k + 1) + np.arange(len(frame)) / 100
-        r = store.merge("AAA", frame, source=f"fetch{k}", fetched_at=T0)
-        for day, value in frame["close"].items():
-            expected[pd.Timestamp(day)] = float(value)
+        frame.iloc[0, list(frame.columns).index("volume")] = np.nan
+        fetched_at = T0 + dt.timedelta(hours=k)
+        r = store.merge("AAA", frame, source=f"fetch{k}", fetched_at=fetched_at)
+        records = frame.assign(fetched_at=pd.Timestamp(fetched_at).tz_convert("UTC"), source=f"fetch{k}")
+        rest = expected.loc[~expected.index.isin(records.index)] if len(expected) else expected
+        expected = pd.concat([rest, records]).sort_index() if len(rest) else records
         assert r.rows_after == len(expected)
+        oracle = store_mod._price_table(expected, "AAA")
+        assert pq.read_table(store.path_for("AAA")).cast(PRICE_SCHEMA).equals(oracle)
     back = store.read("AAA")
     assert back is not None
-    assert list(back.index) == sorted(expected)
-    assert back["close"].tolist() == [expected[d] for d in sorted(expected)]
+    assert list(back.index) == list(expected.index)
 
 
 # ------------------------------------------------------------------------------ paths
@@ -1267,27 +1273,56 @@ def test_scenarios_are_upserted_per_as_of_like_the_summary(tmp_path: Path) -> No
     assert rs.read_scenarios(as_of="2030-01-01").empty
 
 
-def test_merged_price_table_equals_the_generic_conversion(tmp_path: Path) -> None:
-    """The merge's direct conversion gives the very table of the generic, validating one."""
-    store = PriceStore(tmp_path)
-    first = prices(pd.bdate_range("2024-01-01", periods=60))
-    first.iloc[3, list(first.columns).index("open")] = np.nan  # a missing value becomes a null
-    first["adj_close"] = np.nan  # a source without adjusted closes
-    store.merge("KO", first, source="files", fetched_at=T0)
-    later = prices(pd.bdate_range("2024-03-01", periods=30), seed=3)
-    store.merge("KO", later, source="yahoo", fetched_at=T1)
-    records = store.read("KO", with_provenance=True)
-    assert records is not None
-    assert set(records["source"]) == {"files", "yahoo"}
-    fast = store_mod._merged_price_table(records, "KO")
+def test_fetched_price_table_equals_the_generic_conversion() -> None:
+    """The merge's direct conversion of a fetch gives the very table of the generic, validating one."""
+    frame = prices(pd.bdate_range("2024-01-01", periods=60))
+    frame.iloc[3, list(frame.columns).index("open")] = np.nan  # a missing value becomes a null
+    frame["adj_close"] = np.nan  # a source without adjusted closes
+    stamp = pd.Timestamp(T0).tz_convert("UTC")
+    fast = store_mod._fetched_price_table(frame, "KO", stamp, "files")
+    records = frame.assign(fetched_at=stamp, source="files")
     assert fast.equals(store_mod._price_table(records, "KO"))
     assert fast.schema == PRICE_SCHEMA
-    assert pq.read_table(store.path_for("KO")).cast(PRICE_SCHEMA).equals(fast)
+    assert fast.column("open").null_count == 1
     # A time of day is not a trading date: refused, as by the generic conversion.
-    odd = records.copy()
+    odd = frame.copy()
     odd.index = odd.index + pd.Timedelta(hours=1)
     with pytest.raises(DataValidationError, match="time of day"):
-        store_mod._merged_price_table(odd, "KO")
+        store_mod._fetched_price_table(odd, "KO", stamp, "files")
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "no close",
+        "duplicate date",
+        "unsorted",
+        "negative open",
+        "zero adjusted close",
+        "empty",
+    ],
+)
+def test_check_price_arrays_says_what_check_price_frame_says(damage: str) -> None:
+    """The merge checks its Arrow rows with the frame check's very messages."""
+    frame = prices(pd.bdate_range("2024-01-01", periods=8))
+    if damage == "no close":
+        frame["close"] = np.nan
+    elif damage == "duplicate date":
+        frame.index = frame.index[[0, 1, 2, 3, 3, 5, 6, 7]]
+    elif damage == "unsorted":
+        frame.index = frame.index[[0, 1, 3, 2, 4, 5, 6, 7]]
+    elif damage == "negative open":
+        frame.iloc[5, 0] = -1.5
+    elif damage == "zero adjusted close":
+        frame.iloc[2, list(frame.columns).index("adj_close")] = 0.0
+    else:
+        frame = frame.iloc[:0]
+    with pytest.raises((DataValidationError, EmptyDataError)) as by_frame:
+        check_price_frame(frame, "KO")
+    days = frame.index.to_numpy(dtype="datetime64[D]").astype(np.int64)
+    with pytest.raises(type(by_frame.value)) as by_arrays:
+        check_price_arrays(days, {c: frame[c].to_numpy() for c in POSITIVE_COLUMNS}, "KO")
+    assert str(by_arrays.value) == str(by_frame.value)
 
 
 def test_a_large_frame_converts_on_threads_to_the_same_table_and_names_the_first_bad_column(

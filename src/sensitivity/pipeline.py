@@ -20,6 +20,7 @@ import platform
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Final, Literal, TypeAlias
@@ -32,7 +33,7 @@ import pyarrow as pa
 from sensitivity import progress
 from sensitivity.config import Config
 from sensitivity.errors import ModelFitError, SourceError, StoreError, StoreLockedError
-from sensitivity.prices import PriceArrays
+from sensitivity.prices import PriceArrays, date_index
 from sensitivity.returns import (
     AlignedReturns,
     aligned_returns_from_arrays,
@@ -50,7 +51,9 @@ from sensitivity.store import (
     ReportStore,
     SensitivityKey,
     file_identity,
+    frame_from_price_table,
     store_lock,
+    table_days,
     table_from_frame,
 )
 from sensitivity.symbols import normalize_symbol
@@ -271,11 +274,33 @@ def refetch_range(coverage: Sequence[DateRange] | None, start: dt.date, end: dt.
     return (min(start, coverage[0][0]), max(end, coverage[-1][1]))
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class _Stored:
-    frame: pd.DataFrame | None
+    """A symbol's stored prices as one read saw them: the Arrow table (PRICE_SCHEMA, with
+    provenance; None when nothing is stored), its coverage and the file's identity."""
+
+    table: pa.Table | None
     coverage: list[DateRange] | None
     fingerprint: tuple[int, int, int] | None
+
+    @cached_property
+    def _days(self) -> npt.NDArray[np.int64]:
+        return table_days(self.table) if self.table is not None else np.zeros(0, dtype=np.int64)
+
+    @cached_property
+    def dates(self) -> pd.DatetimeIndex | None:
+        """The stored dates (None when nothing is stored)."""
+        return None if self.table is None else date_index(self._days)
+
+    def between(self, start: dt.date, end: dt.date) -> pd.DataFrame:
+        """The stored rows dated ``start`` to ``end`` as a price frame (the few a daily fetch
+        compares: the whole history is not converted to pandas)."""
+        if self.table is None:
+            raise ValueError("nothing is stored")
+        epoch = dt.date(1970, 1, 1)
+        lo = int(np.searchsorted(self._days, (start - epoch).days, side="left"))
+        hi = int(np.searchsorted(self._days, (end - epoch).days, side="right"))
+        return frame_from_price_table(self.table.slice(lo, max(0, hi - lo)))
 
 
 def _read_stored(store: PriceStore, symbol: str) -> _Stored:
@@ -283,10 +308,10 @@ def _read_stored(store: PriceStore, symbol: str) -> _Stored:
     path = store.path_for(symbol)
     for _ in range(_MAX_STORE_RACES):
         before = file_identity(path)
-        read = store.read_with_coverage(symbol)
+        read = store.read_table_with_coverage(symbol)
         if file_identity(path) == before:
-            frame, coverage = read if read is not None else (None, None)
-            return _Stored(frame, coverage, before)
+            table, coverage = read if read is not None else (None, None)
+            return _Stored(table, coverage, before)
     raise StoreError(
         f"{symbol}: another run rewrote {path} during each of {_MAX_STORE_RACES} reads; "
         "rerun when the other run has finished"
@@ -294,10 +319,10 @@ def _read_stored(store: PriceStore, symbol: str) -> _Stored:
 
 
 def _check_refetch_loss(
-    symbol: str, stored: pd.DataFrame, refetched: pd.DataFrame, source: str, path: Path
+    symbol: str, stored: pd.DatetimeIndex, refetched: pd.DataFrame, source: str, path: Path
 ) -> pd.DatetimeIndex:
-    """The stored dates a refetch lacks; raises when they are too many to be glitches."""
-    gone = stored.index.difference(refetched.index)
+    """The ``stored`` dates a refetch lacks; raises when they are too many to be glitches."""
+    gone = stored.difference(pd.DatetimeIndex(refetched.index))
     limit = max(MAX_REFETCH_LOSS, math.ceil(0.01 * len(stored)))
     if len(gone) > limit:
         raise SourceError(
@@ -344,7 +369,7 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
     for _ in range(_MAX_STORE_RACES):
         stored = _read_stored(store, sym)
         plan = plan_fetch(
-            pd.DatetimeIndex(stored.frame.index) if stored.frame is not None else None,
+            stored.dates,
             stored.coverage,
             start,
             end,
@@ -355,9 +380,9 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
         mode: FetchMode = plan.mode
         covers: DateRange = (plan.start, plan.end)
         restated = None
-        if stored.frame is not None:
-            restated = restatement(stored.frame, got.frame, plan.start, plan.end)
-        if restated is not None and stored.frame is not None:
+        if stored.dates is not None:
+            restated = restatement(stored.between(plan.start, plan.end), got.frame, plan.start, plan.end)
+        if restated is not None and stored.dates is not None:
             covers = refetch_range(stored.coverage, start, end)
             log.warning(
                 "%s: the source restated the stored history (%s); fetching %s to %s again to replace it",
@@ -368,7 +393,7 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
             )
             if not (plan.start <= covers[0] and covers[1] <= plan.end):
                 got = fetch_checked(src, sym, covers[0], covers[1])
-            gone = _check_refetch_loss(sym, stored.frame, got.frame, src.name, store.path_for(sym))
+            gone = _check_refetch_loss(sym, stored.dates, got.frame, src.name, store.path_for(sym))
             if len(gone):
                 log.warning(
                     "%s: %d stored date(s) are gone from the restated history and are removed: %s",
@@ -386,7 +411,7 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
             source=src.name,
             replace=mode == "refetch",
             covers=covers,
-            stored=(stored.frame, stored.coverage),
+            stored=(stored.table, stored.coverage),
         )
         try:
             with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):

@@ -17,7 +17,8 @@ universe's stored prices in (a frame per symbol cost more than the read).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import datetime as dt
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,7 +40,8 @@ PRICE_COLUMNS: tuple[str, ...] = (
 
 
 #: The columns that must be positive where present (prices, not volume or actions).
-_POSITIVE: tuple[str, ...] = ("open", "high", "low", "close", "adj_close")
+POSITIVE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "adj_close")
+_POSITIVE = POSITIVE_COLUMNS
 
 
 def empty_price_frame() -> pd.DataFrame:
@@ -75,16 +77,49 @@ def check_price_frame(frame: pd.DataFrame, symbol: str) -> pd.DataFrame:
     for col in PRICE_COLUMNS:
         if dtypes[col] != np.float64:
             raise DataValidationError(f"{symbol}: column {col} must be float64, got {dtypes[col]}")
+    _check_positive(prices, lambda i: idx[i].date(), symbol)
+    return frame
+
+
+def check_price_arrays(
+    days: npt.NDArray[np.int64], prices: Mapping[str, npt.NDArray[np.float64]], symbol: str
+) -> None:
+    """:func:`check_price_frame` of the same data held as arrays, with the same messages.
+
+    ``days``: int64 days since 1970-01-01; ``prices``: at least :data:`POSITIVE_COLUMNS`
+    as float64 arrays of the same length, NaN where absent.  For a merge built from Arrow
+    tables, which never goes through pandas.
+    """
+    if len(days) == 0 or not np.isfinite(prices["close"]).any():
+        raise EmptyDataError(f"{symbol}: the source returned no prices", symbol=symbol)
+    if (np.diff(days) <= 0).any():  # rare: name the culprit as check_price_frame does
+        repeated = pd.Index(days).duplicated()
+        if repeated.any():
+            dup = epoch_day(int(days[np.flatnonzero(repeated)[0]]))
+            raise DataValidationError(f"{symbol}: date {dup} appears more than once")
+        raise DataValidationError(f"{symbol}: dates are not sorted ascending")
+    _check_positive(prices, lambda i: epoch_day(int(days[i])), symbol)
+
+
+def epoch_day(days: int) -> dt.date:
+    """The date ``days`` days after 1970-01-01 (how Arrow's date32 counts)."""
+    return _EPOCH + dt.timedelta(days=days)
+
+
+_EPOCH = dt.date(1970, 1, 1)
+
+
+def _check_positive(
+    prices: Mapping[str, npt.NDArray[np.float64]], day_of: Callable[[int], dt.date], symbol: str
+) -> None:
     for col in _POSITIVE:
         values = prices[col]
         bad = np.flatnonzero(np.isfinite(values) & (values <= 0))
         if bad.size:
-            day = idx[bad[0]].date()
             raise DataValidationError(
-                f"{symbol}: {col} is {float(values[bad[0]])!r} on {day}; prices must be positive "
-                "(fix or remove the row in the source)"
+                f"{symbol}: {col} is {float(values[bad[0]])!r} on {day_of(int(bad[0]))}; prices must be "
+                "positive (fix or remove the row in the source)"
             )
-    return frame
 
 
 @dataclass(frozen=True, eq=False)
