@@ -256,6 +256,34 @@ def assert_one_read_snapshot(store: PriceStore, symbol: str) -> None:
     pd.testing.assert_frame_equal(frame, stored, check_exact=True)
     assert coverage == store.coverage(symbol)
     assert store.read_with_coverage("NEVER") is None
+    table_snapshot = store.read_table_with_coverage(symbol)
+    assert table_snapshot is not None
+    assert table_snapshot[1] == coverage
+    assert table_snapshot[0].num_rows == len(frame)
+    assert store.read_table_with_coverage("NEVER") is None
+
+
+def test_a_fetch_compares_the_stored_rows_of_its_range_only(tmp_path: Path) -> None:
+    """What the restatement check gets of the stored history: the rows from the plan's start
+    to its end, both included, in the compared columns -- the rows the whole frame has there."""
+    from sensitivity.pipeline import RESTATEMENT_COLUMNS, _read_stored
+
+    store = PriceStore(tmp_path)
+    store.merge("ACME", prices("2024-01-02", 10), source="t")
+    stored = _read_stored(store, "ACME")
+    whole = store.read("ACME")
+    assert whole is not None
+    assert stored.dates is not None
+    pd.testing.assert_index_equal(stored.dates, whole.index)
+    for lo, hi in [
+        (D(2024, 1, 5), D(2024, 1, 10)),  # stored dates at both ends
+        (D(2024, 1, 6), D(2024, 1, 7)),  # a weekend: nothing stored
+        (D(2023, 12, 1), D(2024, 1, 3)),  # before the first stored date
+        (D(2024, 1, 12), D(2024, 3, 1)),  # beyond the last one
+    ]:
+        compared = [c for c in PRICE_COLUMNS if c in RESTATEMENT_COLUMNS]
+        inside = whole.loc[pd.Timestamp(lo) : pd.Timestamp(hi), compared]
+        pd.testing.assert_frame_equal(stored.between(lo, hi), inside, check_exact=True, check_freq=False)
 
 
 # -- fetch_symbol with the files source ------------------------------------------------------------------

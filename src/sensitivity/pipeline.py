@@ -293,14 +293,15 @@ class _Stored:
         return None if self.table is None else date_index(self._days)
 
     def between(self, start: dt.date, end: dt.date) -> pd.DataFrame:
-        """The stored rows dated ``start`` to ``end`` as a price frame (the few a daily fetch
-        compares: the whole history is not converted to pandas)."""
+        """The :data:`RESTATEMENT_COLUMNS` of the stored rows dated ``start`` to ``end`` (the
+        few a daily fetch compares: the whole history is not converted to pandas)."""
         if self.table is None:
             raise ValueError("nothing is stored")
         epoch = dt.date(1970, 1, 1)
         lo = int(np.searchsorted(self._days, (start - epoch).days, side="left"))
         hi = int(np.searchsorted(self._days, (end - epoch).days, side="right"))
-        return frame_from_price_table(self.table.slice(lo, max(0, hi - lo)))
+        rows = self.table.slice(lo, max(0, hi - lo)).select(["date", *RESTATEMENT_COLUMNS])
+        return frame_from_price_table(rows)
 
 
 def _read_stored(store: PriceStore, symbol: str) -> _Stored:
