@@ -41,7 +41,8 @@ PRICE_COLUMNS: tuple[str, ...] = (
 
 #: The columns that must be positive where present (prices, not volume or actions).
 POSITIVE_COLUMNS: tuple[str, ...] = ("open", "high", "low", "close", "adj_close")
-_POSITIVE = POSITIVE_COLUMNS
+
+_EPOCH = dt.date(1970, 1, 1)
 
 
 def empty_price_frame() -> pd.DataFrame:
@@ -65,7 +66,7 @@ def check_price_frame(frame: pd.DataFrame, symbol: str) -> pd.DataFrame:
         raise DataValidationError(f"{symbol}: price dates must be tz-naive dates, got {idx.dtype}")
     # Each column is taken once: a column lookup costs pandas tens of microseconds, and every
     # fetch checks a few frames of thousands of rows (it took 56 lookups a symbol before).
-    prices = {c: frame[c].to_numpy() for c in _POSITIVE}
+    prices = {c: frame[c].to_numpy() for c in POSITIVE_COLUMNS}
     if len(frame) == 0 or not np.isfinite(prices["close"]).any():
         raise EmptyDataError(f"{symbol}: the source returned no prices", symbol=symbol)
     if idx.has_duplicates:
@@ -106,13 +107,10 @@ def epoch_day(days: int) -> dt.date:
     return _EPOCH + dt.timedelta(days=days)
 
 
-_EPOCH = dt.date(1970, 1, 1)
-
-
 def _check_positive(
     prices: Mapping[str, npt.NDArray[np.float64]], day_of: Callable[[int], dt.date], symbol: str
 ) -> None:
-    for col in _POSITIVE:
+    for col in POSITIVE_COLUMNS:
         values = prices[col]
         bad = np.flatnonzero(np.isfinite(values) & (values <= 0))
         if bad.size:

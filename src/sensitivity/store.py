@@ -1250,10 +1250,11 @@ class PriceStore:
         is written, and the merged rows again (:func:`~sensitivity.prices.check_price_arrays`).
         ``stored``: the file's current contents as ``(table, coverage)``
         (:meth:`read_table_with_coverage`; ``(None, None)`` when there is no file), as the
-        caller has just read them; it spares reading the file again.  The merge is built on what was read, so
-        commit it only while holding :func:`store_lock` and with the stored file unchanged
-        since that read (``pipeline.fetch_symbol`` checks its identity under the lock, so that
-        only the rename is done there), and :meth:`PreparedMerge.discard` it otherwise.
+        caller has just read them; it spares reading the file again.  The merge is built on
+        what was read, so commit it only while holding :func:`store_lock` and with the stored
+        file unchanged since that read (``pipeline.fetch_symbol`` checks its identity under the
+        lock, so that only the rename is done there), and :meth:`PreparedMerge.discard` it
+        otherwise.
         """
         sym = self._norm(symbol)
         path = self.path_for(sym)
