@@ -297,9 +297,9 @@ class _Stored:
         few a daily fetch compares: the whole history is not converted to pandas)."""
         if self.table is None:
             raise ValueError("nothing is stored")
-        epoch = dt.date(1970, 1, 1)
-        lo = int(np.searchsorted(self._days, (start - epoch).days, side="left"))
-        hi = int(np.searchsorted(self._days, (end - epoch).days, side="right"))
+        bounds = np.array([start, end], dtype="datetime64[D]").astype(np.int64)  # as table_days counts
+        lo = int(np.searchsorted(self._days, bounds[0], side="left"))
+        hi = int(np.searchsorted(self._days, bounds[1], side="right"))
         rows = self.table.slice(lo, max(0, hi - lo)).select(["date", *RESTATEMENT_COLUMNS])
         return frame_from_price_table(rows)
 

@@ -1307,16 +1307,19 @@ class PriceStore:
             n_old = len(old_days)
             if np.array_equal(in_old, np.arange(n_old - len(in_old), n_old)):
                 kept = old.slice(0, n_old - len(in_old))  # the usual update: the overlap is the tail
+                kept_days = old_days[: kept.num_rows]
             else:
                 only_old = np.ones(n_old, dtype=bool)
                 only_old[in_old] = False
                 kept = old.filter(pa.array(only_old))
+                kept_days = old_days[only_old]
             if kept.num_rows == 0:
                 combined = new
             else:
                 combined = pa.concat_tables([kept, new])
-                if table_days(kept)[-1] >= new_days[0]:  # rows on both sides: sort by date
-                    combined = combined.take(pa.array(np.argsort(table_days(combined), kind="stable")))
+                if kept_days[-1] >= new_days[0]:  # rows on both sides: sort by date
+                    order = np.argsort(np.concatenate([kept_days, new_days]), kind="stable")
+                    combined = combined.take(pa.array(order))
             rows_removed = 0
             if old_coverage is None or (not old_coverage and old.num_rows):
                 old_coverage = self._old_coverage(path, old_days)
