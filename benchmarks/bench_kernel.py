@@ -13,9 +13,14 @@ about 2% random gaps, and every tenth stock listed late.  Within that process, s
 * **kernel** -- what the issue's targets are about: :func:`~sensitivity.model.quadratic_fit`
   (coefficients, classical covariance and standard errors, RSS, R^2, the linear slope) plus
   :func:`~sensitivity.sensitivity.daily_sensitivity` (autograd sensitivity, its delta-method
-  standard error and confidence interval), in groups of at most 2^22 tickers x days; each
-  group's results are dropped before the next one (a streaming consumer: the pipeline writes
-  one file per ticker).  ``quadratic_sensitivity`` uses groups of 2^20 cells, since each of
+  standard error and confidence interval), in groups of at most 2^22 tickers x days, as a
+  streaming consumer runs it (the pipeline writes one file per ticker): each group's results
+  are written into storage kept from group to group and from run to run (one
+  :class:`~sensitivity.buffers.OutputBuffers`), as the floor writes into a buffer it keeps.
+  **fresh outputs**: the same with each group's results let go and the next group's in fresh
+  memory, which the OS zeroes page by page first, taking turns with the kernel and the floor
+  (the kernel's peak memory is read before these runs).
+  ``quadratic_sensitivity`` uses groups of 2^20 cells, since each of
   its groups also holds the per-day table's forty planes and two more fits; the kernel alone
   is faster in the larger groups (2.8-2.9 s against 3.5 s at 3,000 x 7,500).  Best and
   median of ``--repeat`` runs after one warm-up, taking turns with the floor's runs (below)
@@ -33,8 +38,9 @@ about 2% random gaps, and every tenth stock listed late.  Within that process, s
   every column the library computes), where the table fits comfortably in memory
   (``--api auto``: up to 2.5 million cells).
 
-Peak memory is the process's ``ru_maxrss``, read after the data are built, after the kernel
-runs and after the API runs (in that order, so each reading is that stage's peak).
+Peak memory is the process's ``ru_maxrss``, read after the data are built, after the kernel's
+first run (into its buffers) and after the API runs (in that order, so each reading is that
+stage's peak; the runs with fresh outputs come between the last two).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from sensitivity.buffers import OutputBuffers
 from sensitivity.model import quadratic_fit
 from sensitivity.sensitivity import daily_sensitivity
 from sensitivity.threads import CHUNK_CELLS, for_each_chunk
@@ -124,27 +131,36 @@ def timed(fn: Callable[[], Any], repeat: int, warmup: bool = True) -> tuple[floa
     return min(times), statistics.median(times), result
 
 
-def fit_only(x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int) -> Any:
-    """:func:`quadratic_fit` alone over the same ticker groups as :func:`kernel`."""
+def fit_only(x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int, out: OutputBuffers) -> Any:
+    """:func:`quadratic_fit` alone over the same ticker groups as :func:`kernel`, into ``out``."""
     t_rows, n_cols = y.shape
     group = max(1, GROUP_CELLS // max(t_rows, 1))
     fit = None
     for g0 in range(0, n_cols, group):
-        fit = None
-        fit = quadratic_fit(x[:, g0 : g0 + group], y[:, g0 : g0 + group], window=window, min_obs=min_obs)
+        fit = quadratic_fit(
+            x[:, g0 : g0 + group], y[:, g0 : g0 + group], window=window, min_obs=min_obs, out=out
+        )
     return fit
 
 
-def kernel(x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int) -> tuple[Any, Any]:
-    """Fit + autograd sensitivities over ticker groups; returns the last group's results."""
+def kernel(
+    x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int, out: OutputBuffers | None
+) -> tuple[Any, Any]:
+    """Fit + autograd sensitivities over ticker groups; returns the last group's results.
+
+    ``out``: every group writes its results into this storage, over the last group's (a
+    streaming consumer's loop, and what the floor does with its buffer); None: each group's
+    results are let go and the next group's land in fresh memory, which the OS zeroes first.
+    """
     t_rows, n_cols = y.shape
     group = max(1, GROUP_CELLS // max(t_rows, 1))
     fit = sens = None
     for g0 in range(0, n_cols, group):
-        fit = sens = None
+        if out is None:
+            fit = sens = None
         xg, yg = x[:, g0 : g0 + group], y[:, g0 : g0 + group]
-        fit = quadratic_fit(xg, yg, window=window, min_obs=min_obs)
-        sens = daily_sensitivity(fit, xg)
+        fit = quadratic_fit(xg, yg, window=window, min_obs=min_obs, out=out)
+        sens = daily_sensitivity(fit, xg, out=out)
     return fit, sens
 
 
@@ -260,17 +276,28 @@ def measure(tickers: int, days: int, args: argparse.Namespace) -> dict[str, Any]
     out["cumsum_best"], out["cumsum_median"] = cumsum_pass(y_nt, args.repeat)
     fresh_best, _, _ = timed(lambda: torch.cumsum(y_nt, -1), args.repeat)
     out["cumsum_fresh_best"] = fresh_best
-    # The floor and the kernel take turns, so that their ratio compares runs made moments
-    # apart: this VM's speed drifts by tens of percent within minutes.  The kernel's peak
-    # memory is read right after.
-    (floor_best, floor_median, _), (best, median, kernel_cpu) = alternating(
-        [lambda: floor_pass(x_nt, y_nt), lambda: kernel(x, y, w, m)], args.repeat
+    # The kernel writes into storage it keeps from run to run, as the floor does; its peak
+    # memory is read after its first run, before the runs with fresh outputs (whose memory
+    # would add to it while the buffers are held).
+    buffers = OutputBuffers()
+    kernel(x, y, w, m, buffers)
+    out["rss_kernel_mb"] = peak_rss_mb()
+    # The floor, the kernel and the kernel with fresh outputs take turns, so that their ratios
+    # compare runs made moments apart: this VM's speed drifts by tens of percent within minutes.
+    (floor_best, floor_median, _), (best, median, kernel_cpu), (fresh, fresh_median, _) = alternating(
+        [
+            lambda: floor_pass(x_nt, y_nt),
+            lambda: kernel(x, y, w, m, buffers),
+            lambda: kernel(x, y, w, m, None),
+        ],
+        args.repeat,
     )
     out["floor_best"], out["floor_median"] = floor_best, floor_median
     out["kernel_best"], out["kernel_median"] = best, median
     out["kernel_cpu"] = kernel_cpu
-    out["rss_kernel_mb"] = peak_rss_mb()
-    out["fit_best"], out["fit_median"], _ = timed(lambda: fit_only(x, y, w, m), args.repeat)
+    out["kernel_fresh_best"], out["kernel_fresh_median"] = fresh, fresh_median
+    out["fit_best"], out["fit_median"], _ = timed(lambda: fit_only(x, y, w, m, buffers), args.repeat)
+    buffers.release()
 
     # statsmodels RollingOLS and the lstsq loop on samples of tickers, extrapolated.
     sample = np.unique(np.linspace(0, tickers - 1, min(args.sample, tickers)).astype(int))
@@ -288,7 +315,7 @@ def measure(tickers: int, days: int, args: argparse.Namespace) -> dict[str, Any]
     out["lstsq_sample"] = len(few)
 
     # Sanity: the sampled tickers' coefficients against both references.
-    fit, _ = kernel(x[:, sample], y[:, sample], w, m)
+    fit, _ = kernel(x[:, sample], y[:, sample], w, m, None)
     worst = 0.0
     for k, i in enumerate(sample):
         ours = fit.params[:, k].numpy()
@@ -341,7 +368,8 @@ def print_tables(results: list[dict[str, Any]]) -> None:
 
     print("\nTimes, seconds (best / median of the repeats; the references are extrapolated from samples):\n")
     head = (
-        f"| {'N x T':>12} | {'kernel':>15} | {'kernel CPU':>10} | {'fit alone':>9} | {'floor':>7} | "
+        f"| {'N x T':>12} | {'kernel':>15} | {'kernel CPU':>10} | {'fresh outputs':>15} | {'fit alone':>9} | "
+        f"{'floor':>7} | "
         f"{'cumsum y':>8} | {'RollingOLS':>10} | {'lstsq loop':>10} | {'API end to end':>15} |"
     )
     print(head)
@@ -350,13 +378,17 @@ def print_tables(results: list[dict[str, Any]]) -> None:
         api = f"{r['api_best']:.2f} / {r['api_median']:.2f}" if "api_best" in r else "-"
         print(
             f"| {size(r):>12} | {r['kernel_best']:6.3f} / {r['kernel_median']:6.3f} | "
-            f"{r['kernel_cpu']:10.3f} | {r['fit_best']:9.3f} | {r['floor_best']:7.4f} | "
+            f"{r['kernel_cpu']:10.3f} | {r['kernel_fresh_best']:6.3f} / {r['kernel_fresh_median']:6.3f} | "
+            f"{r['fit_best']:9.3f} | {r['floor_best']:7.4f} | "
             f"{r['cumsum_best']:8.4f} | {r['rolling_ols_per_ticker'] * r['tickers']:10.1f} | "
             f"{r['lstsq_per_ticker'] * r['tickers']:10.1f} | {api:>15} |"
         )
     print(
-        "\nkernel = quadratic_fit + daily_sensitivity; kernel CPU = process CPU seconds of its best run "
-        "(all threads); floor = one pass writing the cumulative sums of the nine moment arrays."
+        "\nkernel = quadratic_fit + daily_sensitivity over ticker groups, written into storage kept from "
+        "group to group and run to run (OutputBuffers), as the floor writes into its buffer; kernel CPU = "
+        "process CPU seconds of its best run (all threads); fresh outputs = the same kernel with each "
+        "group's results let go and the next group's in fresh memory (zeroed by the OS first); floor = one "
+        "pass writing the cumulative sums of the nine moment arrays."
     )
     print("\nRatios (best times) and peak memory:\n")
     head = (

@@ -71,6 +71,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from sensitivity.buffers import OutputBuffers, empty
 from sensitivity.errors import ConfigError, DataValidationError
 from sensitivity.threads import CHUNK_CELLS, for_each_chunk
 
@@ -289,13 +290,6 @@ def _check_panel(name: str, value: object) -> Tensor:
     return value
 
 
-def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
-    """An uninitialised tensor; on the CPU backed by numpy (its large buffers use huge pages)."""
-    if device.type == "cpu":
-        return torch.from_numpy(np.empty(shape, dtype=torch.empty((), dtype=dtype).numpy().dtype))
-    return torch.empty(shape, dtype=dtype, device=device)
-
-
 def quadratic_fit(
     x: Tensor,
     y: Tensor,
@@ -305,6 +299,7 @@ def quadratic_fit(
     chunk_size: int | None = None,
     device: DeviceLike = None,
     anchors: Tensor | None = None,
+    out: OutputBuffers | None = None,
 ) -> QuadraticFit:
     """Fit ``y = alpha + beta*x + gamma*x**2 + e`` by OLS on every row's window, for every column.
 
@@ -331,6 +326,11 @@ def quadratic_fit(
         a longer panel and the rows of that panel from a multiple of ``window`` on, every row
         from the second block of ``window`` rows on gets the longer panel's results to the
         bit: how a daily run fits only its latest days.
+    out
+        Storage to write the results into instead of fresh memory (its buffer ``"fit"``):
+        for a loop over ticker groups, see :class:`~sensitivity.buffers.OutputBuffers`.  The
+        returned tensors are then views of it, overwritten by the next call with the same
+        ``out``; the values are the same bits either way.
 
     Returns
     -------
@@ -343,8 +343,8 @@ def quadratic_fit(
     ConfigError
         For ``window``, ``min_obs``, ``chunk_size`` or ``device`` out of range.
     DataValidationError
-        For ``x`` or ``y`` of the wrong type, shape or dtype, or ``anchors`` of the wrong
-        shape or given for ``window == 0``.
+        For ``x`` or ``y`` of the wrong type, shape or dtype, ``anchors`` of the wrong
+        shape or given for ``window == 0``, or ``out`` not an ``OutputBuffers``.
     """
     xt = _check_panel("x", x)
     yt = _check_panel("y", y)
@@ -372,8 +372,14 @@ def quadratic_fit(
     chunk = default_chunk_size(r_pad, dev) if chunk_size is None else chunk_size
     chunk = min(chunk, max(n_cols, 1))
     r_out = 1 if w == 0 else r_pad
-    store = _empty((len(_PLANES) + len(COV_ENTRIES), n_cols, r_out), f64, dev)
-    n_store = _empty((n_cols, r_out), torch.int64, dev)
+    shape = (len(_PLANES) + len(COV_ENTRIES), n_cols, r_out)
+    if out is None:
+        store, n_store = empty(shape, f64, dev), empty((n_cols, r_out), torch.int64, dev)
+    else:
+        if not isinstance(out, OutputBuffers):
+            raise DataValidationError(f"out must be an OutputBuffers or None, got {type(out).__name__}")
+        store = out.take("fit", shape, f64, dev)
+        n_store = out.take("fit_n_obs", (n_cols, r_out), torch.int64, dev)
     if t_rows and n_cols:
         # Ticker-major input rows, so each chunk is a contiguous slice (no-op when already so).
         xT = _ticker_major(xt)

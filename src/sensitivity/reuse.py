@@ -37,6 +37,7 @@ __all__ = ["FitInputs", "Kept", "code_digest", "reusable_rows"]
 #: an edit in a checkout) recomputes every ticker once.
 _NUMERIC_MODULES = (
     "api",
+    "buffers",
     "inference",
     "model",
     "pipeline",

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from sensitivity.buffers import OutputBuffers
 from sensitivity.errors import ConfigError, DataValidationError
 from sensitivity.model import QuadraticFit, default_chunk_size
 from sensitivity.threads import for_each_chunk
@@ -106,6 +107,7 @@ def daily_sensitivity(
     *,
     level: float = 0.95,
     inference: CoefficientInference | None = None,
+    out: OutputBuffers | None = None,
 ) -> SensitivityResult:
     """Sensitivity of each day's fitted return to the index return, with its uncertainty.
 
@@ -120,6 +122,10 @@ def daily_sensitivity(
     inference
         The covariance to use (:func:`sensitivity.inference.robust_covariance`); default the
         fit's classical covariance.
+    out
+        Storage to write the results into instead of fresh memory (its buffer
+        ``"sensitivity"``; see :class:`~sensitivity.buffers.OutputBuffers`): the returned
+        tensors are then views of it, overwritten by the next call with the same ``out``.
 
     Returns
     -------
@@ -133,7 +139,7 @@ def daily_sensitivity(
     ConfigError
         For ``level`` outside (0, 1).
     DataValidationError
-        For ``x`` not a tensor of the fit's shape.
+        For ``x`` not a tensor of the fit's shape, or ``out`` not an ``OutputBuffers``.
     """
     lvl = _check_level(level)
     if not isinstance(x, Tensor) or tuple(x.shape) != fit.shape:
@@ -143,9 +149,14 @@ def daily_sensitivity(
     x_dev = x.to(device=device, dtype=torch.float64)
     n_days, n_rows = fit.shape
     # Outputs ticker-major, the layout of the fit's storage; returned as [T, N] views.
-    sens, se, lower, upper = (
-        torch.empty((n_rows, n_days), dtype=torch.float64, device=device) for _ in range(4)
-    )
+    if out is None:
+        sens, se, lower, upper = (
+            torch.empty((n_rows, n_days), dtype=torch.float64, device=device) for _ in range(4)
+        )
+    elif isinstance(out, OutputBuffers):
+        sens, se, lower, upper = out.take("sensitivity", (4, n_rows, n_days), torch.float64, device)
+    else:
+        raise DataValidationError(f"out must be an OutputBuffers or None, got {type(out).__name__}")
     if sens.numel() == 0:
         return SensitivityResult(sens.T, se.T, lower.T, upper.T, level=lvl)
     cov_unique = fit.cov_unique if inference is None else inference.cov_unique
