@@ -8,6 +8,8 @@ memory, a larger one lets the old buffer go).
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import numpy as np
 import pytest
 import torch
@@ -18,20 +20,8 @@ from sensitivity.errors import DataValidationError
 from sensitivity.model import QuadraticFit, quadratic_fit
 from sensitivity.sensitivity import SensitivityResult, daily_sensitivity
 
-FIT_FIELDS = (
-    "n_obs",
-    "alpha",
-    "beta",
-    "gamma",
-    "cov_unique",
-    "alpha_se",
-    "beta_se",
-    "gamma_se",
-    "rss",
-    "r2",
-    "linear_beta",
-    "dof",
-)
+#: Every tensor field of a fit (all of them are written into the buffers).
+FIT_FIELDS = tuple(f.name for f in fields(QuadraticFit) if f.name not in ("window", "min_obs"))
 SENS_FIELDS = ("sensitivity", "sensitivity_se", "sensitivity_ci_lower", "sensitivity_ci_upper")
 
 
