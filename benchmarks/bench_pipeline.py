@@ -25,8 +25,9 @@ process took it (state Pending: the flow-run process is about to start) to its f
 so the wait for the runner's next poll is left out; its CPU time and peak memory are not
 measured (the process is the serving process's child).
 
-For each run it prints the wall time, the peak resident memory of the largest process of the
-run (``ru_maxrss`` of the waited-for process tree) and the rows written.  ``PREFECT_HOME`` points
+For each run it prints the wall time, its CPU time and the system part of it, its minor page
+faults, the peak resident memory of the largest process of the run (all from ``wait4``'s usage
+of the waited-for process tree) and the rows written.  ``PREFECT_HOME`` points
 into the work folder.  Prefect's database is created first (``prefect server database upgrade``,
 timed and printed on its own: it happens once per Prefect installation, and took 15 to 20 s of
 the first run on 2 cores); ``--fresh-prefect`` leaves it to the backfill instead, as on a
@@ -64,7 +65,10 @@ class RunResult:
     ``cpu_seconds``: user + system time of the run's process tree (``wait4``: the process
     and the worker processes it waited for); ``server_cpu_seconds``: what the Prefect server
     spent meanwhile (NaN without a server or without psutil).  On a shared VM whose speed
-    varies from hour to hour, CPU seconds move less than wall seconds.
+    varies from hour to hour, CPU seconds move less than wall seconds.  ``system_seconds`` and
+    ``minor_faults``: the system part of ``cpu_seconds`` and the page faults of the same
+    processes (``wait4``); in the VM's slow spells a fault costs 9 to 14 us, and a daily run
+    takes hundreds of thousands (benchmarks/README.md, session 21).
     """
 
     seconds: float
@@ -73,6 +77,8 @@ class RunResult:
     output: str
     cpu_seconds: float = float("nan")
     server_cpu_seconds: float = float("nan")
+    system_seconds: float = float("nan")
+    minor_faults: int = -1
 
 
 def synthetic_prices(symbols: int, days: int, seed: int = 7) -> tuple[pd.DatetimeIndex, np.ndarray]:
@@ -204,6 +210,8 @@ def run_cli(
         log.read_text(),
         cpu_seconds=usage.ru_utime + usage.ru_stime,
         server_cpu_seconds=server_cpu(server) - server_before,
+        system_seconds=usage.ru_stime,
+        minor_faults=usage.ru_minflt,
     )
 
 
@@ -502,15 +510,20 @@ def main() -> None:
         server.wait(timeout=30)
 
     print(
-        f"\n| {'run':<34} | {'wall s':>8} | {'CPU s':>7} | {'server CPU s':>12} | {'peak RSS MB':>11} "
-        f"| {'rows in sensitivity/':>20} |"
+        f"\n| {'run':<34} | {'wall s':>8} | {'CPU s':>7} | {'system s':>8} | {'faults k':>8} "
+        f"| {'server CPU s':>12} | {'peak RSS MB':>11} | {'rows in sensitivity/':>20} |"
     )
-    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|{'-' * 14}|{'-' * 13}|{'-' * 22}|")
+    print(f"|{'-' * 36}|{'-' * 10}|{'-' * 9}|{'-' * 10}|{'-' * 10}|{'-' * 14}|{'-' * 13}|{'-' * 22}|")
     for label, _, res, n in results:
         server_s = "-" if math.isnan(res.server_cpu_seconds) else f"{res.server_cpu_seconds:.1f}"
         cpu_s = "-" if math.isnan(res.cpu_seconds) else f"{res.cpu_seconds:.1f}"
+        sys_s = "-" if math.isnan(res.system_seconds) else f"{res.system_seconds:.1f}"
+        faults = "-" if res.minor_faults < 0 else f"{res.minor_faults / 1000:.0f}"
         rss = f"{res.peak_rss / 2**20:.0f}" if res.peak_rss else "-"
-        print(f"| {label:<34} | {res.seconds:8.1f} | {cpu_s:>7} | {server_s:>12} | {rss:>11} | {n:>20,} |")
+        print(
+            f"| {label:<34} | {res.seconds:8.1f} | {cpu_s:>7} | {sys_s:>8} | {faults:>8} | {server_s:>12} "
+            f"| {rss:>11} | {n:>20,} |"
+        )
     runs = {kind: [res for _, k, res, _ in results if k == kind] for kind in ("cli", "deployment")}
     for kind, what in (("cli", "next day (sensitivity run)"), ("deployment", "next day as a deployment run")):
         times = [res.seconds for res in runs[kind]]
@@ -527,8 +540,9 @@ def main() -> None:
     print("\npeak RSS: the largest process of each run (wait4's ru_maxrss of the run's process tree).")
     print(
         "CPU s: user + system seconds of the run's process tree (its fetch and report workers "
-        "included); server CPU s: the Prefect server's meanwhile. Two cores: a run cannot take "
-        "less wall time than half of the two together."
+        "included); system s: the part of it spent in the kernel; faults k: minor page faults of "
+        "the same processes, in thousands; server CPU s: the Prefect server's meanwhile. Two "
+        "cores: a run cannot take less wall time than half of the two together."
     )
     if args.deployment:
         print(
@@ -551,6 +565,10 @@ def main() -> None:
                     "deployment_runs_s": [r.seconds for r in runs["deployment"]],
                     "backfill_cpu_s": first.cpu_seconds,
                     "incremental_cpu_s": second.cpu_seconds,
+                    "backfill_system_s": first.system_seconds,
+                    "incremental_system_s": second.system_seconds,
+                    "backfill_minor_faults": first.minor_faults,
+                    "incremental_minor_faults": second.minor_faults,
                     "backfill_server_cpu_s": None
                     if math.isnan(first.server_cpu_seconds)
                     else first.server_cpu_seconds,
