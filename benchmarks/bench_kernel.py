@@ -55,7 +55,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -131,15 +131,19 @@ def timed(fn: Callable[[], Any], repeat: int, warmup: bool = True) -> tuple[floa
     return min(times), statistics.median(times), result
 
 
-def fit_only(x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int, out: OutputBuffers) -> Any:
-    """:func:`quadratic_fit` alone over the same ticker groups as :func:`kernel`, into ``out``."""
+def ticker_groups(x: torch.Tensor, y: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(x, y)`` in groups of whole tickers of at most :data:`GROUP_CELLS` cells (one ticker at least)."""
     t_rows, n_cols = y.shape
     group = max(1, GROUP_CELLS // max(t_rows, 1))
-    fit = None
     for g0 in range(0, n_cols, group):
-        fit = quadratic_fit(
-            x[:, g0 : g0 + group], y[:, g0 : g0 + group], window=window, min_obs=min_obs, out=out
-        )
+        yield x[:, g0 : g0 + group], y[:, g0 : g0 + group]
+
+
+def fit_only(x: torch.Tensor, y: torch.Tensor, window: int, min_obs: int, out: OutputBuffers) -> Any:
+    """:func:`quadratic_fit` alone over the same ticker groups as :func:`kernel`, into ``out``."""
+    fit = None
+    for xg, yg in ticker_groups(x, y):
+        fit = quadratic_fit(xg, yg, window=window, min_obs=min_obs, out=out)
     return fit
 
 
@@ -152,13 +156,10 @@ def kernel(
     streaming consumer's loop, and what the floor does with its buffer); None: each group's
     results are let go and the next group's land in fresh memory, which the OS zeroes first.
     """
-    t_rows, n_cols = y.shape
-    group = max(1, GROUP_CELLS // max(t_rows, 1))
     fit = sens = None
-    for g0 in range(0, n_cols, group):
+    for xg, yg in ticker_groups(x, y):
         if out is None:
             fit = sens = None
-        xg, yg = x[:, g0 : g0 + group], y[:, g0 : g0 + group]
         fit = quadratic_fit(xg, yg, window=window, min_obs=min_obs, out=out)
         sens = daily_sensitivity(fit, xg, out=out)
     return fit, sens

@@ -60,13 +60,22 @@ def test_a_streaming_loop_into_buffers_gives_the_bits_of_fresh_results(wide, win
         assert_same(daily_sensitivity(got, xg, out=buffers), daily_sensitivity(want, xg))
 
 
-def test_results_are_views_of_the_buffers_and_the_next_call_overwrites_them(wide):
+def fit_twice(
+    wide: tuple[torch.Tensor, torch.Tensor], first_cols: slice, second_cols: slice
+) -> tuple[QuadraticFit, torch.Tensor, int, QuadraticFit, OutputBuffers]:
+    """Two fits into one ``OutputBuffers``: the first, a copy of its beta taken before the
+    second call, the bytes held after it, the second fit and the buffers."""
     x, y = wide
     buffers = OutputBuffers()
-    first = quadratic_fit(x[:, :6], y[:, :6], window=60, min_obs=25, out=buffers)
+    first = quadratic_fit(x[:, first_cols], y[:, first_cols], window=60, min_obs=25, out=buffers)
     first_beta = first.beta.clone()
     held = buffers.nbytes
-    second = quadratic_fit(x[:, 6:10], y[:, 6:10], window=60, min_obs=25, out=buffers)
+    second = quadratic_fit(x[:, second_cols], y[:, second_cols], window=60, min_obs=25, out=buffers)
+    return first, first_beta, held, second, buffers
+
+
+def test_results_are_views_of_the_buffers_and_the_next_call_overwrites_them(wide):
+    first, first_beta, held, second, buffers = fit_twice(wide, slice(0, 6), slice(6, 10))
     # A smaller call writes from the start of the same storage: no new memory.
     assert buffers.nbytes == held
     assert second.beta.untyped_storage().data_ptr() == first.beta.untyped_storage().data_ptr()
@@ -75,12 +84,7 @@ def test_results_are_views_of_the_buffers_and_the_next_call_overwrites_them(wide
 
 
 def test_a_larger_call_lets_the_old_buffer_go_and_the_old_results_stay_valid(wide):
-    x, y = wide
-    buffers = OutputBuffers()
-    small = quadratic_fit(x[:, :2], y[:, :2], window=60, min_obs=25, out=buffers)
-    small_beta = small.beta.clone()
-    held = buffers.nbytes
-    large = quadratic_fit(x, y, window=60, min_obs=25, out=buffers)
+    small, small_beta, held, large, buffers = fit_twice(wide, slice(0, 2), slice(None))
     assert buffers.nbytes > held
     assert large.beta.untyped_storage().data_ptr() != small.beta.untyped_storage().data_ptr()
     assert same_bits(small.beta, small_beta)  # the caller's reference keeps the old storage
