@@ -668,6 +668,31 @@ def test_stale_temp_files_are_ignored_by_readers_and_cleaned_by_the_next_write(t
     assert other.exists()
 
 
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc (Linux)")
+def test_the_temp_file_of_a_killed_writer_not_yet_reaped_is_cleaned_too(tmp_path: Path) -> None:
+    """A writer killed with its parent stays a zombie where nothing reaps orphans (a container
+    whose first process does not): it writes nothing more, so its temporary file goes too."""
+    import sensitivity.store as store_module
+
+    rs = ReportStore(tmp_path)
+    rs.write_sensitivity(sens_frame("^GSPC", "AAPL", 252, ["2024-01-02"]))
+    zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and not store_module._zombie(zombie.pid):
+        time.sleep(0.01)
+    try:
+        assert store_module._zombie(zombie.pid)
+        assert not store_module._pid_alive(zombie.pid)
+        stale = rs.sensitivity_dir / f".^GSPC__MSFT__w252.parquet.{zombie.pid}.0123456789ab.tmp"
+        stale.write_bytes(b"half a file")
+        rs.write_sensitivity(sens_frame("^GSPC", "AAPL", 252, ["2024-01-03"]))
+        assert not stale.exists()
+    finally:
+        zombie.wait()
+    assert not store_module._zombie(os.getpid())
+    assert store_module._pid_alive(os.getpid())
+
+
 def test_a_batch_of_writes_looks_for_stale_temp_files_once_per_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

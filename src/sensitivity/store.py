@@ -310,7 +310,20 @@ def _pid_alive(pid: int) -> bool:
         return True
     except OSError:  # pragma: no cover - exotic platforms: assume alive, never delete
         return True
-    return True
+    return not _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped (Linux: state ``Z`` in /proc): a
+    killed writer whose parent died too stays so where nothing reaps orphans (a container
+    whose first process does not), and writes nothing more."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as fh:
+            stat = fh.read()
+    except OSError:  # no /proc (not Linux), or it has just gone: as os.kill said
+        return False
+    # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last ")".
+    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
 
 
 def _remove_stale_temps(folder: Path) -> None:
