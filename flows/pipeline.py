@@ -34,7 +34,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from prefect.tasks import Task, exponential_backoff
 from prefect.utilities.annotations import quote, unmapped
 
-from sensitivity import progress
+from sensitivity import head_start, progress
 from sensitivity.config import Config, load_config
 from sensitivity.errors import (
     PartialRunError,
@@ -47,6 +47,7 @@ from sensitivity.memory import use_jemalloc
 from sensitivity.pipeline import (
     FetchOutcome,
     History,
+    commit_batch,
     failure_reason,
     fetch_batch,
     fetch_symbol,
@@ -137,7 +138,10 @@ def fetch_price_batch(
     retried: a missing file or bad data stays so on a second read.
     """
     logger = get_run_logger()
-    if workers is None:
+    prepared = head_start.take(config, symbols)
+    if prepared is not None:  # prepared while the run started (sensitivity.head_start)
+        results = commit_batch(config, prepared)
+    elif workers is None:
         results = fetch_batch(config, symbols)
     else:
         level = logging.getLogger("sensitivity").getEffectiveLevel()
@@ -242,7 +246,9 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
     symbols = list(config.fetch_symbols)
     tracker = _ProgressArtifact(len(symbols))
     batches = fetch_batches(config, symbols)
-    workers = fetch_workers(config, batches)
+    # Prepared while `sensitivity run` started up: the tasks commit, and fetch in their
+    # threads only what was not prepared (sensitivity.head_start).
+    workers = None if head_start.covers(config, batches) else fetch_workers(config, batches)
     try:
         result = _fetch_all(config, symbols, batches, workers, tracker)
     except BaseException:
@@ -251,9 +257,11 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
         # killed fetch leaves the stored file as it was (the store writes atomically).
         if workers is not None:
             workers.close(wait=False)
+        head_start.finish()
         raise
     if workers is not None:
         workers.close()
+    head_start.finish()  # its workers' memory back before the fit
     return result
 
 

@@ -9,7 +9,7 @@ import sys
 import threading
 from pathlib import Path
 from types import SimpleNamespace
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import pandas as pd
 import pytest
@@ -328,6 +328,7 @@ def test_run_prestarts_the_workers_its_fetch_and_report_will_take(
     monkeypatch.setattr(plan, "available_cpus", lambda: 2)
     started: list[tuple[str, int]] = []
     monkeypatch.setattr(cli, "prestart", lambda function, n: started.append((function, n)) or n)
+    monkeypatch.setattr(cli.head_start, "start", lambda cfg, level: False)  # (tested below)
     names = [f"S{i:04d}" for i in range(tickers)]
     cfg = load_config(
         ROOT / "config" / "sample.toml",
@@ -337,3 +338,28 @@ def test_run_prestarts_the_workers_its_fetch_and_report_will_take(
     assert dict(started) == {plan.FETCH_WORKER: fetch, plan.SECTION_WORKER: sections}
     batches = plan.fetch_batches(cfg, list(cfg.fetch_symbols))
     assert plan.fetch_processes(cfg, batches) == fetch  # what the flow's fetch_workers asks for
+
+
+def test_run_gives_its_fetch_a_head_start_instead_of_idle_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """When the fetch's workers start preparing the fetch (sensitivity.head_start), no idle
+    fetch workers are started beside them; the head start gets the run's configuration and
+    the level of PREFECT_LOGGING_LEVEL."""
+    import logging
+
+    import sensitivity.cli as cli
+    import sensitivity.plan as plan
+    from sensitivity.config import load_config
+
+    started: list[str] = []
+    asked: list[tuple[Any, int]] = []
+    monkeypatch.setattr(cli, "prestart", lambda function, n: started.append(function) or n)
+    monkeypatch.setattr(cli.head_start, "start", lambda cfg, level: asked.append((cfg, level)) or True)
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "debug")
+    cfg = load_config(ROOT / "config" / "sample.toml", {"source": "files", "source_path": str(tmp_path)})
+    cli._prestart_workers(cfg)
+    assert plan.FETCH_WORKER not in started
+    assert asked == [(cfg, logging.DEBUG)]
+    monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "no-such-level")
+    assert cli._logging_level() == logging.INFO

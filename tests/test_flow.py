@@ -356,6 +356,82 @@ def _flow_module():  # type: ignore[no-untyped-def]
     return module
 
 
+def test_flow_commits_the_fetch_a_head_start_prepared(  # type: ignore[no-untyped-def]
+    flow, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """As `sensitivity run` does: worker processes prepare the fetch before the flow starts
+    (sensitivity.head_start); the flow's fetch tasks commit it in this process, and the store,
+    the tables and the failures are those of a run without a head start."""
+    from sensitivity import head_start
+    from sensitivity.config import load_config
+
+    src = tmp_path / "csv"
+    src.mkdir()
+    for sym in ("^GSPC", "KO", "MSFT", "SPY"):
+        _write_csv(pd.read_parquet(SAMPLE / f"{sym}.parquet"), src / f"{sym}.csv")
+    (src / "BAD.csv").write_text("Date,Close\n2016-01-04,-3\n")  # refused: the task says why
+    tickers = ["KO", "MSFT", "SPY", "BAD"]
+    text = (ROOT / "config" / "sample.toml").read_text().replace('kind = "sample"', "concurrency = 2")
+    caplog.set_level(logging.INFO, logger="sensitivity")
+    for mode, switch in (("plain", "false"), ("head-start", "true")):
+        config = tmp_path / f"{mode}.toml"
+        config.write_text(f"{text}\n[runtime]\nfetch_processes = 2\nfetch_head_start = {switch}\n")
+        params = {
+            "tickers": tickers,
+            "start": dt.date(2015, 1, 1),
+            "end": dt.date(2016, 12, 30),
+            "source": "files",
+            "source_path": str(src),
+            "data_dir": str(tmp_path / mode),
+        }
+        started = head_start.start(load_config(str(config), params))  # what the CLI loads
+        assert started == (mode == "head-start")
+        caplog.clear()
+        try:
+            with pytest.raises(PartialRunError, match="BAD"):
+                flow(config=str(config), **params)
+        finally:
+            head_start.finish()
+        if mode == "head-start":
+
+            def processes(text: str) -> set[int | None]:
+                return {
+                    r.process
+                    for r in caplog.records
+                    if text in r.getMessage() and not r.getMessage().startswith("BAD")
+                }
+
+            plans = processes(": full fetch 2015-01-01 to 2016-12-30: ")
+            assert plans
+            assert os.getpid() not in plans
+            assert processes(" changed), ") == {os.getpid()}  # ... committed by the flow's tasks
+            # BAD was not prepared: the task fetched it itself, and said why it failed.
+            assert {r.process for r in caplog.records if r.getMessage().startswith("BAD: full")} == {
+                os.getpid()
+            }
+    for what in ("prices", "reports/sensitivity", "reports/summary"):
+        assert files_in(tmp_path / "plain" / what).keys() == files_in(tmp_path / "head-start" / what).keys()
+    for name in ("sensitivity", "summary"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "plain" / "reports" / name),
+            pd.read_parquet(tmp_path / "head-start" / "reports" / name),
+        )
+    prices = [
+        pd.read_parquet(tmp_path / m / "prices").drop(columns="fetched_at") for m in ("plain", "head-start")
+    ]
+    pd.testing.assert_frame_equal(*prices)
+    manifests = [
+        json.loads(next((tmp_path / m / "reports" / "daily").rglob("manifest.json")).read_text())
+        for m in ("plain", "head-start")
+    ]
+    assert manifests[0]["failures"] == manifests[1]["failures"]
+    assert list(manifests[0]["failures"]) == ["BAD"]
+    assert [{k: v for k, v in f.items() if k != "seconds"} for f in manifests[0]["fetches"]] == [
+        {k: v for k, v in f.items() if k != "seconds"} for f in manifests[1]["fetches"]
+    ]
+    assert not [p for p in (tmp_path / "head-start" / "prices").iterdir() if p.name.startswith(".")]
+
+
 @pytest.mark.parametrize(
     ("kind", "n", "concurrency", "sizes"),
     [

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import importlib
+import logging
 import os
 import sys
 import threading
@@ -37,7 +38,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from sensitivity import __version__, plan, progress
+from sensitivity import __version__, head_start, plan, progress
 from sensitivity.config import Config, SourceKind, load_config
 from sensitivity.errors import ConfigError, PartialRunError, SensitivityError
 from sensitivity.memory import use_jemalloc
@@ -179,12 +180,20 @@ def _prestart_workers(cfg: Config) -> None:
     processes (:mod:`sensitivity.plan`) spend about a second each importing pandas, pyarrow
     or matplotlib; started now they do it on the idle cores and wait, ready
     (:func:`sensitivity.process_pool.prestart`), instead of when the steps start, with every
-    core busy.
+    core busy.  The fetch's workers go on to prepare the fetch itself
+    (:mod:`sensitivity.head_start`), which the flow's fetch tasks then commit.
     """
     symbols = list(cfg.fetch_symbols)
-    prestart(plan.FETCH_WORKER, plan.fetch_processes(cfg, plan.fetch_batches(cfg, symbols)))
+    if not head_start.start(cfg, level=_logging_level()):  # its workers prepare the fetch meanwhile
+        prestart(plan.FETCH_WORKER, plan.fetch_processes(cfg, plan.fetch_batches(cfg, symbols)))
     sections = plan.charted_sections([len(cfg.universe.tickers)])
     prestart(plan.SECTION_WORKER, plan.section_workers(sections))
+
+
+def _logging_level() -> int:
+    """The level of ``PREFECT_LOGGING_LEVEL`` (what the flow's loggers will pass on), else INFO."""
+    level = logging.getLevelName(os.environ.get("PREFECT_LOGGING_LEVEL", "INFO").strip().upper())
+    return level if isinstance(level, int) else logging.INFO
 
 
 def _fail(exc: BaseException, debug: bool) -> None:
@@ -406,6 +415,7 @@ def run(
     except BaseException as exc:
         _fail(exc, debug)
     finally:
+        head_start.finish()  # (a no-op once the fetch has ended it)
         discard_spares()  # those the run did not take (it stopped early, or planned otherwise)
     _print_result(result)
 

@@ -306,6 +306,13 @@ class RuntimeConfig(_Section):
             "per CPU up to source.concurrency, from 64 symbols), 0 (none: the task threads), or N."
         ),
     )
+    fetch_head_start: bool = Field(
+        True,
+        description=(
+            "sensitivity run: prepare the local fetches in those worker processes while the run "
+            "starts up; the flow's fetch tasks commit them (nothing is written before)."
+        ),
+    )
 
     @field_validator("lock_timeout_s", mode="before")
     @classmethod

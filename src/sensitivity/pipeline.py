@@ -12,13 +12,14 @@ dates), reads and writes through the store, and returns a small, JSON-friendly o
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import itertools
 import logging
 import math
 import platform
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
@@ -47,6 +48,7 @@ from sensitivity.sources.quality import CheckedPrices, QualityReport
 from sensitivity.store import (
     SENSITIVITY_SCHEMA,
     DateRange,
+    PreparedMerge,
     PriceStore,
     ReportStore,
     SensitivityKey,
@@ -353,104 +355,181 @@ def fetch_symbol(config: Config, symbol: str, *, source: PriceSource | None = No
     store (:func:`restatement`), fetches the whole stored history plus the requested range
     again (:func:`refetch_range`) and replaces the stored history with it.  Every fetch
     passes the boundary checks (:mod:`sensitivity.sources.quality`); their records go to the
-    log and the outcome.
+    log and the outcome.  :func:`prepare_fetch`, then :func:`commit_fetch`.
 
     Raises the source's :class:`~sensitivity.errors.SourceError` on failure (also when a
     refetch would drop more stored dates than :data:`MAX_REFETCH_LOSS` or 1%); the store is
     then left exactly as it was.  Raises :class:`~sensitivity.errors.StoreError` when another
     run keeps rewriting the symbol's file while this one fetches.
     """
+    src = source if source is not None else make_source(config.source)
+    sym = normalize_symbol(symbol)
+    for _ in range(_MAX_STORE_RACES):
+        prepared = prepare_fetch(config, sym, source=src)
+        try:
+            outcome = commit_fetch(config, prepared)
+        finally:
+            prepared.discard()
+        if outcome is not None:
+            return outcome
+    raise StoreError(
+        f"{sym}: another run rewrote its stored prices during each of {_MAX_STORE_RACES} fetches; "
+        "rerun when the other run has finished"
+    )
+
+
+@dataclass(eq=False)
+class PreparedFetch:
+    """A fetch of one symbol done up to its commit (:func:`prepare_fetch`).
+
+    The merged price file is written and fsynced under a temporary name that readers
+    ignore; nothing visible has changed.  :func:`commit_fetch` puts it in place, in this
+    process or another (everything here pickles: a worker process can prepare and its
+    caller commit), if the stored file is still the one it was merged with.  Call
+    :meth:`discard` in a ``finally`` (idempotent; a committed file stays).
+    """
+
+    symbol: str
+    source: str
+    merge: PreparedMerge
+    #: The identity of the stored file the merge was made from (None: nothing was stored).
+    fingerprint: tuple[int, int, int] | None
+    mode: FetchMode
+    #: The configured range (``universe.start`` to ``resolved_end`` when it was prepared).
+    requested: DateRange
+    covers: DateRange
+    restated: str | None
+    quality: QualityReport
+    rows_fetched: int
+    first_date: str | None
+    last_date: str | None
+    #: Seconds spent preparing.
+    seconds: float
+
+    def discard(self) -> None:
+        """Remove the temporary merged file unless it was committed."""
+        self.merge.discard()
+
+
+def prepare_fetch(config: Config, symbol: str, *, source: PriceSource | None = None) -> PreparedFetch:
+    """:func:`fetch_symbol` up to the commit: read the stored prices, plan, fetch, check and
+    write the merged file under a temporary name (without the store's lock).
+
+    Raises as :func:`fetch_symbol` does (the temporary file is then already removed).
+    """
     t0 = time.perf_counter()
     src = source if source is not None else make_source(config.source)
     sym = normalize_symbol(symbol)
     u = config.universe
     start, end = u.start, u.resolved_end
+    store = PriceStore(config.output.data_dir)
+    stored = _read_stored(store, sym)
+    plan = plan_fetch(
+        stored.dates,
+        stored.coverage,
+        start,
+        end,
+        overlap=config.source.overlap_days,
+    )
+    log.info("%s: %s fetch %s to %s: %s", sym, plan.mode, plan.start, plan.end, plan.reason)
+    got: CheckedPrices = fetch_checked(src, sym, plan.start, plan.end)
+    mode: FetchMode = plan.mode
+    covers: DateRange = (plan.start, plan.end)
+    restated = None
+    if stored.dates is not None:
+        restated = restatement(stored.between(plan.start, plan.end), got.frame, plan.start, plan.end)
+    if restated is not None and stored.dates is not None:
+        covers = refetch_range(stored.coverage, start, end)
+        log.warning(
+            "%s: the source restated the stored history (%s); fetching %s to %s again to replace it",
+            sym,
+            restated,
+            covers[0],
+            covers[1],
+        )
+        if not (plan.start <= covers[0] and covers[1] <= plan.end):
+            got = fetch_checked(src, sym, covers[0], covers[1])
+        gone = _check_refetch_loss(sym, stored.dates, got.frame, src.name, store.path_for(sym))
+        if len(gone):
+            log.warning(
+                "%s: %d stored date(s) are gone from the restated history and are removed: %s",
+                sym,
+                len(gone),
+                ", ".join(str(d.date()) for d in gone),
+            )
+        mode = "refetch"
+    # The merged file is written (and fsynced) here, before the lock is taken; under the
+    # lock only the check that the stored file is still the one read and the rename remain
+    # (commit_fetch), so concurrent fetches hold it for about a millisecond each.
+    merge = store.prepare_merge(
+        sym,
+        got.frame,
+        source=src.name,
+        replace=mode == "refetch",
+        covers=covers,
+        stored=(stored.table, stored.coverage),
+    )
+    return PreparedFetch(
+        symbol=sym,
+        source=src.name,
+        merge=merge,
+        fingerprint=stored.fingerprint,
+        mode=mode,
+        requested=(start, end),
+        covers=covers,
+        restated=restated,
+        quality=got.quality,
+        rows_fetched=len(got.frame),
+        first_date=_iso(got.frame.index.min()),
+        last_date=_iso(got.frame.index.max()),
+        seconds=time.perf_counter() - t0,
+    )
+
+
+def commit_fetch(config: Config, prepared: PreparedFetch) -> FetchOutcome | None:
+    """Put a prepared fetch in place under the store's lock; its outcome, or None when the
+    stored file changed since it was read (another run rewrote it) or the prepared file is
+    gone: then nothing was changed, and the symbol must be fetched again.
+
+    Logs the boundary checks' records and the outcome.  Does not discard ``prepared``.
+    """
+    t0 = time.perf_counter()
+    sym = prepared.symbol
     data_dir = config.output.data_dir
     store = PriceStore(data_dir)
-    for _ in range(_MAX_STORE_RACES):
-        stored = _read_stored(store, sym)
-        plan = plan_fetch(
-            stored.dates,
-            stored.coverage,
-            start,
-            end,
-            overlap=config.source.overlap_days,
-        )
-        log.info("%s: %s fetch %s to %s: %s", sym, plan.mode, plan.start, plan.end, plan.reason)
-        got: CheckedPrices = fetch_checked(src, sym, plan.start, plan.end)
-        mode: FetchMode = plan.mode
-        covers: DateRange = (plan.start, plan.end)
-        restated = None
-        if stored.dates is not None:
-            restated = restatement(stored.between(plan.start, plan.end), got.frame, plan.start, plan.end)
-        if restated is not None and stored.dates is not None:
-            covers = refetch_range(stored.coverage, start, end)
-            log.warning(
-                "%s: the source restated the stored history (%s); fetching %s to %s again to replace it",
-                sym,
-                restated,
-                covers[0],
-                covers[1],
-            )
-            if not (plan.start <= covers[0] and covers[1] <= plan.end):
-                got = fetch_checked(src, sym, covers[0], covers[1])
-            gone = _check_refetch_loss(sym, stored.dates, got.frame, src.name, store.path_for(sym))
-            if len(gone):
-                log.warning(
-                    "%s: %d stored date(s) are gone from the restated history and are removed: %s",
-                    sym,
-                    len(gone),
-                    ", ".join(str(d.date()) for d in gone),
-                )
-            mode = "refetch"
-        # The merged file is written (and fsynced) before the lock is taken; under the lock
-        # only the check that the stored file is still the one read and the rename remain,
-        # so concurrent fetches hold it for about a millisecond each.
-        prepared = store.prepare_merge(
-            sym,
-            got.frame,
-            source=src.name,
-            replace=mode == "refetch",
-            covers=covers,
-            stored=(stored.table, stored.coverage),
-        )
-        try:
-            with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
-                if file_identity(store.path_for(sym)) != stored.fingerprint:
-                    log.info("%s: another run rewrote the stored prices meanwhile; starting over", sym)
-                    continue
-                merged = prepared.commit()
-        finally:
-            prepared.discard()
-        _log_quality(sym, got.quality)
-        outcome = FetchOutcome(
-            symbol=sym,
-            source=src.name,
-            rows_fetched=len(got.frame),
-            rows_added=merged.rows_added,
-            rows_changed=merged.rows_changed,
-            rows_stored=merged.rows_after,
-            first_date=_iso(got.frame.index.min()),
-            last_date=_iso(got.frame.index.max()),
-            seconds=round(time.perf_counter() - t0, 4),
-            mode=mode,
-            restated=restated is not None,
-            restatement=restated,
-            requested_start=start.isoformat(),
-            requested_end=end.isoformat(),
-            fetch_start=covers[0].isoformat(),
-            fetch_end=covers[1].isoformat(),
-            rows_removed=merged.rows_removed,
-            dropped_rows=[i.to_dict() for i in got.quality.dropped],
-            repaired_rows=[i.to_dict() for i in got.quality.repaired],
-            quality_warnings=[i.to_dict() for i in got.quality.warnings],
-        )
-        log.info("%s", outcome.describe())
-        return outcome
-    raise StoreError(
-        f"{sym}: another run rewrote its stored prices during each of {_MAX_STORE_RACES} fetches; "
-        "rerun when the other run has finished"
+    with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
+        if file_identity(store.path_for(sym)) != prepared.fingerprint:
+            log.info("%s: another run rewrote the stored prices meanwhile; starting over", sym)
+            return None
+        if not prepared.merge.file.pending():
+            log.info("%s: the prepared price file is gone (its writer stopped); starting over", sym)
+            return None
+        merged = prepared.merge.commit()
+    _log_quality(sym, prepared.quality)
+    outcome = FetchOutcome(
+        symbol=sym,
+        source=prepared.source,
+        rows_fetched=prepared.rows_fetched,
+        rows_added=merged.rows_added,
+        rows_changed=merged.rows_changed,
+        rows_stored=merged.rows_after,
+        first_date=prepared.first_date,
+        last_date=prepared.last_date,
+        seconds=round(prepared.seconds + time.perf_counter() - t0, 4),
+        mode=prepared.mode,
+        restated=prepared.restated is not None,
+        restatement=prepared.restated,
+        requested_start=prepared.requested[0].isoformat(),
+        requested_end=prepared.requested[1].isoformat(),
+        fetch_start=prepared.covers[0].isoformat(),
+        fetch_end=prepared.covers[1].isoformat(),
+        rows_removed=merged.rows_removed,
+        dropped_rows=[i.to_dict() for i in prepared.quality.dropped],
+        repaired_rows=[i.to_dict() for i in prepared.quality.repaired],
+        quality_warnings=[i.to_dict() for i in prepared.quality.warnings],
     )
+    log.info("%s", outcome.describe())
+    return outcome
 
 
 def failure_reason(symbol: str, exc: object) -> str:
@@ -472,34 +551,35 @@ def fetch_batch(config: Config, symbols: Sequence[str]) -> list[dict[str, Any]]:
     lock, a full disk, a damaged file), which the caller treats as fatal once every fetch
     has finished.
     """
-    results: list[dict[str, Any]] = []
-    for symbol in symbols:
-        try:
+    return [_fetch_entry(config, symbol) for symbol in symbols]
+
+
+def _fetch_entry(config: Config, symbol: str, prepared: PreparedFetch | None = None) -> dict[str, Any]:
+    """One entry of :func:`fetch_batch`: ``prepared`` committed, or where there is none or
+    it cannot be (the stored file changed meanwhile), :func:`fetch_symbol`."""
+    try:
+        outcome = None
+        if prepared is not None:
+            try:
+                outcome = commit_fetch(config, prepared)
+            finally:
+                prepared.discard()
+        if outcome is None:
             outcome = fetch_symbol(config, symbol)
-        except Exception as exc:  # recorded per symbol; the caller decides what stops the run
-            results.append(
-                {
-                    "symbol": symbol,
-                    "error": failure_reason(symbol, exc),
-                    "store_error": isinstance(exc, StoreError),
-                    "locked": isinstance(exc, StoreLockedError),
-                }
-            )
-            continue
-        results.append({"symbol": symbol, "outcome": outcome.to_dict()})
-    return results
+    except Exception as exc:  # recorded per symbol; the caller decides what stops the run
+        return {
+            "symbol": symbol,
+            "error": failure_reason(symbol, exc),
+            "store_error": isinstance(exc, StoreError),
+            "locked": isinstance(exc, StoreLockedError),
+        }
+    return {"symbol": symbol, "outcome": outcome.to_dict()}
 
 
-def fetch_batch_logged(
-    config: Config, symbols: Sequence[str], level: int
-) -> tuple[list[dict[str, Any]], list[logging.LogRecord]]:
-    """:func:`fetch_batch` and the records the ``sensitivity`` loggers gave at ``level`` or above.
-
-    For a worker process (:class:`~sensitivity.process_pool.ProcessPool`): its records
-    cannot reach the caller's handlers, so they travel back with the results, made
-    picklable (message formatted, no arguments, exception text only), for the caller to
-    hand to its own loggers (:func:`replay_records`).  The records are not passed on here.
-    """
+@contextlib.contextmanager
+def _records_at(level: int) -> Iterator[list[logging.LogRecord]]:
+    """The records the ``sensitivity`` loggers give at ``level`` or above meanwhile, made
+    picklable (message formatted, no arguments, exception text only) and not passed on."""
     records: list[logging.LogRecord] = []
 
     class _Keep(logging.Handler):
@@ -516,11 +596,58 @@ def fetch_batch_logged(
     root.setLevel(level)
     root.propagate = False
     try:
-        return fetch_batch(config, symbols), records
+        yield records
     finally:
         root.removeHandler(keep)
         root.setLevel(previous[0])
         root.propagate = previous[1]
+
+
+def fetch_batch_logged(
+    config: Config, symbols: Sequence[str], level: int
+) -> tuple[list[dict[str, Any]], list[logging.LogRecord]]:
+    """:func:`fetch_batch` and the records the ``sensitivity`` loggers gave at ``level`` or above.
+
+    For a worker process (:class:`~sensitivity.process_pool.ProcessPool`): its records
+    cannot reach the caller's handlers, so they travel back with the results, made
+    picklable (message formatted, no arguments, exception text only), for the caller to
+    hand to its own loggers (:func:`replay_records`).  The records are not passed on here.
+    """
+    with _records_at(level) as records:
+        return fetch_batch(config, symbols), records
+
+
+def prepare_batch_logged(
+    config: Config, symbols: Sequence[str], level: int
+) -> list[tuple[str, PreparedFetch | None, list[logging.LogRecord]]]:
+    """:func:`prepare_fetch` of each symbol, for a worker process that prepares a batch ahead
+    of the task that commits it (:mod:`sensitivity.head_start`): per symbol its prepared
+    fetch, or None where preparing failed (the committing task then fetches it itself and
+    gives the error), and the records it logged meanwhile (see :func:`fetch_batch_logged`).
+    """
+    out: list[tuple[str, PreparedFetch | None, list[logging.LogRecord]]] = []
+    with _records_at(level) as records:
+        for symbol in symbols:
+            first = len(records)
+            try:
+                prepared: PreparedFetch | None = prepare_fetch(config, symbol)
+            except Exception:  # fetched again by the task, which reports the error
+                prepared = None
+            out.append((symbol, prepared, records[first:] if prepared is not None else []))
+    return out
+
+
+def commit_batch(
+    config: Config, prepared: Sequence[tuple[str, PreparedFetch | None, Sequence[logging.LogRecord]]]
+) -> list[dict[str, Any]]:
+    """The entries of :func:`fetch_batch` for a batch :func:`prepare_batch_logged` prepared:
+    each symbol's records replayed (:func:`replay_records`) and its fetch committed, or
+    fetched here where it was not prepared or cannot be committed."""
+    results = []
+    for symbol, fetch, records in prepared:
+        replay_records(records)
+        results.append(_fetch_entry(config, symbol, fetch))
+    return results
 
 
 def replay_records(records: Sequence[logging.LogRecord]) -> None:

@@ -434,6 +434,11 @@ class PreparedFile:
             _sync_folder(self.target.parent, self.target.name)
         return self.target
 
+    def pending(self) -> bool:
+        """Whether the prepared file is still there to commit (not committed, discarded or
+        removed: a writer's temporary file outlives it only while its process runs)."""
+        return self._tmp is not None and os.path.exists(self._tmp)
+
     def discard(self) -> None:
         """Remove the prepared file unless it was committed (idempotent)."""
         tmp, self._tmp = self._tmp, None

@@ -129,6 +129,51 @@ def test_kill9_mid_write_keeps_the_previous_file_and_the_next_run_recovers(
     battery.assert_same_tables(clean, battery.tables(u.data))
 
 
+def test_kill9_while_the_head_start_prepares_writes_nothing_and_the_next_run_recovers(
+    files_universe: Universe, tmp_path: Path
+) -> None:
+    """`sensitivity run` prepares the fetch in worker processes while it starts up
+    (sensitivity.head_start); killed then, with merged price files prepared under temporary
+    names, it has stored nothing: no price file appears, and the next run removes the
+    temporaries and stores what a clean run stores."""
+    u = files_universe
+    clean = battery.tables(u.data)
+    source = {"kind": "files", "path": str(u.csv), "retries": 0, "retry_delay_s": 0, "concurrency": 1}
+    config = tmp_path / "head-start.toml"
+    config.write_text(battery.config_text(source) + "fetch_processes = 2\n")  # (in [runtime])
+    data = tmp_path / "fresh"
+    env = {**os.environ, "QUICK_REPORT": "1"}
+    env.pop("PREFECT_API_URL", None)  # a temporary server: the flow is seconds away
+    exe = Path(sys.executable).with_name("sensitivity")
+    proc = subprocess.Popen(
+        [str(exe), "run", "--config", str(config), "--data-dir", str(data)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,  # its workers and server die with it
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not battery.temp_files(data):
+            time.sleep(0.01)
+        prepared = battery.temp_files(data)
+        assert prepared, "no fetch was prepared"
+        assert not list((data / "prices").glob("*.parquet"))  # nothing committed yet
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    time.sleep(0.5)  # (the workers notice their parent's death within 0.25 s)
+    assert not list((data / "prices").glob("*.parquet"))
+    assert not (data / "reports").exists()
+    assert all(t.parent == data / "prices" for t in battery.temp_files(data))
+
+    battery.assert_succeeded(battery.run(u.config, data))
+    assert battery.temp_files(data) == []
+    battery.assert_same_tables(clean, battery.tables(data))
+
+
 # -- write errors ---------------------------------------------------------------------------------------
 
 
