@@ -171,6 +171,10 @@ def test_head_start_prepares_in_workers_and_the_tasks_commit(source: Path, tmp_p
         other = make_config(tmp_path, "data", processes=2, end="2024-06-27")
         assert not head_start.covers(other, batches)
         assert head_start.take(other, batches[0]) is None  # another configuration: nothing
+        head_start._CURRENT.end -= dt.timedelta(days=1)  # type: ignore[union-attr]
+        assert not head_start.covers(cfg, batches)  # (as after midnight without `end`)
+        assert head_start.take(cfg, batches[0]) is None
+        head_start._CURRENT.end += dt.timedelta(days=1)  # type: ignore[union-attr]
         results = []
         for batch in batches:
             prepared = head_start.take(cfg, batch)

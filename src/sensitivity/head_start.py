@@ -14,8 +14,9 @@ that the stored file is still the one it was merged with
 (:func:`sensitivity.pipeline.commit_batch`); a symbol that was not prepared, or whose file
 another run rewrote meanwhile, is fetched by the task itself, as without a head start.  The
 task logs what the preparation logged, then the commit.  A flow that runs with another
-configuration than the one prepared for (it is compared whole), or a batch whose worker
-failed, gets nothing here and fetches as usual.  :func:`finish` ends it: prepared files that
+configuration than the one prepared for (compared whole, and its last day: a run without
+``end`` may cross midnight), or a batch whose worker failed, gets nothing here and fetches
+as usual.  :func:`finish` ends it: prepared files that
 no task took are removed, and the worker processes stopped.  Deployment runs (started by
 Prefect, not by ``sensitivity run``) have no head start.
 
@@ -26,6 +27,7 @@ Knows nothing of Prefect: the CLI calls :func:`start` and :func:`finish`, the fl
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import logging
 import os
 import threading
@@ -53,6 +55,8 @@ Prepared = list[tuple[str, Any, list[logging.LogRecord]]]
 @dataclass(eq=False)
 class _HeadStart:
     config: Config
+    #: ``universe.resolved_end`` when it started (today, where ``end`` is not set).
+    end: dt.date
     pool: ProcessPool
     #: The batches not yet taken, each with the future of its preparation.
     jobs: dict[tuple[str, ...], Future[Prepared | None]]
@@ -85,7 +89,7 @@ def start(config: Config, *, level: int = logging.INFO) -> bool:
         return False
     jobs: dict[tuple[str, ...], Future[Prepared | None]] = {tuple(b): Future() for b in batches}
     queue = deque(jobs.items())
-    head = _HeadStart(config, pool, jobs, frozenset(jobs))
+    head = _HeadStart(config, config.universe.resolved_end, pool, jobs, frozenset(jobs))
 
     def work() -> None:
         # One thread per worker, taking the batches in order: the flow's first tasks find
@@ -133,11 +137,20 @@ def _not_prepared(config: Config, symbols: Sequence[str], level: int) -> None:
     return None
 
 
+def _for(head: _HeadStart | None, config: Config) -> bool:
+    """Whether ``head`` prepared the fetch of ``config``: the same configuration, compared
+    whole, and the same last day (a run without ``end`` that crosses midnight asks for one
+    more day than was prepared)."""
+    return head is not None and head.config == config and head.end == config.universe.resolved_end
+
+
 def covers(config: Config, batches: Sequence[Sequence[str]]) -> bool:
     """Whether a head start for ``config`` holds a job for each of ``batches`` (taken or not)."""
     with _LOCK:
         head = _CURRENT
-    return head is not None and head.config == config and all(tuple(b) in head.batches for b in batches)
+    if head is None or not _for(head, config):
+        return False
+    return all(tuple(b) in head.batches for b in batches)
 
 
 def take(config: Config, symbols: Sequence[str]) -> Prepared | None:
@@ -146,7 +159,7 @@ def take(config: Config, symbols: Sequence[str]) -> Prepared | None:
     Each batch is handed out once; the caller commits or discards every prepared fetch."""
     with _LOCK:
         head = _CURRENT
-        if head is None or head.config != config:
+        if head is None or not _for(head, config):
             return None
         future = head.jobs.pop(tuple(symbols), None)
     if future is None:
