@@ -257,11 +257,11 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
         # killed fetch leaves the stored file as it was (the store writes atomically).
         if workers is not None:
             workers.close(wait=False)
-        head_start.finish()
         raise
+    finally:
+        head_start.finish()  # its workers' memory back before the fit (a no-op without one)
     if workers is not None:
         workers.close()
-    head_start.finish()  # its workers' memory back before the fit
     return result
 
 

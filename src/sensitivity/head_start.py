@@ -35,11 +35,14 @@ from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import TYPE_CHECKING, Final
 
 from sensitivity import plan
 from sensitivity.config import Config
 from sensitivity.process_pool import ProcessPool
+
+if TYPE_CHECKING:  # (not imported at run time: the CLI starts this before pandas is loaded)
+    from sensitivity.pipeline import PreparedFetch
 
 __all__ = ["PREPARE_WORKER", "covers", "finish", "start", "take"]
 
@@ -49,7 +52,7 @@ _log = logging.getLogger(__name__)
 PREPARE_WORKER: Final = "sensitivity.pipeline:prepare_batch_logged"
 
 #: Prepared entries of one batch (see :func:`sensitivity.pipeline.prepare_batch_logged`).
-Prepared = list[tuple[str, Any, list[logging.LogRecord]]]
+Prepared = list[tuple[str, "PreparedFetch | None", list[logging.LogRecord]]]
 
 
 @dataclass(eq=False)

@@ -323,7 +323,8 @@ def _zombie(pid: int) -> bool:
     except OSError:  # no /proc (not Linux), or it has just gone: as os.kill said
         return False
     # "pid (comm) state ...": comm may hold spaces and parentheses, the state follows the last ")".
-    return stat[stat.rfind(b")") + 2 : stat.rfind(b")") + 3] == b"Z"
+    state = stat.rfind(b")") + 2
+    return stat[state : state + 1] == b"Z"
 
 
 def _remove_stale_temps(folder: Path) -> None:
