@@ -55,16 +55,9 @@ from sensitivity.pipeline import (
     replay_records,
     write_run_report,
 )
-from sensitivity.plan import (
-    FETCH_WORKER,
-    SECTION_WORKER,
-    charted_sections,
-    fetch_batches,
-    fetch_processes,
-    section_workers,
-)
+from sensitivity.plan import FETCH_WORKER, fetch_batches, fetch_processes
 from sensitivity.preload import import_steps_in_background
-from sensitivity.process_pool import ProcessPool, prestart, spares
+from sensitivity.process_pool import ProcessPool
 
 DEFAULT_CONFIG = "config/default.toml"
 
@@ -270,35 +263,6 @@ def fetch_universe(config: Config) -> tuple[list[dict[str, Any]], dict[str, str]
     if workers is not None:
         workers.close()
     return result
-
-
-def _start_fetch_head_start(cfg: Config) -> None:
-    """Have the fetch's worker processes start preparing it now (:mod:`sensitivity.head_start`),
-    while this run creates the fetch subflow and its tasks, unless ``sensitivity run`` started
-    them before the flow (a run of a deployment, which Prefect starts, begins here).
-
-    A next day's deployment run (500 symbols, ``files`` source), nine alternated pairs: the
-    fetch step took 8.4 s on average (7.4-10.1 s) against 9.7 s (8.6-10.6 s) without.
-    """
-    if head_start.covers(cfg, fetch_batches(cfg, list(cfg.fetch_symbols))):
-        return
-    head_start.start(cfg, level=logging.getLogger("sensitivity").getEffectiveLevel())
-
-
-def _prestart_report_workers(tickers: Sequence[str]) -> None:
-    """Start the report's worker processes (:data:`~sensitivity.plan.SECTION_WORKER`) before the
-    fit, as many as its pool will take, unless some wait already.
-
-    Each imports matplotlib and pandas for about a second.  During the fit a core is often
-    idle (its reads and writes of the per-day files wait on the memory and the disk: 1.2-1.5
-    of the two cores busy); during the report both are busy drawing, and at the start of a
-    ``sensitivity run`` both are busy with its imports and the fetch's head start.  Next
-    days through ``sensitivity run``, six alternated pairs: 29.09-32.87 s (mean 29.4) with
-    the workers started here against 29.77-33.83 s (mean 31.5) started with the run.
-    """
-    if spares(SECTION_WORKER):
-        return
-    prestart(SECTION_WORKER, section_workers(charted_sections([len(tickers)])))
 
 
 def _fetch_subflow(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, str]]:
@@ -511,7 +475,6 @@ def stock_sensitivity(
         },
     )
     import_steps_in_background()  # torch and matplotlib, while the fetch runs (sensitivity.preload)
-    _start_fetch_head_start(cfg)
     u = cfg.universe
     logger.info(
         "%d tickers against %s, %s to %s, source %s, window %d (min_obs %d), data_dir %s",
@@ -525,10 +488,7 @@ def stock_sensitivity(
         cfg.output.data_dir,
     )
     progress.emit(progress.ProgressEvent("start", total=len(cfg.fetch_symbols)))
-    try:
-        fetches, failures = _fetch_subflow(cfg)
-    finally:
-        head_start.finish()  # (the subflow ends it; this covers a subflow that never started)
+    fetches, failures = _fetch_subflow(cfg)
     if u.index in failures:
         raise SourceError(f"{u.index}: the index could not be fetched: {failures[u.index]}", symbol=u.index)
     rate = cfg.model.risk_free_symbol
@@ -540,7 +500,6 @@ def stock_sensitivity(
     ok = [t for t in u.tickers if t not in failures]
     if not ok:
         raise PartialRunError(failures)
-    _prestart_report_workers(ok)
     fit, history = fit_sensitivity(quote(cfg), quote(ok))
     failures.update(fit["no_data"])
     # quote(): plain data, no futures inside; Prefect would otherwise visit every element of

@@ -315,13 +315,12 @@ def test_run_called_from_another_program_leaves_its_collector_alone() -> None:
     assert gc.isenabled()
 
 
-@pytest.mark.parametrize(("tickers", "fetch"), [(100, 2), (3, 0)])
-def test_run_prestarts_the_workers_its_fetch_will_take(
-    tickers: int, fetch: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(("tickers", "fetch", "sections"), [(100, 2, 1), (3, 0, 0)])
+def test_run_prestarts_the_workers_its_fetch_and_report_will_take(
+    tickers: int, fetch: int, sections: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The fetch's worker processes start before the imports, as the flow's fetch would start
-    them (the same rules: sensitivity.plan); a small run starts none.  The report's are the
-    flow's to start (before its fit: tests/test_flow.py)."""
+    """The fetch's and the report's worker processes start before the imports, as the flow's
+    steps would start them (the same rules: sensitivity.plan); a small run starts none."""
     import sensitivity.cli as cli
     import sensitivity.plan as plan
     from sensitivity.config import load_config
@@ -336,7 +335,7 @@ def test_run_prestarts_the_workers_its_fetch_will_take(
         {"source": "files", "source_path": str(tmp_path), "tickers": names},
     )
     cli._prestart_workers(cfg)
-    assert dict(started) == {plan.FETCH_WORKER: fetch}
+    assert dict(started) == {plan.FETCH_WORKER: fetch, plan.SECTION_WORKER: sections}
     batches = plan.fetch_batches(cfg, list(cfg.fetch_symbols))
     assert plan.fetch_processes(cfg, batches) == fetch  # what the flow's fetch_workers asks for
 

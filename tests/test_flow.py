@@ -301,8 +301,7 @@ def test_flow_local_fetch_in_worker_processes_gives_the_same_store(  # type: ign
     for mode, processes in (("threads", "0"), ("processes", "2")):
         config = tmp_path / f"{mode}.toml"  # two at once: three batches of two symbols
         text = (ROOT / "config" / "sample.toml").read_text().replace('kind = "sample"', "concurrency = 2")
-        # (no head start: its workers prepare and the tasks commit; tested below)
-        config.write_text(f"{text}\n[runtime]\nfetch_processes = {processes}\nfetch_head_start = false\n")
+        config.write_text(f"{text}\n[runtime]\nfetch_processes = {processes}\n")
         caplog.clear()
         with pytest.raises(PartialRunError, match="NOFILE"):
             run(
@@ -362,8 +361,7 @@ def test_flow_commits_the_fetch_a_head_start_prepared(  # type: ignore[no-untype
 ) -> None:
     """As `sensitivity run` does: worker processes prepare the fetch before the flow starts
     (sensitivity.head_start); the flow's fetch tasks commit it in this process, and the store,
-    the tables and the failures are those of a run without a head start.  A run nobody
-    prepared for (a deployment's) starts its own head start, with the same outcome."""
+    the tables and the failures are those of a run without a head start."""
     from sensitivity import head_start
     from sensitivity.config import load_config
 
@@ -375,8 +373,7 @@ def test_flow_commits_the_fetch_a_head_start_prepared(  # type: ignore[no-untype
     tickers = ["KO", "MSFT", "SPY", "BAD"]
     text = (ROOT / "config" / "sample.toml").read_text().replace('kind = "sample"', "concurrency = 2")
     caplog.set_level(logging.INFO, logger="sensitivity")
-    modes = (("plain", "false", False), ("head-start", "true", True), ("deployment", "true", False))
-    for mode, switch, before in modes:
+    for mode, switch in (("plain", "false"), ("head-start", "true")):
         config = tmp_path / f"{mode}.toml"
         config.write_text(f"{text}\n[runtime]\nfetch_processes = 2\nfetch_head_start = {switch}\n")
         params = {
@@ -387,16 +384,15 @@ def test_flow_commits_the_fetch_a_head_start_prepared(  # type: ignore[no-untype
             "source_path": str(src),
             "data_dir": str(tmp_path / mode),
         }
-        if before:
-            assert head_start.start(load_config(str(config), params))  # what the CLI loads
+        started = head_start.start(load_config(str(config), params))  # what the CLI loads
+        assert started == (mode == "head-start")
         caplog.clear()
         try:
             with pytest.raises(PartialRunError, match="BAD"):
                 flow(config=str(config), **params)
-            assert head_start._CURRENT is None  # ended with the fetch, whoever started it
         finally:
             head_start.finish()
-        if switch == "true":
+        if mode == "head-start":
 
             def processes(text: str) -> set[int | None]:
                 return {
@@ -413,55 +409,27 @@ def test_flow_commits_the_fetch_a_head_start_prepared(  # type: ignore[no-untype
             assert {r.process for r in caplog.records if r.getMessage().startswith("BAD: full")} == {
                 os.getpid()
             }
-    for other in ("head-start", "deployment"):
-        for what in ("prices", "reports/sensitivity", "reports/summary"):
-            assert files_in(tmp_path / "plain" / what).keys() == files_in(tmp_path / other / what).keys()
-        for name in ("sensitivity", "summary"):
-            pd.testing.assert_frame_equal(
-                pd.read_parquet(tmp_path / "plain" / "reports" / name),
-                pd.read_parquet(tmp_path / other / "reports" / name),
-            )
-        prices = [
-            pd.read_parquet(tmp_path / m / "prices").drop(columns="fetched_at") for m in ("plain", other)
-        ]
-        pd.testing.assert_frame_equal(*prices)
-        manifests = [
-            json.loads(next((tmp_path / m / "reports" / "daily").rglob("manifest.json")).read_text())
-            for m in ("plain", other)
-        ]
-        assert manifests[0]["failures"] == manifests[1]["failures"]
-        assert list(manifests[0]["failures"]) == ["BAD"]
-        assert [{k: v for k, v in f.items() if k != "seconds"} for f in manifests[0]["fetches"]] == [
-            {k: v for k, v in f.items() if k != "seconds"} for f in manifests[1]["fetches"]
-        ]
-        assert not [p for p in (tmp_path / other / "prices").iterdir() if p.name.startswith(".")]
-
-
-def test_flow_starts_the_report_workers_before_its_fit(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The report's worker processes are started just before the fit (a core is often idle
-    during the fit, never during the report), as many as the report's pool will take, and not
-    again where spares wait already."""
-    from sensitivity import plan
-
-    module = _flow_module()
-    events: list[tuple[Any, ...]] = []
-    monkeypatch.setattr(module, "prestart", lambda function, n: events.append(("prestart", function, n)) or 0)
-    fit = module.fit_universe_with_history
-    monkeypatch.setattr(
-        module, "fit_universe_with_history", lambda cfg, tickers: events.append(("fit",)) or fit(cfg, tickers)
-    )
-    run(module.stock_sensitivity, tmp_path)
-    assert events == [("prestart", plan.SECTION_WORKER, 0), ("fit",)]  # three tickers: no workers
-    events.clear()
-    monkeypatch.setattr(plan, "available_cpus", lambda: 4)
-    module._prestart_report_workers([f"S{i:03d}" for i in range(100)])
-    assert events == [("prestart", plan.SECTION_WORKER, 3)]  # 40 charted sections, 3 spare CPUs
-    events.clear()
-    monkeypatch.setattr(module, "spares", lambda function: 1 if function == plan.SECTION_WORKER else 0)
-    module._prestart_report_workers([f"S{i:03d}" for i in range(100)])
-    assert events == []
+    for what in ("prices", "reports/sensitivity", "reports/summary"):
+        assert files_in(tmp_path / "plain" / what).keys() == files_in(tmp_path / "head-start" / what).keys()
+    for name in ("sensitivity", "summary"):
+        pd.testing.assert_frame_equal(
+            pd.read_parquet(tmp_path / "plain" / "reports" / name),
+            pd.read_parquet(tmp_path / "head-start" / "reports" / name),
+        )
+    prices = [
+        pd.read_parquet(tmp_path / m / "prices").drop(columns="fetched_at") for m in ("plain", "head-start")
+    ]
+    pd.testing.assert_frame_equal(*prices)
+    manifests = [
+        json.loads(next((tmp_path / m / "reports" / "daily").rglob("manifest.json")).read_text())
+        for m in ("plain", "head-start")
+    ]
+    assert manifests[0]["failures"] == manifests[1]["failures"]
+    assert list(manifests[0]["failures"]) == ["BAD"]
+    assert [{k: v for k, v in f.items() if k != "seconds"} for f in manifests[0]["fetches"]] == [
+        {k: v for k, v in f.items() if k != "seconds"} for f in manifests[1]["fetches"]
+    ]
+    assert not [p for p in (tmp_path / "head-start" / "prices").iterdir() if p.name.startswith(".")]
 
 
 @pytest.mark.parametrize(

@@ -173,20 +173,21 @@ def _load_flow_and_steps() -> Any:
 
 
 def _prestart_workers(cfg: Config) -> None:
-    """Start the worker processes the run's fetch will use, before the imports.
+    """Start the worker processes the run's fetch and report will use, before the imports.
 
     Until the flow's first task this process imports Prefect, torch and matplotlib and starts
-    the flow run: three to four seconds on one core.  The fetch's worker processes
-    (:mod:`sensitivity.plan`) spend about a second each importing pandas and pyarrow; started
-    now they do it on the idle core, then prepare the fetch itself
-    (:mod:`sensitivity.head_start`), which the flow's fetch tasks commit; where there is no
-    head start they wait, ready (:func:`sensitivity.process_pool.prestart`).  The report's
-    workers are started by the flow, before its fit (when a core is free more often than
-    now).
+    the flow run: three to four seconds on one core.  The fetch's and the report's worker
+    processes (:mod:`sensitivity.plan`) spend about a second each importing pandas, pyarrow
+    or matplotlib; started now they do it on the idle cores and wait, ready
+    (:func:`sensitivity.process_pool.prestart`), instead of when the steps start, with every
+    core busy.  The fetch's workers go on to prepare the fetch itself
+    (:mod:`sensitivity.head_start`), which the flow's fetch tasks then commit.
     """
     symbols = list(cfg.fetch_symbols)
     if not head_start.start(cfg, level=_logging_level()):  # its workers prepare the fetch meanwhile
         prestart(plan.FETCH_WORKER, plan.fetch_processes(cfg, plan.fetch_batches(cfg, symbols)))
+    sections = plan.charted_sections([len(cfg.universe.tickers)])
+    prestart(plan.SECTION_WORKER, plan.section_workers(sections))
 
 
 def _logging_level() -> int:

@@ -17,13 +17,11 @@ task logs what the preparation logged, then the commit.  A flow that runs with a
 configuration than the one prepared for (compared whole, and its last day: a run without
 ``end`` may cross midnight), or a batch whose worker failed, gets nothing here and fetches
 as usual.  :func:`finish` ends it: prepared files that
-no task took are removed, and the worker processes stopped.  A run ``sensitivity run`` did
-not start (a deployment's, which Prefect starts) starts its head start at the flow's first
-line: less of a lead, but the workers still prepare while the fetch subflow and its tasks
-are created.
+no task took are removed, and the worker processes stopped.  Deployment runs (started by
+Prefect, not by ``sensitivity run``) have no head start.
 
-Knows nothing of Prefect: the CLI and the flow call :func:`start` and :func:`finish`, the
-flow's tasks :func:`take` and :func:`covers`.
+Knows nothing of Prefect: the CLI calls :func:`start` and :func:`finish`, the flow's tasks
+:func:`take` and :func:`covers`.
 """
 
 from __future__ import annotations
