@@ -390,18 +390,33 @@ def test_a_daily_run_writes_what_a_fit_of_the_whole_range_writes(
     source: Path,
     tmp_path: Path,
     caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
     model: dict,
 ) -> None:
     """Fit through BEFORE, then through END with the stored rows kept: the per-day files,
     the summary and the report's rows equal those of a fresh data folder fitted through END
     in one go, bit for bit (Huber columns included: with fit = "ols" they move to the new
-    latest row)."""
+    latest row, and the stored ones are not even decoded)."""
     caplog.set_level(logging.INFO, logger="sensitivity.pipeline")
     after = fetched(config(source, tmp_path / "daily", **model))
     fit_universe(ended(after, BEFORE), ["KO", "JPM"])
     assert kept_count(caplog) == (0, 0)
-    daily = fit_universe_with_history(after, ["KO", "JPM"])
+    decoded: list[list[str]] = []
+    real_read = pq.ParquetFile.read
+
+    def spy(self: pq.ParquetFile, *args: object, **kwargs: object) -> pa.Table:
+        columns = kwargs.get("columns")
+        if isinstance(columns, list) and "sensitivity" in columns:
+            decoded.append(columns)
+        return real_read(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as m:
+        m.setattr(pq.ParquetFile, "read", spy)
+        daily = fit_universe_with_history(after, ["KO", "JPM"])
     assert kept_count(caplog) == (2, 2)
+    assert len(decoded) == 2
+    huber_read = [any(c.startswith("huber_") for c in columns) for columns in decoded]
+    assert huber_read == [model.get("fit") == "huber"] * 2
 
     once = fetched(config(source, tmp_path / "once", **model))
     whole = fit_universe_with_history(once, ["KO", "JPM"])

@@ -1374,9 +1374,9 @@ def test_a_large_frame_converts_on_threads_to_the_same_table_and_names_the_first
 
 
 def test_rows_read_for_a_daily_run_survive_their_file_being_replaced_or_removed(tmp_path: Path) -> None:
-    """The per-day files a daily run keeps are memory-mapped (their floats are views of the
-    file's pages): a file replaced by a rename, as every write here does, or removed while
-    its rows are held leaves the rows as they were read."""
+    """The per-day files a daily run keeps are memory-mapped while they are decoded: a file
+    replaced by a rename, as every write here does, or removed while its rows are held leaves
+    the rows as they were read."""
     rs = ReportStore(tmp_path)
     keys = [("^GSPC", "AAPL", 252), ("^GSPC", "KO", 252)]
     days = [f"2024-01-{d:02d}" for d in range(2, 12)]
@@ -1388,6 +1388,59 @@ def test_rows_read_for_a_daily_run_survive_their_file_being_replaced_or_removed(
     rs.sensitivity_path(*keys[1]).unlink()  # removed
     for k in keys:
         assert held[k][0].equals(copies[k])
+
+
+def test_columns_a_daily_run_discards_are_not_decoded_and_come_back_null(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``unused`` names columns of a kept file that the caller drops: they are left out of
+    the decoding and come back all null (slices of one shared array, no memory per file);
+    every other column is the whole read's, and the files ``unused`` leaves alone, or that
+    ``keep`` refuses, are read as before."""
+    rs = ReportStore(tmp_path)
+    keys = [("^GSPC", "AAPL", 252), ("^GSPC", "KO", 252), ("^GSPC", "MSFT", 252)]
+    days = [f"2024-01-{d:02d}" for d in range(2, 12)]
+    huber = [n for n in SENSITIVITY_SCHEMA.names if n.startswith("huber_")]
+    frames = []
+    for i, k in enumerate(keys):
+        frame = sens_frame(*k, days, seed=i)
+        for n in huber:
+            frame[n] = np.arange(len(days), dtype=np.float64) + i  # values in every row
+        frames.append(frame)
+    rs.write_sensitivity(pd.concat(frames))
+    whole = {k: t for k, (t, _) in rs.read_sensitivity_tables(keys).items()}
+    assert all(whole[k].column(n).null_count == 0 for k in keys for n in huber)
+    decoded: list[list[str]] = []
+    real_read = pq.ParquetFile.read
+
+    def spy(self: pq.ParquetFile, *args: Any, **kwargs: Any) -> pa.Table:
+        decoded.append(list(kwargs["columns"]))
+        return real_read(self, *args, **kwargs)
+
+    monkeypatch.setattr(pq.ParquetFile, "read", spy)
+    held = rs.read_sensitivity_tables(keys, unused=lambda key: huber if key[1] != "KO" else ())
+    assert len(decoded) == 3
+    assert sorted(len(cols) for cols in decoded) == [len(SENSITIVITY_SCHEMA) - len(huber)] * 2 + [
+        len(SENSITIVITY_SCHEMA)
+    ]
+    assert not any(n in cols for cols in decoded for n in huber if len(cols) < len(SENSITIVITY_SCHEMA))
+    for k in keys:
+        table = held[k][0]
+        assert table.schema.equals(whole[k].schema)
+        if k[1] == "KO":
+            assert table.equals(whole[k])
+            continue
+        for n in SENSITIVITY_SCHEMA.names:
+            if n in huber:
+                assert table.column(n).null_count == table.num_rows
+            else:
+                assert table.column(n).equals(whole[k].column(n))
+    before = pa.total_allocated_bytes()
+    again = rs.read_sensitivity_tables(keys[:1], keep=lambda key, stamp: False, unused=lambda key: huber)
+    assert again == {}  # no stamp to keep: nothing decoded, ``unused`` not asked
+    nulls = [store_mod._null_column(pa.float64(), 5000) for _ in range(20)]
+    assert pa.total_allocated_bytes() - before <= 5000 * 8 + 1024  # one shared buffer at most
+    assert all(a.null_count == 5000 and len(a) == 5000 for a in nulls)
 
 
 def test_rewriting_files_read_whole_skips_only_the_version_check_of_unchanged_ones(

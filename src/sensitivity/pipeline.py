@@ -721,7 +721,7 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
     are fitted and appended (a daily run fits a day, not twenty years); every other ticker
     is fitted in full.  Either way every file holds what a fit of the whole range gives.
     """
-    from sensitivity.api import quadratic_sensitivity
+    from sensitivity.api import HUBER_COLUMNS, quadratic_sensitivity
     from sensitivity.model import resolve_device
     from sensitivity.report import SENSITIVITY_COLUMNS, summary_table
     from sensitivity.scenarios import scenario_table
@@ -770,7 +770,14 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
     )
     reports = ReportStore(data_dir)
     kept = (
-        reusable_rows(reports, inputs, index=u.index, window=m.window, tickers=aligned.tickers)
+        reusable_rows(
+            reports,
+            inputs,
+            index=u.index,
+            window=m.window,
+            tickers=aligned.tickers,
+            cleared=HUBER_COLUMNS if m.fit == "ols" else (),
+        )
         if m.window > 0
         else {}
     )
@@ -857,13 +864,8 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
 
 def _growing(inputs: FitInputs, kept: Mapping[str, Kept]) -> dict[str, dt.date]:
     """Kept tickers with a return after their stored rows: the first calendar date after them."""
-    a = inputs.aligned
-    out: dict[str, dt.date] = {}
-    for t, k in kept.items():
-        later = np.isfinite(a.stock_returns[t].to_numpy()[k.row + 1 :])
-        if later.any():
-            out[t] = a.calendar[k.row + 1].date()
-    return out
+    calendar = inputs.aligned.calendar
+    return {t: calendar[k.row + 1].date() for t, k in kept.items() if inputs.grows(t, k.row)}
 
 
 def _after(frame: pd.DataFrame, through: Mapping[str, dt.date]) -> pd.DataFrame:

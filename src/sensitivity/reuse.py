@@ -19,7 +19,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from functools import cache, cached_property
 from pathlib import Path
@@ -154,6 +154,11 @@ class FitInputs:
         self._running[ticker] = (row, h)
         return h
 
+    def grows(self, ticker: str, row: int) -> bool:
+        """Whether ``ticker`` has a stock return after calendar row ``row`` (days to fit)."""
+        columns, arrays = self._columns
+        return bool(np.isfinite(arrays[0][columns[ticker], row + 1 :]).any())
+
     def prepare(self) -> None:
         """Compute what :meth:`digest` shares between tickers (before using it on threads)."""
         _ = self.anchors, self._columns, self._running
@@ -172,7 +177,8 @@ class FitInputs:
 @dataclass(frozen=True, eq=False)
 class Kept:
     """A ticker's stored rows that a run keeps: the file's table, its last date and its
-    calendar row."""
+    calendar row.  The table's ``cleared`` columns (:func:`reusable_rows`) are all null when
+    the ticker has later days."""
 
     table: pa.Table
     through: dt.date
@@ -180,14 +186,22 @@ class Kept:
 
 
 def reusable_rows(
-    reports: ReportStore, inputs: FitInputs, *, index: str, window: int, tickers: Iterable[str]
+    reports: ReportStore,
+    inputs: FitInputs,
+    *,
+    index: str,
+    window: int,
+    tickers: Iterable[str],
+    cleared: Collection[str] = (),
 ) -> dict[str, Kept]:
     """The stored per-day rows of ``tickers`` that ``inputs`` would compute again, bit for bit.
 
     Reads the footer of each ticker's file; where the digest of ``inputs`` through the
     stamp's date matches the stamp's, reads the file (whose last row must be dated
     ``through``).  Files without a stamp or with another digest are left out (not decoded):
-    those tickers are computed in full.
+    those tickers are computed in full.  ``cleared``: columns the caller writes null in the
+    stored rows of a ticker with later days (the Huber fit, kept on the latest row only when
+    ``fit = "ols"``): for those tickers they are not decoded and come back all null.
     """
     keys = {(index, t, window): t for t in tickers}
     calendar = inputs.aligned.calendar
@@ -201,7 +215,10 @@ def reusable_rows(
         rows[keys[key]] = row
         return True
 
-    tables = reports.read_sensitivity_tables(keys, keep=same_inputs)
+    def unused(key: SensitivityKey) -> Collection[str]:
+        return cleared if cleared and inputs.grows(keys[key], rows[keys[key]]) else ()
+
+    tables = reports.read_sensitivity_tables(keys, keep=same_inputs, unused=unused)
     kept: dict[str, Kept] = {}
     for key, (table, stamp) in tables.items():
         t = keys[key]
