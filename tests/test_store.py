@@ -470,6 +470,17 @@ def test_child_guard_refuses_names_that_escape(tmp_path: Path) -> None:
     (folder / "LINK.parquet").symlink_to(tmp_path / "elsewhere.parquet")
     with pytest.raises(StoreError, match="resolves outside"):
         store_mod._child(folder, "LINK.parquet")
+    (folder / "UP.parquet").symlink_to(Path("..") / "prices" / ".." / "elsewhere.parquet")
+    with pytest.raises(StoreError, match="resolves outside"):
+        store_mod._child(folder, "UP.parquet")  # relative, through the folder itself
+    (folder / "KO.parquet").write_bytes(b"x")
+    (folder / "SAME.parquet").symlink_to("KO.parquet")  # a link that stays inside is fine
+    assert store_mod._child(folder, "SAME.parquet") == folder / "SAME.parquet"
+    assert store_mod._child(folder, "KO.parquet") == folder / "KO.parquet"
+    assert store_mod._child(folder, "NEW.parquet") == folder / "NEW.parquet"  # not there yet
+    linked = tmp_path / "linked"
+    linked.symlink_to(folder, target_is_directory=True)  # the folder reached through a link
+    assert store_mod._child(linked, "KO.parquet") == linked / "KO.parquet"
 
 
 def test_report_paths_follow_the_layout(tmp_path: Path) -> None:

@@ -51,6 +51,7 @@ import math
 import os
 import re
 import secrets
+import stat
 import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
@@ -284,7 +285,16 @@ def _child(folder: Path, name: str) -> Path:
     if not name or name.startswith(".") or any(s in name for s in seps if s) or "\x00" in name:
         raise StoreError(f"{name!r} cannot be used as a file name in {folder} (it would leave the folder)")
     path = folder / name
-    if path.resolve().parent != folder.resolve():
+    # Only a symbolic link can lead a plain name out of its folder: anything else resolves to
+    # the folder's own resolution plus the name.  One lstat instead of resolving both paths
+    # component by component (0.1 ms a call; a daily run names about 1,500 store files).
+    try:
+        linked = stat.S_ISLNK(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        linked = False
+    except OSError:
+        linked = True  # (a parent that is not a folder, no permission): resolve to find out
+    if linked and path.resolve().parent != folder.resolve():
         raise StoreError(f"{name!r} resolves outside {folder}; refusing to read or write it there")
     return path
 
