@@ -865,7 +865,7 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
 def _growing(inputs: FitInputs, kept: Mapping[str, Kept]) -> dict[str, dt.date]:
     """Kept tickers with a return after their stored rows: the first calendar date after them."""
     calendar = inputs.aligned.calendar
-    return {t: calendar[k.row + 1].date() for t, k in kept.items() if inputs.grows(t, k.row)}
+    return {t: calendar[k.row + 1].date() for t, k in kept.items() if k.grows}
 
 
 def _after(frame: pd.DataFrame, through: Mapping[str, dt.date]) -> pd.DataFrame:

@@ -176,13 +176,14 @@ class FitInputs:
 
 @dataclass(frozen=True, eq=False)
 class Kept:
-    """A ticker's stored rows that a run keeps: the file's table, its last date and its
-    calendar row.  The table's ``cleared`` columns (:func:`reusable_rows`) are all null when
-    the ticker has later days."""
+    """A ticker's stored rows that a run keeps: the file's table, its last date, its calendar
+    row and whether it has later days to fit (:meth:`FitInputs.grows`).  The table's
+    ``cleared`` columns (:func:`reusable_rows`) are all null when it has."""
 
     table: pa.Table
     through: dt.date
     row: int
+    grows: bool
 
 
 def reusable_rows(
@@ -205,18 +206,18 @@ def reusable_rows(
     """
     keys = {(index, t, window): t for t in tickers}
     calendar = inputs.aligned.calendar
-    rows: dict[str, int] = {}
+    rows: dict[str, tuple[int, bool]] = {}  # calendar row, later days to fit
     inputs.prepare()
 
     def same_inputs(key: SensitivityKey, stamp: InputsStamp) -> bool:
         row = int(calendar.get_indexer(pd.DatetimeIndex([pd.Timestamp(stamp.through)]))[0])
         if row < 0 or inputs.digest(keys[key], row) != stamp.digest:
             return False
-        rows[keys[key]] = row
+        rows[keys[key]] = (row, inputs.grows(keys[key], row))
         return True
 
     def unused(key: SensitivityKey) -> Collection[str]:
-        return cleared if cleared and inputs.grows(keys[key], rows[keys[key]]) else ()
+        return cleared if rows[keys[key]][1] else ()
 
     tables = reports.read_sensitivity_tables(keys, keep=same_inputs, unused=unused)
     kept: dict[str, Kept] = {}
@@ -224,5 +225,5 @@ def reusable_rows(
         t = keys[key]
         if stamp is None or table.num_rows == 0 or table.column("date")[-1].as_py() != stamp.through:
             continue
-        kept[t] = Kept(table, stamp.through, rows[t])
+        kept[t] = Kept(table, stamp.through, *rows[t])
     return kept
