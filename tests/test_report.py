@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.collections import PathCollection, PolyCollection
 from matplotlib.dates import ConciseDateFormatter
 from matplotlib.figure import Figure
@@ -486,6 +487,35 @@ def test_sensitivity_history_figure_draws_sensitivity_band_and_linear_beta(table
     assert [b.get_label() for b in bands] == ["95% CI"]
     assert isinstance(ax.xaxis.get_major_formatter(), ConciseDateFormatter)
     assert "sensitivity" in ax.get_ylabel()
+
+
+def stamped_markers(fig: Figure) -> list[int]:
+    """The vertex count of each marker path Agg stamps (``draw_markers``) while drawing ``fig``."""
+    renderer = FigureCanvasAgg(fig).get_renderer()
+    stamp = renderer.draw_markers
+    sizes: list[int] = []
+
+    def record(gc: Any, marker_path: Any, *args: Any) -> None:
+        sizes.append(len(marker_path.vertices))
+        stamp(gc, marker_path, *args)
+
+    renderer.draw_markers = record
+    fig.draw(renderer)
+    return sizes
+
+
+def test_confidence_bands_are_drawn_as_paths_not_stamped_as_markers(table: pd.DataFrame) -> None:
+    # Agg stamps a one-path collection like a marker: twice the work for a band the size of
+    # the plot, and half a pixel off the lines.  Only ticks and the dots are stamped.
+    history = with_inference(history_of(table, "AAA"))
+    for figure in (characteristic_curve_figure, sensitivity_history_figure, gamma_history_figure):
+        fig = figure(history)
+        bands = [c for c in fig.axes[0].collections if isinstance(c, PolyCollection)]
+        assert bands, figure.__name__
+        assert max(len(p.vertices) for b in bands for p in b.get_paths()) > 100, figure.__name__
+        sizes = stamped_markers(fig)
+        assert sizes, figure.__name__  # the tick marks, at least
+        assert max(sizes) <= 30, (figure.__name__, sizes)
 
 
 def test_figures_of_a_history_without_any_fit_say_so(table: pd.DataFrame) -> None:

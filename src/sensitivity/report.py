@@ -52,6 +52,7 @@ import pyarrow as pa
 from matplotlib import colormaps, rcParams
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PolyCollection
 from matplotlib.colors import CenteredNorm
 from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
 from matplotlib.figure import Figure
@@ -666,6 +667,21 @@ def _empty_note(ax: Axes, text: str) -> None:
     )
 
 
+def _band(ax: Axes, *args: Any, **kwargs: Any) -> PolyCollection:
+    """``ax.fill_between(*args, **kwargs)``, drawn as a path.
+
+    Agg draws a collection of one path (a band without gaps) as a "marker": rasterized into a
+    scanline cache, then stamped at its offset.  For a band the size of the plot that took
+    10-15 ms a chart (measured: the three charts of a section 300 against 230 ms), and the
+    stamp lands half a pixel right of and below where the same polygon drawn as a path, and
+    the chart's lines, are.  Two URLs (both None, so nothing is linked) are what tells the
+    collection not to take that shortcut.
+    """
+    band = ax.fill_between(*args, **kwargs)
+    band.set_urls([None, None])
+    return band
+
+
 class _Chart:
     """A :data:`CHART_SIZE` figure at :data:`CHART_DPI` on an Agg canvas, with one axes.
 
@@ -838,7 +854,8 @@ def _characteristic_curve_figure(curve: CharacteristicCurve, chart: _Chart) -> F
     if curve.has_fit:
         band = curve.band(xs)
         if band is not None:
-            ax.fill_between(
+            _band(
+                ax,
                 100 * xs,
                 100 * band[0],
                 100 * band[1],
@@ -923,7 +940,8 @@ def _sensitivity_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
         _empty_note(ax, "no fitted value on any day")
         _fit_axes(fig, ax)
         return fig
-    ax.fill_between(
+    _band(
+        ax,
         dates,
         _floats(frame["sensitivity_ci_lower"]),
         _floats(frame["sensitivity_ci_upper"]),
@@ -1012,7 +1030,8 @@ def _gamma_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
     crit = _critical_values(frame)
     fitted = np.isfinite(gamma)
     test = "p < 0.05" if "gamma_p" in frame.columns else f"|t| ≥ {float(np.median(crit[fitted])):.2f}"
-    ax.fill_between(
+    _band(
+        ax,
         dates,
         0.0,
         1.0,
@@ -1025,7 +1044,7 @@ def _gamma_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
         label=f"significant at 5% ({test}): {int(significant.sum())} of {int(fitted.sum())} days",
     )
     half = crit * _floats(frame["gamma_se"])
-    ax.fill_between(dates, gamma - half, gamma + half, color=_C_GAMMA, alpha=0.2, lw=0, label="95% CI")
+    _band(ax, dates, gamma - half, gamma + half, color=_C_GAMMA, alpha=0.2, lw=0, label="95% CI")
     ax.plot(dates, gamma, color=_C_GAMMA, lw=0.9, label="γ (curvature)", gid="gamma")
     i = int(np.flatnonzero(np.isfinite(gamma))[-1])
     latest = f"latest: {gamma[i]:.2f}"
