@@ -108,6 +108,30 @@ def test_charts_keep_labels_and_legend_inside_the_figure(n_days: int) -> None:
         assert ax.get_position().width > 0.6
 
 
+def test_a_y_offset_text_lifts_the_title_instead_of_running_into_it(histories: list[pd.DataFrame]) -> None:
+    # Values far from 0 relative to their spread: the y axis labels them as offsets from a
+    # "+1e3" written above the plot's top left corner, where the title would otherwise sit.
+    shifted = histories[0].copy()
+    for column in ("sensitivity", "sensitivity_ci_lower", "sensitivity_ci_upper", "linear_beta"):
+        shifted[column] = shifted[column] * 1e-3 + 1000.0
+    charts = report._SectionCharts.new()
+    for fig in (
+        sensitivity_history_figure(shifted),
+        report._sensitivity_history_figure(shifted, charts.sensitivity),
+    ):
+        renderer = FigureCanvasAgg(fig).get_renderer()
+        fig.draw(renderer)
+        ax = fig.axes[0]
+        offset = ax.yaxis.offsetText
+        assert offset.get_text() == "+1e3"
+        text_box, title_box = offset.get_window_extent(renderer), ax.title.get_window_extent(renderer)
+        assert title_box.y0 >= text_box.y1, "the title overlaps the y axis' offset text"
+        assert title_box.y1 <= fig.bbox.height
+    # The next chart in the reused figure has no offset text: its title is back on the plot.
+    plain = report._sensitivity_history_figure(histories[0], charts.sensitivity)
+    assert figure_png(plain) == figure_png(sensitivity_history_figure(histories[0]))
+
+
 def test_the_characteristic_curve_keeps_its_data_in_the_reused_figure(histories: list[pd.DataFrame]) -> None:
     charts = report._SectionCharts.new()
     for history in histories:
