@@ -44,6 +44,7 @@ from sensitivity.store import (
     MergeResult,
     PriceStore,
     ReportStore,
+    one_sweep_per_folder,
     read_price_file,
     store_lock,
     write_bytes_atomic,
@@ -726,6 +727,35 @@ def test_a_batch_of_writes_looks_for_stale_temp_files_once_per_folder(
     assert swept == [rs.sensitivity_dir]  # each file's own look at the folder is skipped
     write_bytes_atomic(tmp_path / "one.bin", b"x")
     assert swept[-1] == tmp_path  # a single write still looks
+
+
+def test_writes_in_one_batch_look_for_stale_temp_files_once_per_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sensitivity.store as store_module
+
+    swept: list[Path] = []
+    sweep = store_module._remove_stale_temps
+
+    def counted(folder: Path) -> None:
+        swept.append(folder)
+        sweep(folder)
+
+    monkeypatch.setattr(store_module, "_remove_stale_temps", counted)
+    store = PriceStore(tmp_path)
+    store.folder.mkdir(parents=True)
+    stale = store.folder / f".AAA.parquet.{_dead_pid()}.0123456789ab.tmp"
+    stale.write_bytes(b"half a parquet file from a killed run")
+    with one_sweep_per_folder():
+        for i, symbol in enumerate(["AAA", "BBB", "CCC"]):
+            store.merge(symbol, prices(["2024-01-02", "2024-01-03"], seed=i), source="test", fetched_at=T0)
+            assert not stale.exists()  # the batch's first write removed it
+        write_bytes_atomic(tmp_path / "one.bin", b"x")
+        write_bytes_atomic(tmp_path / "two.bin", b"y")
+    assert swept == [store.folder, tmp_path]
+    store.merge("DDD", prices(["2024-01-02"]), source="test", fetched_at=T0)
+    write_bytes_atomic(tmp_path / "one.bin", b"z")
+    assert swept[2:] == [store.folder, tmp_path]  # outside a batch every write looks
 
 
 def test_write_bytes_atomic_replaces_whole_files(tmp_path: Path) -> None:

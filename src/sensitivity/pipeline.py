@@ -54,6 +54,7 @@ from sensitivity.store import (
     SensitivityKey,
     file_identity,
     frame_from_price_table,
+    one_sweep_per_folder,
     store_lock,
     table_days,
     table_from_frame,
@@ -551,7 +552,8 @@ def fetch_batch(config: Config, symbols: Sequence[str]) -> list[dict[str, Any]]:
     lock, a full disk, a damaged file), which the caller treats as fatal once every fetch
     has finished.
     """
-    return [_fetch_entry(config, symbol) for symbol in symbols]
+    with one_sweep_per_folder():
+        return [_fetch_entry(config, symbol) for symbol in symbols]
 
 
 def _fetch_entry(config: Config, symbol: str, prepared: PreparedFetch | None = None) -> dict[str, Any]:
@@ -626,7 +628,7 @@ def prepare_batch_logged(
     gives the error), and the records it logged meanwhile (see :func:`fetch_batch_logged`).
     """
     out: list[tuple[str, PreparedFetch | None, list[logging.LogRecord]]] = []
-    with _records_at(level) as records:
+    with _records_at(level) as records, one_sweep_per_folder():
         for symbol in symbols:
             first = len(records)
             try:
@@ -644,9 +646,10 @@ def commit_batch(
     each symbol's records replayed (:func:`replay_records`) and its fetch committed, or
     fetched here where it was not prepared or cannot be committed."""
     results = []
-    for symbol, fetch, records in prepared:
-        replay_records(records)
-        results.append(_fetch_entry(config, symbol, fetch))
+    with one_sweep_per_folder():
+        for symbol, fetch, records in prepared:
+            replay_records(records)
+            results.append(_fetch_entry(config, symbol, fetch))
     return results
 
 

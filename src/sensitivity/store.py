@@ -56,6 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final, Literal, NoReturn, TypeVar, cast
@@ -359,6 +360,39 @@ def _remove_stale_temps(folder: Path) -> None:
             os.unlink(entry.path)
 
 
+#: The folders a batch of writes has looked at for stale temporary files (None: no batch).
+_SWEPT: ContextVar[set[Path] | None] = ContextVar("sensitivity_store_swept", default=None)
+
+
+@contextlib.contextmanager
+def one_sweep_per_folder() -> Iterator[None]:
+    """Within the block, a write looks for stale temporary files (:func:`_remove_stale_temps`)
+    in a folder the first time only, not on every file.
+
+    For a batch of writes to one folder: a fetch listed the folder of price files once per
+    symbol, quadratic in the universe (measured: 0.3-0.7 ms a look among 500 files, 0.2-0.4 s a
+    run; 1.9-4.3 ms among 3,000, 6-13 s a run; the more the prepared files waiting for their
+    commit, the slower).  A temporary file left by a writer killed during the batch is removed
+    by the next batch.  Per thread and per context (a :class:`~contextvars.ContextVar`);
+    nestable.
+    """
+    token = _SWEPT.set(set())
+    try:
+        yield
+    finally:
+        _SWEPT.reset(token)
+
+
+def _sweep(folder: Path) -> None:
+    """:func:`_remove_stale_temps` of ``folder``, unless this batch has looked there already."""
+    swept = _SWEPT.get()
+    if swept is not None:
+        if folder in swept:
+            return
+        swept.add(folder)
+    _remove_stale_temps(folder)
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
@@ -421,7 +455,7 @@ class PreparedFile:
                 f"cannot create folder {folder} for {self.target.name}: {_describe_os_error(exc)}"
             ) from exc
         if sweep:
-            _remove_stale_temps(folder)
+            _sweep(folder)
         self._tmp: Path | None = folder / _temp_name(self.target.name)
         try:
             fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
@@ -2077,6 +2111,7 @@ __all__ = [
     "SensitivityKey",
     "file_identity",
     "frame_from_price_table",
+    "one_sweep_per_folder",
     "prepare_table",
     "price_table",
     "read_price_file",
