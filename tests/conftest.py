@@ -4,7 +4,8 @@ Yahoo stub fixtures: ``yahoo_stub`` (a started :class:`yahoo_stub.YahooStub`, al
 ``network_guard`` (refuses and records any connection to a host other than the loopback),
 ``yahoo_env`` (``SENSITIVITY_YAHOO_BASE_URL`` pointing at the stub and yfinance's caches in
 ``tmp_path``, both undone after the test) and ``yahoo_source`` (a ``YahooSource`` built in that
-environment).  Nothing here is active unless a test asks for it.
+environment).  ``swept_folders`` records the store's looks for stale temporary files.  Nothing
+here is active unless a test asks for it.
 """
 
 from __future__ import annotations
@@ -94,6 +95,23 @@ def yahoo_source(yahoo_env: YahooStub) -> Any:
     from sensitivity.sources.yahoo import YahooSource
 
     return YahooSource(timeout_s=5.0)
+
+
+@pytest.fixture
+def swept_folders(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """The folders the store looks in for stale temporary files, one entry per look, in order
+    (``sensitivity.store._remove_stale_temps`` still runs)."""
+    import sensitivity.store as store_module
+
+    swept: list[Path] = []
+    sweep = store_module._remove_stale_temps
+
+    def counted(folder: Path) -> None:
+        swept.append(folder)
+        sweep(folder)
+
+    monkeypatch.setattr(store_module, "_remove_stale_temps", counted)
+    return swept
 
 
 @pytest.fixture(scope="session")

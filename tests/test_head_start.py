@@ -107,26 +107,16 @@ def test_prepare_then_commit_stores_what_a_fetch_stores(source: Path, tmp_path: 
 
 
 def test_a_batch_looks_for_stale_temp_files_once_not_once_per_symbol(
-    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    source: Path, tmp_path: Path, swept_folders: list[Path]
 ) -> None:
-    import sensitivity.store as store_module
-
-    swept: list[Path] = []
-    sweep = store_module._remove_stale_temps
-
-    def counted(folder: Path) -> None:
-        swept.append(folder)
-        sweep(folder)
-
-    monkeypatch.setattr(store_module, "_remove_stale_temps", counted)
     prices_dir = PriceStore(tmp_path / "plain").folder
     assert all("outcome" in entry for entry in fetch_batch(make_config(tmp_path, "plain"), SYMBOLS))
-    assert swept == [prices_dir]
+    assert swept_folders == [prices_dir]
     split = make_config(tmp_path, "split")
     prepared = prepare_batch_logged(split, SYMBOLS, logging.INFO)
-    assert swept[1:] == [PriceStore(tmp_path / "split").folder]
+    assert swept_folders[1:] == [PriceStore(tmp_path / "split").folder]
     assert all("outcome" in entry for entry in commit_batch(split, prepared))
-    assert len(swept) == 2  # committing renames prepared files: no write, no look
+    assert len(swept_folders) == 2  # committing renames prepared files: no write, no look
 
 
 def test_a_file_rewritten_after_the_prepare_is_not_overwritten(source: Path, tmp_path: Path) -> None:

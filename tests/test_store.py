@@ -706,42 +706,22 @@ def test_the_temp_file_of_a_killed_writer_not_yet_reaped_is_cleaned_too(tmp_path
 
 
 def test_a_batch_of_writes_looks_for_stale_temp_files_once_per_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, swept_folders: list[Path]
 ) -> None:
-    import sensitivity.store as store_module
-
-    swept: list[Path] = []
-    sweep = store_module._remove_stale_temps
-
-    def counted(folder: Path) -> None:
-        swept.append(folder)
-        sweep(folder)
-
-    monkeypatch.setattr(store_module, "_remove_stale_temps", counted)
     rs = ReportStore(tmp_path)
     frame = pd.concat(
         [sens_frame("^GSPC", t, 252, ["2024-01-02", "2024-01-03"]) for t in ("AAPL", "KO", "MSFT")],
         ignore_index=True,
     )
     assert len(rs.write_sensitivity(frame)) == 3
-    assert swept == [rs.sensitivity_dir]  # each file's own look at the folder is skipped
+    assert swept_folders == [rs.sensitivity_dir]  # each file's own look at the folder is skipped
     write_bytes_atomic(tmp_path / "one.bin", b"x")
-    assert swept[-1] == tmp_path  # a single write still looks
+    assert swept_folders[-1] == tmp_path  # a single write still looks
 
 
 def test_writes_in_one_batch_look_for_stale_temp_files_once_per_folder(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, swept_folders: list[Path]
 ) -> None:
-    import sensitivity.store as store_module
-
-    swept: list[Path] = []
-    sweep = store_module._remove_stale_temps
-
-    def counted(folder: Path) -> None:
-        swept.append(folder)
-        sweep(folder)
-
-    monkeypatch.setattr(store_module, "_remove_stale_temps", counted)
     store = PriceStore(tmp_path)
     store.folder.mkdir(parents=True)
     stale = store.folder / f".AAA.parquet.{_dead_pid()}.0123456789ab.tmp"
@@ -752,10 +732,10 @@ def test_writes_in_one_batch_look_for_stale_temp_files_once_per_folder(
             assert not stale.exists()  # the batch's first write removed it
         write_bytes_atomic(tmp_path / "one.bin", b"x")
         write_bytes_atomic(tmp_path / "two.bin", b"y")
-    assert swept == [store.folder, tmp_path]
+    assert swept_folders == [store.folder, tmp_path]
     store.merge("DDD", prices(["2024-01-02"]), source="test", fetched_at=T0)
     write_bytes_atomic(tmp_path / "one.bin", b"z")
-    assert swept[2:] == [store.folder, tmp_path]  # outside a batch every write looks
+    assert swept_folders[2:] == [store.folder, tmp_path]  # outside a batch every write looks
 
 
 def test_write_bytes_atomic_replaces_whole_files(tmp_path: Path) -> None:
