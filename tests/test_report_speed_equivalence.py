@@ -18,9 +18,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pytest
+from matplotlib import dates as mdates
 from matplotlib import rc_context
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.dates import AutoDateLocator
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator
 from test_report import STOCKS, Stock, history_of, make_sensitivity, with_inference
 
 from sensitivity import process_pool, report
@@ -111,7 +114,7 @@ def test_charts_keep_labels_and_legend_inside_the_figure(n_days: int) -> None:
 def test_a_y_offset_text_lifts_the_title_instead_of_running_into_it(histories: list[pd.DataFrame]) -> None:
     # Values far from 0 relative to their spread: the y axis labels them as offsets from a
     # "+1e3" written above the plot's top left corner, where the title would otherwise sit.
-    shifted = histories[0].copy()
+    shifted = histories[0].assign(ticker="ABCDEFGHIJKLMNOP")  # a title as wide as the plot
     for column in ("sensitivity", "sensitivity_ci_lower", "sensitivity_ci_upper", "linear_beta"):
         shifted[column] = shifted[column] * 1e-3 + 1000.0
     charts = report._SectionCharts.new()
@@ -125,11 +128,27 @@ def test_a_y_offset_text_lifts_the_title_instead_of_running_into_it(histories: l
         offset = ax.yaxis.offsetText
         assert offset.get_text() == "+1e3"
         text_box, title_box = offset.get_window_extent(renderer), ax.title.get_window_extent(renderer)
-        assert title_box.y0 >= text_box.y1, "the title overlaps the y axis' offset text"
+        assert not title_box.overlaps(text_box), "the title overlaps the y axis' offset text"
         assert title_box.y1 <= fig.bbox.height
     # The next chart in the reused figure has no offset text: its title is back on the plot.
     plain = report._sensitivity_history_figure(histories[0], charts.sensitivity)
     assert figure_png(plain) == figure_png(sensitivity_history_figure(histories[0]))
+
+
+def test_a_figure_handed_to_the_caller_keeps_live_date_ticks(histories: list[pd.DataFrame]) -> None:
+    # The report's charts are drawn as built, so their date ticks are worked out once; a
+    # figure returned to a caller, who may zoom it, keeps matplotlib's locator.
+    history = histories[0]
+    fig = sensitivity_history_figure(history)
+    ax = fig.axes[0]
+    assert isinstance(ax.xaxis.get_major_locator(), AutoDateLocator)
+    last = history["date"].iloc[-1]
+    ax.set_xlim(mdates.date2num(last - pd.Timedelta(days=60)), mdates.date2num(last))
+    figure_png(fig)
+    low, high = ax.get_xlim()
+    assert sum(low <= t <= high for t in ax.get_xticks()) >= 3  # ticks for the new view
+    reused = report._sensitivity_history_figure(history, report._SectionCharts.new().sensitivity)
+    assert isinstance(reused.axes[0].xaxis.get_major_locator(), FixedLocator)
 
 
 def test_the_characteristic_curve_keeps_its_data_in_the_reused_figure(histories: list[pd.DataFrame]) -> None:

@@ -692,14 +692,19 @@ class _Chart:
     the next chart instead, which draws the same pixels as a new one.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, final: bool = False) -> None:
         self.figure = Figure(figsize=CHART_SIZE, dpi=CHART_DPI)
         FigureCanvasAgg(self.figure)
         self.axes = self.figure.add_subplot()
-        # A title given its height is not moved at draw time: matplotlib would otherwise lay
-        # out the y axis once more on every draw (about 9 ms a chart) to see whether its
-        # offset text reaches the title.  :func:`_fit_axes` knows and lifts the title itself.
-        self.axes.set_title("", y=1.0)
+        #: Each chart is drawn once as built, never changed afterwards (the report's): its
+        #: date ticks are then worked out once and its title placed by :func:`_fit_axes`.
+        #: A figure handed to a caller, who may change its limits, stays live (False).
+        self.final = final
+        if final:
+            # A title given its height is not moved at draw time: matplotlib would otherwise
+            # lay out the y axis once more on every draw (about 9 ms a chart) to see whether
+            # its offset text reaches the title.  :func:`_fit_axes` knows and lifts it itself.
+            self.axes.set_title("", y=1.0)
         self._used = False
 
     def take(self) -> tuple[Figure, Axes]:
@@ -727,15 +732,17 @@ def _agg_canvas(fig: Figure) -> FigureCanvasAgg:
     return canvas if isinstance(canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
 
 
-def _tick_labels(ax: Axes, which: Literal["x", "y"]) -> tuple[list[str], str]:
-    """The major tick labels ``ax`` will draw on one axis (within the view) and its offset text."""
+def _tick_labels(ax: Axes, which: Literal["x", "y"], *, freeze: bool = False) -> tuple[list[str], str]:
+    """The major tick labels ``ax`` will draw on one axis (within the view) and its offset text.
+
+    ``freeze``: the view is final; a date axis keeps these ticks (see :func:`_fit_axes`).
+    """
     axis = ax.xaxis if which == "x" else ax.yaxis
     locator = axis.get_major_locator()
     every = locator()
-    if isinstance(locator, AutoDateLocator):
-        # Its ticks depend on the view alone, not on the axes' size, and the view is final
-        # here: kept, they are not worked out again at each of the draw's seven tick updates
-        # (3-6 ms a date chart).
+    if freeze and isinstance(locator, AutoDateLocator):
+        # Its ticks depend on the view alone, not on the axes' size: kept, they are not
+        # worked out again at each of the draw's seven tick updates (3-6 ms a date chart).
         axis.set_major_locator(FixedLocator(every))
     low, high = sorted(axis.get_view_interval())
     locs = [v for v in every if low <= v <= high]
@@ -744,7 +751,7 @@ def _tick_labels(ax: Axes, which: Literal["x", "y"]) -> tuple[list[str], str]:
     return labels, str(formatter.get_offset())
 
 
-def _fit_axes(fig: Figure, ax: Axes) -> None:
+def _fit_axes(fig: Figure, ax: Axes, *, final: bool = False) -> None:
     """Place ``ax`` so that its title, labels and tick labels and the legend below it fit ``fig``.
 
     A cheap stand-in for constrained layout on a chart of one axes and an optional figure
@@ -752,7 +759,9 @@ def _fit_axes(fig: Figure, ax: Axes) -> None:
     :data:`_PAD_IN` between the parts and around them.  Instead of laying out every tick (which
     constrained layout does twice per draw, about 60 ms a chart), it measures the title, the
     axis labels, the legend and the widest tick label of each axis, whose texts come from the
-    axes' own locators and formatters.
+    axes' own locators and formatters.  ``final`` (:attr:`_Chart.final`): the chart will be
+    drawn as it is, so a date axis keeps the ticks measured here and the title, which
+    matplotlib then leaves where it is, goes up by a line over a y-axis offset text.
     """
     renderer = _agg_canvas(fig).get_renderer()  # type: ignore[no-untyped-call]
     width, height = fig.bbox.width, fig.bbox.height
@@ -781,7 +790,7 @@ def _fit_axes(fig: Figure, ax: Axes) -> None:
     legend_top = max((leg.get_window_extent(renderer).y1 for leg in fig.legends), default=0.0)
     title_h = size(ax.title)[1]
     top = pad + (title_h + rcParams["axes.titlepad"] * pt if title_h else 0.0)
-    x_labels, x_offset = _tick_labels(ax, "x")
+    x_labels, x_offset = _tick_labels(ax, "x", freeze=final)
     x_w, x_h = widest([*x_labels, x_offset], rcParams["xtick.labelsize"])
     xlabel_h = size(ax.xaxis.label)[1]
     below = (rcParams["xtick.major.size"] + rcParams["xtick.major.pad"]) * pt + x_h
@@ -802,7 +811,7 @@ def _fit_axes(fig: Figure, ax: Axes) -> None:
     if plot_w >= 0.3 * width and plot_h >= 0.3 * height:
         ax.set_position((left / width, bottom / height, plot_w / width, plot_h / height))
     # else: labels too large to fit: leave the plot as wide as placed above, not squashed
-    if y_offset:
+    if final and y_offset:
         # The y axis' offset text sits on the plot's top left corner, a line high (OFFSETTEXTPAD
         # below the title's pad): the title goes up by that line, into the space kept above.
         ax.title.set_y(1.0 + y_h / (ax.get_position().height * height))
@@ -842,7 +851,7 @@ def _characteristic_curve_figure(curve: CharacteristicCurve, chart: _Chart) -> F
     ax.set_ylabel(_mpl_text(f"{curve.ticker} {kind} (%)"))
     if curve.n == 0:
         _empty_note(ax, "no daily returns in the latest window")
-        _fit_axes(fig, ax)
+        _fit_axes(fig, ax, final=chart.final)
         return fig
 
     ax.scatter(
@@ -926,7 +935,7 @@ def _characteristic_curve_figure(curve: CharacteristicCurve, chart: _Chart) -> F
     if not curve.has_fit:
         ax.text(0.98, 0.03, _mpl_text(curve.band_note), transform=ax.transAxes, ha="right", fontsize=8)
     fig.legend(loc="outside lower center", ncols=2, fontsize=7, frameon=False)
-    _fit_axes(fig, ax)
+    _fit_axes(fig, ax, final=chart.final)
     return fig
 
 
@@ -954,7 +963,7 @@ def _sensitivity_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
     if not np.isfinite(sens).any():
         ax.plot(dates, sens, color=_C_SENS, lw=0.9, label="sensitivity", gid="sensitivity")
         _empty_note(ax, "no fitted value on any day")
-        _fit_axes(fig, ax)
+        _fit_axes(fig, ax, final=chart.final)
         return fig
     _band(
         ax,
@@ -983,7 +992,7 @@ def _sensitivity_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
         [dates[i]], [sens[i]], "o", color=_C_TODAY, ms=5, mec="black", mew=0.6, label=f"latest: {sens[i]:.2f}"
     )
     fig.legend(loc="outside lower center", ncols=2, fontsize=7, frameon=False)
-    _fit_axes(fig, ax)
+    _fit_axes(fig, ax, final=chart.final)
     return fig
 
 
@@ -1039,7 +1048,7 @@ def _gamma_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
     if not np.isfinite(gamma).any():
         ax.plot(dates, gamma, color=_C_GAMMA, lw=0.9, label="γ", gid="gamma")
         _empty_note(ax, "no fitted value on any day")
-        _fit_axes(fig, ax)
+        _fit_axes(fig, ax, final=chart.final)
         return fig
     ax.axhline(0.0, color="0.55", lw=0.8, zorder=1)
     significant = gamma_significant(frame)
@@ -1066,7 +1075,7 @@ def _gamma_history_figure(frame: pd.DataFrame, chart: _Chart) -> Figure:
     latest = f"latest: {gamma[i]:.2f}"
     ax.plot([dates[i]], [gamma[i]], "o", color=_C_TODAY, ms=5, mec="black", mew=0.6, label=latest)
     fig.legend(loc="outside lower center", ncols=2, fontsize=7, frameon=False)
-    _fit_axes(fig, ax)
+    _fit_axes(fig, ax, final=chart.final)
     return fig
 
 
@@ -1901,8 +1910,8 @@ class _SectionCharts:
 
     @classmethod
     def new(cls) -> _SectionCharts:
-        """Three new, empty figures."""
-        return cls(_Chart(), _Chart(), _Chart())
+        """Three new, empty figures, each drawn once per chart as built (``final``)."""
+        return cls(_Chart(final=True), _Chart(final=True), _Chart(final=True))
 
 
 def _ticker_section(
