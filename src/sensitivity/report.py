@@ -732,20 +732,11 @@ def _agg_canvas(fig: Figure) -> FigureCanvasAgg:
     return canvas if isinstance(canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
 
 
-def _tick_labels(ax: Axes, which: Literal["x", "y"], *, freeze: bool = False) -> tuple[list[str], str]:
-    """The major tick labels ``ax`` will draw on one axis (within the view) and its offset text.
-
-    ``freeze``: the view is final; a date axis keeps these ticks (see :func:`_fit_axes`).
-    """
+def _tick_labels(ax: Axes, which: Literal["x", "y"]) -> tuple[list[str], str]:
+    """The major tick labels ``ax`` will draw on one axis (within the view) and its offset text."""
     axis = ax.xaxis if which == "x" else ax.yaxis
-    locator = axis.get_major_locator()
-    every = locator()
-    if freeze and isinstance(locator, AutoDateLocator):
-        # Its ticks depend on the view alone, not on the axes' size: kept, they are not
-        # worked out again at each of the draw's seven tick updates (3-6 ms a date chart).
-        axis.set_major_locator(FixedLocator(every))
     low, high = sorted(axis.get_view_interval())
-    locs = [v for v in every if low <= v <= high]
+    locs = [v for v in axis.get_major_locator()() if low <= v <= high]
     formatter = axis.get_major_formatter()
     labels = [str(v) for v in formatter.format_ticks(locs)]
     return labels, str(formatter.get_offset())
@@ -790,7 +781,12 @@ def _fit_axes(fig: Figure, ax: Axes, *, final: bool = False) -> None:
     legend_top = max((leg.get_window_extent(renderer).y1 for leg in fig.legends), default=0.0)
     title_h = size(ax.title)[1]
     top = pad + (title_h + rcParams["axes.titlepad"] * pt if title_h else 0.0)
-    x_labels, x_offset = _tick_labels(ax, "x", freeze=final)
+    locator = ax.xaxis.get_major_locator()
+    if final and isinstance(locator, AutoDateLocator):
+        # Its ticks depend on the view alone, not on the axes' size: kept, they are not
+        # worked out again at each of the draw's seven tick updates (3-6 ms a date chart).
+        ax.xaxis.set_major_locator(FixedLocator(locator()))
+    x_labels, x_offset = _tick_labels(ax, "x")
     x_w, x_h = widest([*x_labels, x_offset], rcParams["xtick.labelsize"])
     xlabel_h = size(ax.xaxis.label)[1]
     below = (rcParams["xtick.major.size"] + rcParams["xtick.major.pad"]) * pt + x_h

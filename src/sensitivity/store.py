@@ -373,8 +373,10 @@ def one_sweep_per_folder() -> Iterator[None]:
     symbol, quadratic in the universe (measured: 0.3-0.7 ms a look among 500 files, 0.2-0.4 s a
     run; 1.9-4.3 ms among 3,000, 6-13 s a run; the more the prepared files waiting for their
     commit, the slower).  A temporary file left by a writer killed during the batch is removed
-    by the next batch.  Per thread and per context (a :class:`~contextvars.ContextVar`);
-    nestable.
+    by the next batch.  Per thread and per context (a :class:`~contextvars.ContextVar`), so
+    it does not reach threads a pool starts inside the block: a writer that spreads its files
+    over threads looks once itself and passes ``sweep=False``, as :func:`write_tables_atomic`
+    does.  Nestable.
     """
     token = _SWEPT.set(set())
     try:
