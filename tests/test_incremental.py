@@ -15,7 +15,7 @@ import pytest
 from yahoo_stub import YahooStub, with_dividend
 
 from sensitivity.config import Config
-from sensitivity.errors import SourceError, StoreError, SymbolNotFoundError
+from sensitivity.errors import DataValidationError, SourceError, StoreError, SymbolNotFoundError
 from sensitivity.pipeline import FetchPlan, fetch_symbol, plan_fetch, refetch_range, restatement
 from sensitivity.prices import PRICE_COLUMNS
 from sensitivity.sources.base import fetch_checked
@@ -286,6 +286,26 @@ def test_a_fetch_compares_the_stored_rows_of_its_range_only(tmp_path: Path) -> N
         pd.testing.assert_frame_equal(stored.between(lo, hi), inside, check_exact=True, check_freq=False)
 
 
+def test_the_sources_checked_prefix_is_kept_until_the_next_merge(tmp_path: Path) -> None:
+    """A merge keeps the source's ``checked_prefix`` with the prices; the next merge replaces
+    it, or leaves none when it brings none (another source, a file it could not vouch for)."""
+    store = PriceStore(tmp_path)
+    assert store.read_snapshot("ACME") is None
+    store.merge("ACME", prices("2024-01-02", 5), source="t", checked_prefix='{"a": 1}')
+    snapshot = store.read_snapshot("ACME")
+    assert snapshot is not None
+    assert snapshot.checked_prefix == '{"a": 1}'
+    assert snapshot.coverage == store.coverage("ACME")
+    assert snapshot.table.num_rows == 5
+    store.merge("ACME", prices("2024-01-09", 1), source="t", checked_prefix='{"b": 2}')
+    assert store.read_snapshot("ACME").checked_prefix == '{"b": 2}'  # type: ignore[union-attr]
+    store.merge("ACME", prices("2024-01-10", 1), source="t")
+    assert store.read_snapshot("ACME").checked_prefix is None  # type: ignore[union-attr]
+    assert_one_read_snapshot(store, "ACME")
+    with pytest.raises(ValueError, match="checked_prefix must be a string"):
+        store.merge("ACME", prices("2024-01-10", 1), source="t", checked_prefix=b"x")  # type: ignore[arg-type]
+
+
 # -- fetch_symbol with the files source ------------------------------------------------------------------
 
 
@@ -307,6 +327,75 @@ def test_second_run_fetches_only_the_new_rows(tmp_path: Path, csv: Path) -> None
     assert second.rows_stored == 30
     pd.testing.assert_frame_equal(stored(tmp_path), history, check_freq=False)
     assert "incremental fetch 2024-02-02 to 2024-02-09" in second.describe()
+
+
+def test_a_daily_fetch_parses_only_the_new_lines_and_stores_what_a_whole_read_stores(
+    tmp_path: Path, csv: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stored price file keeps the CSV's checked prefix; the next day's fetch hands it
+    back, parses only the file's last lines and ends exactly where a fetch reading the whole
+    file ends; a line damaged among the checked ones still fails the symbol, naming it."""
+    from sensitivity.sources import files
+
+    answered: list[bool] = []
+    update = files.csv_update_frame
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        got = update(*args, **kwargs)
+        answered.append(got is not None)
+        return got
+
+    monkeypatch.setattr(files, "csv_update_frame", spy)
+    history = prices("2023-01-02", 300)
+    write_csv(csv, "ACME", history.iloc[:299])
+    last = history.index[-1].date()
+    for data in (tmp_path / "a", tmp_path / "b"):
+        fetch_symbol(config(data, D(2023, 1, 1), last - dt.timedelta(days=1), path=csv), "ACME")
+        snapshot = PriceStore(data).read_snapshot("ACME")
+        assert snapshot is not None
+        assert (
+            snapshot.checked_prefix
+            == files.CheckedPrefix.of_whole((csv / "ACME.csv").read_bytes(), "ACME").dumps()
+        )  # type: ignore[union-attr]
+    assert answered == []  # a backfill reads whole
+
+    write_csv(csv, "ACME", history)
+    # "b" forgets its prefix (as a file written before prefixes were kept): a whole read.
+    PriceStore(tmp_path / "b").merge("ACME", prices("2022-01-03", 1), source="t")
+    outcomes = [
+        fetch_symbol(config(d, D(2023, 1, 1), last, path=csv), "ACME")
+        for d in (tmp_path / "a", tmp_path / "b")
+    ]
+    assert answered == [True]
+    drop = {"seconds", "rows_stored"}
+    assert {k: v for k, v in outcomes[0].to_dict().items() if k not in drop} == {
+        k: v for k, v in outcomes[1].to_dict().items() if k not in drop
+    }
+    assert (outcomes[0].mode, outcomes[0].rows_fetched, outcomes[0].rows_added) == ("incremental", 6, 1)
+    a = PriceStore(tmp_path / "a").read("ACME")
+    b = PriceStore(tmp_path / "b").read("ACME")
+    assert a is not None
+    assert b is not None
+    pd.testing.assert_frame_equal(a, b.iloc[1:], check_exact=True, check_freq=False)
+    pd.testing.assert_frame_equal(a, history, check_exact=True, check_freq=False)
+    assert (
+        PriceStore(tmp_path / "a").read_snapshot("ACME").checked_prefix
+        == files.CheckedPrefix.of_whole(  # type: ignore[union-attr]
+            (csv / "ACME.csv").read_bytes(), "ACME"
+        ).dumps()
+    )  # type: ignore[union-attr]
+
+    # A close among the checked lines damaged: the whole file is read and its line named.
+    lines = (csv / "ACME.csv").read_text().split("\n")
+    cells = lines[10].split(",")
+    cells[4] = "abc"
+    lines[10] = ",".join(cells)
+    (csv / "ACME.csv").write_text("\n".join(lines))
+    before = checksum(PriceStore(tmp_path / "a").path_for("ACME"))
+    with pytest.raises(DataValidationError, match=r"ACME\.csv line 11"):
+        fetch_symbol(config(tmp_path / "a", D(2023, 1, 1), last, path=csv), "ACME")
+    assert checksum(PriceStore(tmp_path / "a").path_for("ACME")) == before
+    assert answered == [True, False]
 
 
 def test_restated_history_is_detected_and_refetched(

@@ -280,11 +280,13 @@ def refetch_range(coverage: Sequence[DateRange] | None, start: dt.date, end: dt.
 @dataclass(frozen=True, eq=False)
 class _Stored:
     """A symbol's stored prices as one read saw them: the Arrow table (PRICE_SCHEMA, with
-    provenance; None when nothing is stored), its coverage and the file's identity."""
+    provenance; None when nothing is stored), its coverage, the file's identity and what the
+    source reported it had checked at the last merge."""
 
     table: pa.Table | None
     coverage: list[DateRange] | None
     fingerprint: tuple[int, int, int] | None
+    checked_prefix: str | None = None
 
     @cached_property
     def _days(self) -> npt.NDArray[np.int64]:
@@ -312,10 +314,11 @@ def _read_stored(store: PriceStore, symbol: str) -> _Stored:
     path = store.path_for(symbol)
     for _ in range(_MAX_STORE_RACES):
         before = file_identity(path)
-        read = store.read_table_with_coverage(symbol)
+        read = store.read_snapshot(symbol)
         if file_identity(path) == before:
-            table, coverage = read if read is not None else (None, None)
-            return _Stored(table, coverage, before)
+            if read is None:
+                return _Stored(None, None, before)
+            return _Stored(read.table, read.coverage, before, read.checked_prefix)
     raise StoreError(
         f"{symbol}: another run rewrote {path} during each of {_MAX_STORE_RACES} reads; "
         "rerun when the other run has finished"
@@ -433,7 +436,7 @@ def prepare_fetch(config: Config, symbol: str, *, source: PriceSource | None = N
         overlap=config.source.overlap_days,
     )
     log.info("%s: %s fetch %s to %s: %s", sym, plan.mode, plan.start, plan.end, plan.reason)
-    got: CheckedPrices = fetch_checked(src, sym, plan.start, plan.end)
+    got: CheckedPrices = fetch_checked(src, sym, plan.start, plan.end, checked_prefix=stored.checked_prefix)
     mode: FetchMode = plan.mode
     covers: DateRange = (plan.start, plan.end)
     restated = None
@@ -449,7 +452,7 @@ def prepare_fetch(config: Config, symbol: str, *, source: PriceSource | None = N
             covers[1],
         )
         if not (plan.start <= covers[0] and covers[1] <= plan.end):
-            got = fetch_checked(src, sym, covers[0], covers[1])
+            got = fetch_checked(src, sym, covers[0], covers[1], checked_prefix=stored.checked_prefix)
         gone = _check_refetch_loss(sym, stored.dates, got.frame, src.name, store.path_for(sym))
         if len(gone):
             log.warning(
@@ -469,6 +472,7 @@ def prepare_fetch(config: Config, symbol: str, *, source: PriceSource | None = N
         replace=mode == "refetch",
         covers=covers,
         stored=(stored.table, stored.coverage),
+        checked_prefix=got.checked_prefix,
     )
     return PreparedFetch(
         symbol=sym,

@@ -59,7 +59,7 @@ from concurrent.futures import ThreadPoolExecutor, wait
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Final, Literal, NoReturn, TypeVar, cast
+from typing import IO, Any, Final, Literal, NamedTuple, NoReturn, TypeVar, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -102,6 +102,10 @@ INPUTS_KEY: Final = b"sensitivity.inputs"
 #: Price files only: the date ranges fetched into the file, JSON ``[["YYYY-MM-DD", "YYYY-MM-DD"], ...]``
 #: (a fetch covers its whole range even where the source had no prices, e.g. before a listing).
 COVERAGE_KEY: Final = b"sensitivity.coverage"
+#: Price files only: what the source reported it had checked of the symbol's data when the
+#: file was last merged (an opaque text, handed back to the next fetch; see
+#: :attr:`~sensitivity.sources.quality.CheckedPrices.checked_prefix`).  Absent: nothing.
+CHECKED_PREFIX_KEY: Final = b"sensitivity.source_checked"
 
 #: A date range, both ends inclusive.
 DateRange = tuple[dt.date, dt.date]
@@ -1097,6 +1101,17 @@ def read_price_file(
     return frame_from_price_table(table, with_provenance=with_provenance)
 
 
+class StoredPrices(NamedTuple):
+    """A symbol's price file as one read saw it (:meth:`PriceStore.read_snapshot`)."""
+
+    #: The PRICE_SCHEMA table, checked and cast, with provenance.
+    table: pa.Table
+    #: The date ranges fetched into it (:meth:`PriceStore.coverage`).
+    coverage: list[DateRange]
+    #: What the source reported it had checked at the last merge (None: nothing).
+    checked_prefix: str | None
+
+
 @dataclass(frozen=True)
 class MergeResult:
     """What :meth:`PriceStore.merge` did to one symbol's stored history.
@@ -1176,13 +1191,25 @@ class PriceStore:
         """The stored PRICE_SCHEMA table of ``symbol`` (checked and cast, as :func:`read_table`
         gives it) and its :meth:`coverage`, from one read of the file; None if it was never
         stored.  A fetch's snapshot of what it merges into (:meth:`prepare_merge`)."""
+        read = self.read_snapshot(symbol)
+        return None if read is None else (read.table, read.coverage)
+
+    def read_snapshot(self, symbol: str) -> StoredPrices | None:
+        """:meth:`read_table_with_coverage` and the file's ``checked_prefix`` (what the
+        source reported it had checked when the file was last merged), from one read of the
+        file; None if it was never stored."""
         path = self.path_for(symbol)
         try:
             table, meta = read_table_and_metadata(path, "prices")
         except FileNotFoundError:
             return None
         ranges = _parse_coverage(meta.get(COVERAGE_KEY))
-        return table, ranges if ranges is not None else _stored_span(table_days(table))
+        raw = meta.get(CHECKED_PREFIX_KEY)
+        try:
+            checked = raw.decode("utf-8") if raw is not None else None
+        except UnicodeDecodeError:
+            checked = None  # a hint only: without it the source checks everything again
+        return StoredPrices(table, ranges if ranges is not None else _stored_span(table_days(table)), checked)
 
     def read_many(
         self,
@@ -1318,13 +1345,21 @@ class PriceStore:
         replace: bool = False,
         covers: DateRange | None = None,
         stored: tuple[pa.Table | None, list[DateRange] | None] | None = None,
+        checked_prefix: str | None = None,
     ) -> MergeResult:
         """Merge a fetched price frame into the stored history of ``symbol``, atomically.
 
         :meth:`prepare_merge` and its commit; see there.
         """
         prepared = self.prepare_merge(
-            symbol, frame, source=source, fetched_at=fetched_at, replace=replace, covers=covers, stored=stored
+            symbol,
+            frame,
+            source=source,
+            fetched_at=fetched_at,
+            replace=replace,
+            covers=covers,
+            stored=stored,
+            checked_prefix=checked_prefix,
         )
         return prepared.commit()
 
@@ -1338,6 +1373,7 @@ class PriceStore:
         replace: bool = False,
         covers: DateRange | None = None,
         stored: tuple[pa.Table | None, list[DateRange] | None] | None = None,
+        checked_prefix: str | None = None,
     ) -> PreparedMerge:
         """The merge of a fetched price frame into the stored history of ``symbol``, written
         beside the stored file and fsynced; :meth:`PreparedMerge.commit` puts it in place.
@@ -1356,12 +1392,16 @@ class PriceStore:
         what was read, so commit it only while holding :func:`store_lock` and with the stored
         file unchanged since that read (``pipeline.fetch_symbol`` checks its identity under the
         lock, so that only the rename is done there), and :meth:`PreparedMerge.discard` it
-        otherwise.
+        otherwise.  ``checked_prefix``: what the source reported it had checked with this
+        fetch (:attr:`~sensitivity.sources.quality.CheckedPrices.checked_prefix`), kept in
+        the file for the next fetch (:meth:`read_snapshot`); a merge without one leaves none.
         """
         sym = self._norm(symbol)
         path = self.path_for(sym)
         if not isinstance(source, str) or not source.strip():
             raise ValueError(f"{sym}: source must be a non-empty string, got {source!r}")
+        if checked_prefix is not None and not isinstance(checked_prefix, str):
+            raise ValueError(f"{sym}: checked_prefix must be a string, got {checked_prefix!r}")
         stamp = _utc_timestamp(fetched_at if fetched_at is not None else dt.datetime.now(dt.UTC), sym)
         check_price_frame(frame, sym)
         if covers is not None:
@@ -1430,6 +1470,8 @@ class PriceStore:
         check_price_arrays(days, {c: _float_column(combined, c) for c in POSITIVE_COLUMNS}, sym)
         meta = dict(PRICE_SCHEMA.metadata or {})
         meta[COVERAGE_KEY] = json.dumps([[a.isoformat(), b.isoformat()] for a, b in coverage]).encode()
+        if checked_prefix is not None:
+            meta[CHECKED_PREFIX_KEY] = checked_prefix.encode("utf-8")
         table = combined.replace_schema_metadata(meta)
         result = MergeResult(
             symbol=sym,
@@ -2090,6 +2132,7 @@ def store_lock(data_dir: str | Path, *, timeout_s: float = 600, poll_s: float = 
 
 
 __all__ = [
+    "CHECKED_PREFIX_KEY",
     "COMPRESSION",
     "COVERAGE_KEY",
     "INPUTS_KEY",
@@ -2111,6 +2154,7 @@ __all__ = [
     "PriceStore",
     "ReportStore",
     "SensitivityKey",
+    "StoredPrices",
     "file_identity",
     "frame_from_price_table",
     "one_sweep_per_folder",

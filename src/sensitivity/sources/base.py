@@ -89,16 +89,30 @@ def make_source(cfg: SourceConfig) -> PriceSource:
     raise ConfigError(f"source.kind must be one of yahoo, files, sample, got {cfg.kind!r}")
 
 
-def fetch_checked(source: PriceSource, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
+def fetch_checked(
+    source: PriceSource,
+    symbol: str,
+    start: dt.date,
+    end: dt.date,
+    *,
+    checked_prefix: str | None = None,
+) -> CheckedPrices:
     """``source``'s prices of ``symbol`` from ``start`` to ``end`` with their quality report.
 
     Uses the source's own ``fetch_checked`` when it has one (the sources of this package do);
     otherwise the frame ``fetch`` returns goes through
-    :func:`~sensitivity.sources.quality.clean_price_frame`.
+    :func:`~sensitivity.sources.quality.clean_price_frame`.  ``checked_prefix``: what the
+    source's last fetch of ``symbol`` reported it had checked
+    (:attr:`~sensitivity.sources.quality.CheckedPrices.checked_prefix`), handed back to a
+    source that takes it (``takes_checked_prefix``: the ``files`` source) and ignored by the
+    others.  It only spares work: the result is the same with or without it.
     """
     own = getattr(source, "fetch_checked", None)
     if callable(own):
-        result = own(symbol, start, end)
+        if checked_prefix is not None and getattr(source, "takes_checked_prefix", False):
+            result = own(symbol, start, end, checked_prefix=checked_prefix)
+        else:
+            result = own(symbol, start, end)
         if not isinstance(result, CheckedPrices):  # pragma: no cover - a foreign source's bug
             raise TypeError(
                 f"{source!r}.fetch_checked must return CheckedPrices, got {type(result).__name__}"

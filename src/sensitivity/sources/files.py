@@ -42,14 +42,20 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
+import hashlib
 import io
+import json
 import logging
 import os
 import re
-from collections.abc import Callable, Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import numpy.typing as npt
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -69,16 +75,50 @@ from sensitivity.sources.quality import REASON_NO_PRICE, CheckedPrices, QualityI
 from sensitivity.symbols import normalize_symbol
 
 __all__ = [
+    "CHECKS_VERSION",
     "FILE_SUFFIXES",
+    "CheckedPrefix",
     "FilesSource",
     "canonical_column",
     "csv_price_frame",
     "csv_price_frame_fast",
     "csv_price_frame_reference",
+    "csv_update_frame",
     "table_price_frame",
 ]
 
 log = logging.getLogger(__name__)
+
+
+class _Holder(logging.Filter):
+    """Keeps back the records this module logs in a thread inside :func:`_held_records`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.local = threading.local()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        held: list[logging.LogRecord] | None = getattr(self.local, "held", None)
+        if held is None:
+            return True
+        held.append(record)
+        return False
+
+
+_HOLDER = _Holder()
+log.addFilter(_HOLDER)
+
+
+@contextmanager
+def _held_records() -> Iterator[list[logging.LogRecord]]:
+    """The records this module logs in this thread meanwhile, kept back (not emitted)."""
+    held: list[logging.LogRecord] = []
+    _HOLDER.local.held = held
+    try:
+        yield held
+    finally:
+        _HOLDER.local.held = None
+
 
 #: The file suffixes a symbol may have, in the order they are named in messages.
 FILE_SUFFIXES: tuple[str, ...] = (".csv", ".parquet")
@@ -207,47 +247,96 @@ class FilesSource:
         """
         sym = normalize_symbol(symbol)
         path = self.path_for(sym)
-        origin = path.name
+        if path.suffix == ".parquet":
+            return self._parquet_frame(sym, path, empty_rows)
+        return self._csv_frame(sym, path, self._bytes(sym, path), empty_rows)
+
+    def _parquet_frame(self, sym: str, path: Path, empty_rows: list[dt.date] | None) -> pd.DataFrame:
         try:
-            if path.suffix == ".parquet":
-                table = pq.read_table(path)
-                return table_price_frame(table, sym, origin=origin, empty_rows=empty_rows)
-            data = path.read_bytes()
+            table = pq.read_table(path)
+            return table_price_frame(table, sym, origin=path.name, empty_rows=empty_rows)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
             raise DataValidationError(
-                f"{sym}: {origin} in {self.folder} is not a readable Parquet file ({exc}); "
+                f"{sym}: {path.name} in {self.folder} is not a readable Parquet file ({exc}); "
                 "rewrite it or replace it with a CSV"
             ) from exc
         except OSError as exc:
-            raise SourceError(
-                f"{sym}: cannot read {origin} in {self.folder} ({exc.strerror or exc}); check "
-                "the file's permissions",
-                symbol=sym,
-            ) from exc
+            raise self._unreadable(sym, path, exc) from exc
+
+    def _bytes(self, sym: str, path: Path) -> bytes:
+        try:
+            return path.read_bytes()
+        except OSError as exc:
+            raise self._unreadable(sym, path, exc) from exc
+
+    def _unreadable(self, sym: str, path: Path, exc: OSError) -> SourceError:
+        return SourceError(
+            f"{sym}: cannot read {path.name} in {self.folder} ({exc.strerror or exc}); check "
+            "the file's permissions",
+            symbol=sym,
+        )
+
+    @staticmethod
+    def _csv_frame(sym: str, path: Path, data: bytes, empty_rows: list[dt.date] | None) -> pd.DataFrame:
         try:
             text = data.decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise DataValidationError(
-                f"{sym}: {origin} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
+                f"{sym}: {path.name} is not UTF-8 text (byte {exc.start}); save it as UTF-8 CSV"
             ) from exc
-        return csv_price_frame(text, sym, origin=origin, empty_rows=empty_rows)
+        return csv_price_frame(text, sym, origin=path.name, empty_rows=empty_rows)
 
-    def fetch_checked(self, symbol: str, start: dt.date, end: dt.date) -> CheckedPrices:
+    #: :func:`~sensitivity.sources.base.fetch_checked` hands this source the
+    #: ``checked_prefix`` its last fetch of a symbol reported.
+    takes_checked_prefix = True
+
+    def fetch_checked(
+        self, symbol: str, start: dt.date, end: dt.date, *, checked_prefix: str | None = None
+    ) -> CheckedPrices:
         """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive) and its quality
         report (rows without a price, and the boundary checks of
-        :func:`~sensitivity.sources.quality.clean_price_frame`)."""
+        :func:`~sensitivity.sources.quality.clean_price_frame`).
+
+        The whole file is read and checked.  A CSV whose data lines all start with their
+        ``YYYY-MM-DD`` date, strictly increasing, and hold a price each (no quotes, no lone
+        CR) also gets ``checked_prefix`` in the result: a :class:`CheckedPrefix` of the file's
+        complete lines.  Handed back to the next fetch, while the file still starts with
+        exactly those bytes, only its last lines are parsed and checked (those dated from
+        ``start`` on and those added since; :func:`csv_update_frame`), the rest having been
+        checked byte for byte: the same frame, report, log records and errors as reading the
+        whole file (anything else reads it whole), for a fraction of the work on a daily
+        update of a long file.
+        """
         check_date_range(start, end)
         sym = normalize_symbol(symbol)
+        path = self.path_for(sym)
+        origin = f"{sym}'s file in {self.folder}"
         empty: list[dt.date] = []
-        frame = self.read(sym, empty_rows=empty)
-        return clean_price_frame(
-            frame,
-            sym,
-            origin=f"{sym}'s file in {self.folder}",
-            start=start,
-            end=end,
-            dropped=[QualityIssue(d.isoformat(), REASON_NO_PRICE) for d in empty],
-        )
+        if path.suffix == ".parquet":
+            frame = self._parquet_frame(sym, path, empty)
+            return _checked(frame, sym, origin, start, end, empty)
+        data = self._bytes(sym, path)
+        mark = CheckedPrefix.loads(checked_prefix)
+        if mark is not None:
+            # The update's log records are let out only if it answers: read whole after
+            # it, the file's records come once, from the whole read.
+            with _held_records() as held:
+                update = csv_update_frame(data, mark, sym, start, end, origin=path.name)
+                try:
+                    checked = (
+                        None if update is None else _checked(update[0], sym, origin, start, end, update[1])
+                    )
+                except EmptyDataError:
+                    checked = None  # its message names the whole file's dates: read it whole
+            if update is not None and checked is not None:
+                for record in held:
+                    log.handle(record)
+                prefix = update[2]
+                return replace(checked, checked_prefix=prefix.dumps() if prefix else None)
+        frame = self._csv_frame(sym, path, data, empty)
+        checked = _checked(frame, sym, origin, start, end, empty)
+        prefix = None if empty else CheckedPrefix.of_whole(data, sym)
+        return replace(checked, checked_prefix=prefix.dumps() if prefix else None)
 
     def fetch(self, symbol: str, start: dt.date, end: dt.date) -> pd.DataFrame:
         """The price frame of ``symbol`` from ``start`` to ``end`` (inclusive)."""
@@ -487,7 +576,12 @@ _FAST_PARSE = pa_csv.ParseOptions(
 
 
 def csv_price_frame_fast(
-    text: str, symbol: str, *, origin: str, empty_rows: list[dt.date] | None = None
+    text: str,
+    symbol: str,
+    *,
+    origin: str,
+    empty_rows: list[dt.date] | None = None,
+    skipped_lines: int = 0,
 ) -> pd.DataFrame | None:
     """The price frame of a plain CSV, parsed vectorised with pyarrow; None when it declines.
 
@@ -505,6 +599,9 @@ def csv_price_frame_fast(
     ``float()``, so the values are the reference parser's bit for bit.  Texts the two may
     read differently (``inf``, ``nan(1)``, ``1_000``) give a non-finite value or an error in
     pyarrow, and the fast path declines.
+
+    ``skipped_lines``: data lines of the file left out of ``text`` between its header and its
+    first data line (:func:`csv_update_frame`); messages count them in the line numbers.
     """
     text = text.removeprefix("\ufeff")
     if not text.isascii() or '"' in text or "\x00" in text:
@@ -553,13 +650,218 @@ def csv_price_frame_fast(
     for name in header:
         if canonical_column(name) is None and name.strip():
             log.debug("%s: %s: ignoring column %r", symbol, origin, name)
-    first_line = text.count("\n", 0, body_start) + 1
+    first_line = text.count("\n", 0, body_start) + 1 + skipped_lines
     lines = np.arange(first_line, first_line + len(dates), dtype=np.int64)
 
     def locate(i: int) -> str:
         return f"line {lines[i]}"
 
     return _assemble(dates, values, symbol, origin, locate, empty_rows)
+
+
+# -- a daily update of a CSV: only its last lines (pure) -------------------------------------
+
+#: Bump when a change to the CSV checks could refuse a line an earlier version accepted: every
+#: :class:`CheckedPrefix` recorded before is then ignored and its file read whole again.
+CHECKS_VERSION: int = 1
+
+#: At most this many lines before the unchecked part are parsed again for the asked range;
+#: a range reaching further back reads the whole file.
+_MAX_LINES_BACK = 512
+
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass(frozen=True)
+class CheckedPrefix:
+    """The first ``size`` bytes of a CSV price file, read and checked whole without an error.
+
+    Given only for a file whose complete lines (``size`` ends after the last ``\\n``) are
+    a header with the date first, then data lines that each start with a ``YYYY-MM-DD`` date
+    and a comma, dates strictly increasing, each with a price, without quotes or a lone CR.
+    ``sha256`` is the digest of those bytes: a later file that starts with the same bytes
+    holds the same checked lines, so only what follows them, and the lines of an asked range,
+    need parsing.  ``version`` is :data:`CHECKS_VERSION` when it was made.
+    """
+
+    size: int
+    sha256: str
+    version: int = CHECKS_VERSION
+
+    def dumps(self) -> str:
+        """The JSON text kept with the stored prices."""
+        return json.dumps({"version": self.version, "size": self.size, "sha256": self.sha256})
+
+    @classmethod
+    def loads(cls, text: str | None) -> CheckedPrefix | None:
+        """The prefix :meth:`dumps` wrote, or None for None, anything malformed or another
+        :data:`CHECKS_VERSION` (the file is then read whole)."""
+        if not text:
+            return None
+        try:
+            raw = json.loads(text)
+        except ValueError:
+            return None
+        if not isinstance(raw, dict):
+            return None
+        version, size, digest = raw.get("version"), raw.get("size"), raw.get("sha256")
+        if version != CHECKS_VERSION or type(size) is not int or size <= 0:
+            return None
+        if not isinstance(digest, str) or not _HEX64.match(digest):
+            return None
+        return cls(size, digest, version)
+
+    @classmethod
+    def of_whole(cls, data: bytes, symbol: str) -> CheckedPrefix | None:
+        """The prefix of ``symbol``'s file ``data`` just read whole without an error or a row
+        without a price, or None when the file is not of the plain form a prefix is given for."""
+        cut = data.rfind(b"\n") + 1
+        body = _body_start(data, symbol)
+        if body is None or cut <= body or _plain_dated_lines(data, body, cut) is None:
+            return None
+        return cls(cut, hashlib.sha256(memoryview(data)[:cut]).hexdigest())
+
+
+def csv_update_frame(
+    data: bytes,
+    prefix: CheckedPrefix,
+    symbol: str,
+    start: dt.date,
+    end: dt.date,
+    *,
+    origin: str,
+) -> tuple[pd.DataFrame, list[dt.date], CheckedPrefix | None] | None:
+    """The price frame of a CSV's last lines, when ``data`` starts with ``prefix``; or None.
+
+    Parses the header and the lines from the first one dated on or after ``start`` or
+    following ``prefix`` (whichever comes first) to the end, with the file's own line numbers.
+    Together with ``prefix`` (checked when it was made) that covers every line: the frame
+    cut to ``start``..``end``, the rows without a price there and the log records are those
+    of :func:`csv_price_frame` on the whole ``data`` (the tests hold them to it).  Returns
+    (frame, dates of the rows without a price, the prefix of the file as it is now, or None
+    when those rows or its form give none).  None, having logged nothing, whenever it cannot
+    prove that: ``data`` does not start with ``prefix``, a line it parses is not a plain
+    dated line later than the one before, the asked range reaches more than
+    :data:`_MAX_LINES_BACK` lines into the prefix, or the fast path declines or raises (the
+    whole file's read then gives the message).  ``end`` is not used to cut: lines after it
+    are parsed and checked too, as the whole read does.  Pure.
+    """
+    del end  # every line after the prefix is checked, dated in the range or not
+    size = prefix.size
+    if prefix.version != CHECKS_VERSION or size > len(data):
+        return None
+    digest = hashlib.sha256(memoryview(data)[:size])
+    if digest.hexdigest() != prefix.sha256:
+        return None
+    body = _body_start(data, symbol)
+    if body is None or body >= size or data[size - 1 : size] != b"\n":
+        return None
+    key = start.isoformat().encode("ascii")
+    first = size
+    for _ in range(_MAX_LINES_BACK):
+        if first <= body:
+            return None  # every line is asked for: nothing to spare
+        line = data.rfind(b"\n", body, first - 1) + 1
+        line = max(line, body)
+        if data[line : line + 10] < key:
+            break
+        first = line
+    else:
+        return None
+    dates = _plain_dated_lines(data, first, len(data))
+    if dates is None:
+        return None
+    if first > body and len(dates):
+        before = data.rfind(b"\n", body, first - 1) + 1
+        if data[max(before, body) : max(before, body) + 10] >= dates[0]:
+            return None  # the new lines do not follow the checked ones
+    try:
+        head = data[:body].removeprefix(_BOM).decode("ascii")
+        piece = data[first:].decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    found: list[dt.date] = []
+    try:
+        frame = csv_price_frame_fast(
+            head + piece,
+            symbol,
+            origin=origin,
+            empty_rows=found,
+            skipped_lines=data.count(b"\n", body, first),
+        )
+    except (DataValidationError, EmptyDataError):
+        return None  # the whole file's read names the line
+    if frame is None:
+        return None
+    cut = data.rfind(b"\n") + 1
+    now = None
+    if not found:
+        digest.update(memoryview(data)[size:cut])
+        now = CheckedPrefix(cut, digest.hexdigest())
+    return frame, found, now
+
+
+_BOM = "\ufeff".encode()
+
+
+def _body_start(data: bytes, symbol: str) -> int | None:
+    """Where the first data line of a CSV's ``data`` starts, when its header (one line, or
+    the three of ``yf.download``) is ASCII, names the date first and is one the reference
+    parser accepts; else None."""
+    ends = 0
+    for _ in range(3):
+        nl = data.find(b"\n", ends)
+        if nl < 0:
+            break
+        ends = nl + 1
+    try:
+        text = data[:ends].removeprefix(_BOM).decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    parsed = _fast_header(text, symbol, "")
+    if parsed is None or parsed[0].get("date") != 0:
+        return None
+    return len(data[:ends]) - len(text) + parsed[2]
+
+
+def _plain_dated_lines(data: bytes, begin: int, end: int) -> npt.NDArray[np.bytes_] | None:
+    """The dates (``YYYY-MM-DD`` bytes) of the lines of ``data[begin:end]`` (``begin`` at
+    the start of a line), when every one starts with such a date and a comma, the dates
+    strictly increase and the part holds no quote and no CR other than in CRLF; else None."""
+    if end <= begin:
+        return np.zeros(0, dtype="S10")
+    if data.find(b'"', begin, end) >= 0 or data.count(b"\r", begin, end) != data.count(b"\r\n", begin, end):
+        return None
+    body = np.frombuffer(data, dtype=np.uint8, count=end - begin, offset=begin)
+    starts = np.flatnonzero(body == 0x0A) + 1
+    starts = np.concatenate(([0], starts[starts < body.size]))
+    if int(starts[-1]) + 11 > body.size or (starts.size > 1 and np.diff(starts).min() < 12):
+        return None  # a line too short for a date and a comma (a blank line among them)
+    cells = body[starts[:, None] + np.arange(11)]
+    digits = cells[:, [0, 1, 2, 3, 5, 6, 8, 9]]
+    if not (
+        ((digits >= 0x30) & (digits <= 0x39)).all()
+        and (cells[:, [4, 7]] == 0x2D).all()
+        and (cells[:, 10] == 0x2C).all()
+    ):
+        return None
+    dates = np.ascontiguousarray(cells[:, :10]).view("S10").ravel()
+    if not (dates[1:] > dates[:-1]).all():
+        return None
+    return dates
+
+
+def _checked(
+    frame: pd.DataFrame, sym: str, origin: str, start: dt.date, end: dt.date, empty: list[dt.date]
+) -> CheckedPrices:
+    return clean_price_frame(
+        frame,
+        sym,
+        origin=origin,
+        start=start,
+        end=end,
+        dropped=[QualityIssue(d.isoformat(), REASON_NO_PRICE) for d in empty],
+    )
 
 
 def _fast_header(text: str, symbol: str, origin: str) -> tuple[dict[str, int], list[str], int] | None:

@@ -116,6 +116,10 @@ class CheckedPrices:
 
     frame: pd.DataFrame
     quality: QualityReport
+    #: What the source has checked of the symbol's data, to hand back to its next fetch so
+    #: that it need not check it again (an opaque text; only the ``files`` source gives one:
+    #: :class:`~sensitivity.sources.files.CheckedPrefix`).  None: nothing to hand back.
+    checked_prefix: str | None = None
 
 
 def _iso(day: Any) -> str:
