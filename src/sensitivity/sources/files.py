@@ -830,7 +830,9 @@ def _plain_dated_lines(data: bytes, begin: int, end: int) -> npt.NDArray[np.byte
     strictly increase and the part holds no quote and no CR other than in CRLF; else None."""
     if end <= begin:
         return np.zeros(0, dtype="S10")
-    if data.find(b'"', begin, end) >= 0 or data.count(b"\r", begin, end) != data.count(b"\r\n", begin, end):
+    if data.find(b'"', begin, end) >= 0:
+        return None
+    if data.find(b"\r", begin, end) >= 0 and data.count(b"\r", begin, end) != data.count(b"\r\n", begin, end):
         return None
     body = np.frombuffer(data, dtype=np.uint8, count=end - begin, offset=begin)
     starts = np.flatnonzero(body == 0x0A) + 1
