@@ -739,12 +739,13 @@ def csv_update_frame(
     cut to ``start``..``end``, the rows without a price there and the log records are those
     of :func:`csv_price_frame` on the whole ``data`` (the tests hold them to it).  Returns
     (frame, dates of the rows without a price, the prefix of the file as it is now, or None
-    when those rows or its form give none).  None, having logged nothing, whenever it cannot
-    prove that: ``data`` does not start with ``prefix``, a line it parses is not a plain
-    dated line later than the one before, the asked range reaches more than
-    :data:`_MAX_LINES_BACK` lines into the prefix, or the fast path declines or raises (the
-    whole file's read then gives the message).  ``end`` is not used to cut: lines after it
-    are parsed and checked too, as the whole read does.  Pure.
+    when those rows or its form give none).  None whenever it cannot prove that: ``data``
+    does not start with ``prefix``, a line it parses is not a plain dated line later than the
+    one before, the asked range reaches more than :data:`_MAX_LINES_BACK` lines into the
+    prefix, or the fast path declines or raises (the whole file's read then gives the
+    message); what it logged before declining belongs to no read, so
+    :meth:`FilesSource.fetch_checked` holds its records back until it answers.  ``end`` is
+    not used to cut: lines after it are parsed and checked too, as the whole read does.  Pure.
     """
     del end  # every line after the prefix is checked, dated in the range or not
     size = prefix.size
