@@ -241,7 +241,7 @@ class Outcome:
     logs: list[tuple[int, str]]
 
 
-class _Records(logging.Handler):
+class Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[tuple[int, str]] = []
@@ -251,9 +251,10 @@ class _Records(logging.Handler):
 
 
 @contextmanager
-def _logged() -> Iterator[_Records]:
+def logged() -> Iterator[Records]:
+    """The records the files source logs meanwhile, as (level, message), at every level."""
     logger = logging.getLogger("sensitivity.sources.files")
-    handler, level = _Records(), logger.level
+    handler, level = Records(), logger.level
     logger.addHandler(handler)
     logger.setLevel(logging.DEBUG)
     try:
@@ -265,7 +266,7 @@ def _logged() -> Iterator[_Records]:
 
 def run(parse: Callable[..., pd.DataFrame | None], text: str) -> Outcome:
     empty: list[dt.date] = []
-    with _logged() as logs:
+    with logged() as logs:
         try:
             frame = parse(text, SYMBOL, origin=ORIGIN, empty_rows=empty)
         except Exception as exc:

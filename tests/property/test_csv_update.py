@@ -13,15 +13,12 @@ for a range with that prefix and without it.  For every pair:
 from __future__ import annotations
 
 import datetime as dt
-import logging
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pandas as pd
 import pytest
 from hypothesis import event, given
 from hypothesis import strategies as st
-from test_csv_fast_path import SETTINGS, SYMBOL, assert_same_frame, csv_cases, missing_texts
+from test_csv_fast_path import SETTINGS, SYMBOL, assert_same_frame, csv_cases, logged, missing_texts
 
 from sensitivity.sources import files as files_module
 from sensitivity.sources.files import FilesSource
@@ -35,33 +32,11 @@ def source(tmp_path_factory: pytest.TempPathFactory) -> FilesSource:
     return FilesSource(tmp_path_factory.mktemp("update-source"))
 
 
-class _Records(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[tuple[str, int, str]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.records.append((record.name, record.levelno, record.getMessage()))
-
-
-@contextmanager
-def _logged() -> Iterator[_Records]:
-    logger = logging.getLogger("sensitivity")
-    handler, level = _Records(), logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
-Result = tuple[CheckedPrices | None, tuple[type[BaseException], str] | None, list[tuple[str, int, str]]]
+Result = tuple[CheckedPrices | None, tuple[type[BaseException], str] | None, list[tuple[int, str]]]
 
 
 def fetch(source: FilesSource, start: dt.date, end: dt.date, prefix: str | None) -> Result:
-    with _logged() as logs:
+    with logged() as logs:
         try:
             got = source.fetch_checked(SYMBOL, start, end, checked_prefix=prefix)
         except Exception as exc:
