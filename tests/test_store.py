@@ -32,7 +32,13 @@ from sensitivity.errors import (
     StoreError,
     StoreLockedError,
 )
-from sensitivity.prices import POSITIVE_COLUMNS, PRICE_COLUMNS, check_price_arrays, check_price_frame
+from sensitivity.prices import (
+    POSITIVE_COLUMNS,
+    PRICE_COLUMNS,
+    check_price_arrays,
+    check_price_frame,
+    float_columns,
+)
 from sensitivity.store import (
     PRICE_SCHEMA,
     SCHEMA_VERSION,
@@ -1335,6 +1341,27 @@ def test_fetched_price_table_equals_the_generic_conversion() -> None:
     odd.index = odd.index + pd.Timedelta(hours=1)
     with pytest.raises(DataValidationError, match="time of day"):
         store_mod._fetched_price_table(odd, "KO", stamp, "files")
+
+
+def test_float_columns_are_the_columns_a_lookup_gives() -> None:
+    """One conversion of a price frame gives each column's very values; any other frame (a
+    column that is not float64, a non-consolidated frame, repeated names) the lookups'."""
+    frame = prices(pd.bdate_range("2024-01-01", periods=7))
+    frame.iloc[2, 0] = np.nan
+    pieces = pd.concat([frame[["open", "close"]], frame[["adj_close"]] * 1.0], axis=1)  # two blocks
+    mixed = frame.assign(volume=frame["volume"].astype(np.int64))
+    nullable = frame.astype({"close": "Float64"})
+    nullable.iloc[1, list(frame.columns).index("close")] = pd.NA
+    for case in (frame, pieces, mixed, nullable, frame[["close", "open", "close"]]):
+        names = [c for c in ("close", "open", "adj_close") if c in case.columns]
+        got = float_columns(case, names)
+        assert list(got) == names
+        for name in names:
+            want = np.asarray(case[name].to_numpy(dtype=np.float64, na_value=np.nan))
+            assert got[name].dtype == np.float64
+            assert np.array_equal(got[name], want, equal_nan=True), name
+    with pytest.raises(KeyError):
+        float_columns(frame, ["close", "nope"])
 
 
 @pytest.mark.parametrize(

@@ -34,7 +34,7 @@ import pyarrow as pa
 from sensitivity import progress
 from sensitivity.config import Config
 from sensitivity.errors import ModelFitError, SourceError, StoreError, StoreLockedError
-from sensitivity.prices import PriceArrays, date_index
+from sensitivity.prices import PriceArrays, date_index, float_columns
 from sensitivity.returns import (
     AlignedReturns,
     aligned_returns_from_arrays,
@@ -253,9 +253,11 @@ def restatement(stored: pd.DataFrame, fetched: pd.DataFrame, start: dt.date, end
         first = pd.Timestamp(stored_days[inside][missing][0]).date()
         problems.append(f"{int(missing.sum())} stored date(s) no longer in the source (first {first})")
     rows_old, rows_new = inside[in_old], in_new
+    old_columns = float_columns(stored, RESTATEMENT_COLUMNS)
+    new_columns = float_columns(fetched, RESTATEMENT_COLUMNS)
     for col in RESTATEMENT_COLUMNS:
-        a = stored[col].to_numpy(dtype=np.float64)[rows_old]
-        b = fetched[col].to_numpy(dtype=np.float64)[rows_new]
+        a = old_columns[col][rows_old]
+        b = new_columns[col][rows_new]
         same = np.isclose(a, b, rtol=RESTATEMENT_RTOL, atol=0.0, equal_nan=True)
         if not same.all():
             i = int(np.flatnonzero(~same)[0])

@@ -77,6 +77,7 @@ from sensitivity.prices import (
     check_price_frame,
     date_index,
     epoch_day,
+    float_columns,
 )
 from sensitivity.process_pool import available_cpus
 from sensitivity.symbols import normalize_symbol
@@ -983,8 +984,8 @@ def _fetched_price_table(frame: pd.DataFrame, symbol: str, stamp: pd.Timestamp, 
         records = frame.loc[:, list(PRICE_COLUMNS)].assign(fetched_at=stamp, source=source)
         return _price_table(records, symbol)
     arrays: list[pa.Array] = [pa.array(days, type=pa.date32())]
-    for c in PRICE_COLUMNS:
-        arrays.append(pa.array(frame[c].to_numpy(dtype=np.float64), type=pa.float64(), from_pandas=True))
+    for values in float_columns(frame, PRICE_COLUMNS).values():
+        arrays.append(pa.array(values, type=pa.float64(), from_pandas=True))
     arrays.append(pa.array(np.full(n, stamp.as_unit("us").asm8), type=pa.timestamp("us", tz="UTC")))
     arrays.append(pa.array(np.full(n, source, dtype=object), type=pa.string()))
     return pa.Table.from_arrays(arrays, schema=PRICE_SCHEMA)

@@ -912,9 +912,7 @@ def _fast_table(body: bytes, names: list[str], numeric: set[str]) -> pa.Table | 
     try:
         return pa_csv.read_csv(
             io.BytesIO(body),
-            read_options=pa_csv.ReadOptions(
-                column_names=names, use_threads=False, block_size=max(len(body) + 1, 1 << 20)
-            ),
+            read_options=pa_csv.ReadOptions(column_names=names, use_threads=False, block_size=len(body) + 1),
             parse_options=_FAST_PARSE,
             convert_options=pa_csv.ConvertOptions(
                 column_types={n: pa.float64() if n in numeric else pa.string() for n in names},

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 
 from sensitivity.errors import DataValidationError, EmptyDataError
-from sensitivity.prices import PRICE_COLUMNS, check_price_frame
+from sensitivity.prices import PRICE_COLUMNS, check_price_frame, float_columns
 
 __all__ = [
     "JUMP_RATIO",
@@ -188,9 +188,7 @@ def clean_price_frame(
     # same order as sorting every row and then taking the range, without touching the rest.
     rows = np.flatnonzero(_in_range(stamps, start, end))
     order = rows[np.argsort(_sortable(frame.index)[rows], kind="stable")]
-    values = {
-        c: np.asarray(frame[c].to_numpy(dtype=np.float64, na_value=np.nan))[order] for c in PRICE_COLUMNS
-    }
+    values: dict[str, np.ndarray] = {c: v[order] for c, v in float_columns(frame, PRICE_COLUMNS).items()}
     dates = stamps[order]
 
     drops: list[tuple[int, str]] = []
