@@ -576,12 +576,7 @@ _FAST_PARSE = pa_csv.ParseOptions(
 
 
 def csv_price_frame_fast(
-    text: str,
-    symbol: str,
-    *,
-    origin: str,
-    empty_rows: list[dt.date] | None = None,
-    skipped_lines: int = 0,
+    text: str, symbol: str, *, origin: str, empty_rows: list[dt.date] | None = None
 ) -> pd.DataFrame | None:
     """The price frame of a plain CSV, parsed vectorised with pyarrow; None when it declines.
 
@@ -599,9 +594,6 @@ def csv_price_frame_fast(
     ``float()``, so the values are the reference parser's bit for bit.  Texts the two may
     read differently (``inf``, ``nan(1)``, ``1_000``) give a non-finite value or an error in
     pyarrow, and the fast path declines.
-
-    ``skipped_lines``: data lines of the file left out of ``text`` between its header and its
-    first data line (:func:`csv_update_frame`); messages count them in the line numbers.
     """
     text = text.removeprefix("\ufeff")
     if not text.isascii() or '"' in text or "\x00" in text:
@@ -650,7 +642,7 @@ def csv_price_frame_fast(
     for name in header:
         if canonical_column(name) is None and name.strip():
             log.debug("%s: %s: ignoring column %r", symbol, origin, name)
-    first_line = text.count("\n", 0, body_start) + 1 + skipped_lines
+    first_line = text.count("\n", 0, body_start) + 1
     lines = np.arange(first_line, first_line + len(dates), dtype=np.int64)
 
     def locate(i: int) -> str:
@@ -734,16 +726,16 @@ def csv_update_frame(
     """The price frame of a CSV's last lines, when ``data`` starts with ``prefix``; or None.
 
     Parses the header and the lines from the first one dated on or after ``start`` or
-    following ``prefix`` (whichever comes first) to the end, with the file's own line numbers.
-    Together with ``prefix`` (checked when it was made) that covers every line: the frame
-    cut to ``start``..``end``, the rows without a price there and the log records are those
-    of :func:`csv_price_frame` on the whole ``data`` (the tests hold them to it).  Returns
-    (frame, dates of the rows without a price, the prefix of the file as it is now, or None
-    when those rows or its form give none).  None whenever it cannot prove that: ``data``
-    does not start with ``prefix``, a line it parses is not a plain dated line later than the
-    one before, the asked range reaches more than :data:`_MAX_LINES_BACK` lines into the
-    prefix, or the fast path declines or raises (the whole file's read then gives the
-    message); what it logged before declining belongs to no read, so
+    following ``prefix`` (whichever comes first) to the end.  Together with ``prefix``
+    (checked when it was made) that covers every line: the frame cut to ``start``..``end``,
+    the rows without a price there and the log records are those of :func:`csv_price_frame`
+    on the whole ``data`` (the tests hold them to it).  Returns (frame, dates of the rows
+    without a price, the prefix of the file as it is now, or None when those rows or its form
+    give none).  None whenever it cannot prove that: ``data`` does not start with ``prefix``,
+    a line it parses is not a plain dated line later than the one before, the asked range
+    reaches more than :data:`_MAX_LINES_BACK` lines into the prefix, or the fast path
+    declines or raises.  No error comes from here: the whole file's read then gives it, with
+    the line's number in the file.  What it logged before declining belongs to no read, so
     :meth:`FilesSource.fetch_checked` holds its records back until it answers.  ``end`` is
     not used to cut: lines after it are parsed and checked too, as the whole read does.  Pure.
     """
@@ -783,13 +775,7 @@ def csv_update_frame(
         return None
     found: list[dt.date] = []
     try:
-        frame = csv_price_frame_fast(
-            head + piece,
-            symbol,
-            origin=origin,
-            empty_rows=found,
-            skipped_lines=data.count(b"\n", body, first),
-        )
+        frame = csv_price_frame_fast(head + piece, symbol, origin=origin, empty_rows=found)
     except (DataValidationError, EmptyDataError):
         return None  # the whole file's read names the line
     if frame is None:
