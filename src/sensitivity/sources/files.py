@@ -40,6 +40,7 @@ and the file must resolve inside the folder: a symlink that leads out of it is r
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import hashlib
@@ -750,24 +751,21 @@ def csv_update_frame(
     if body is None or body >= size or data[size - 1 : size] != b"\n":
         return None
     key = start.isoformat().encode("ascii")
-    first = size
+    first = size  # the first line to parse; ``before``: the line before it, dated before ``start``
     for _ in range(_MAX_LINES_BACK):
         if first <= body:
             return None  # every line is asked for: nothing to spare
-        line = data.rfind(b"\n", body, first - 1) + 1
-        line = max(line, body)
-        if data[line : line + 10] < key:
+        before = max(data.rfind(b"\n", body, first - 1) + 1, body)
+        if data[before : before + 10] < key:
             break
-        first = line
+        first = before
     else:
         return None
     dates = _plain_dated_lines(data, first, len(data))
     if dates is None:
         return None
-    if first > body and len(dates):
-        before = data.rfind(b"\n", body, first - 1) + 1
-        if data[max(before, body) : max(before, body) + 10] >= dates[0]:
-            return None  # the new lines do not follow the checked ones
+    if len(dates) and data[before : before + 10] >= dates[0]:
+        return None  # the new lines do not follow the checked ones
     try:
         head = data[:body].removeprefix(_BOM).decode("ascii")
         piece = data[first:].decode("ascii")
@@ -788,7 +786,7 @@ def csv_update_frame(
     return frame, found, now
 
 
-_BOM = "\ufeff".encode()
+_BOM = codecs.BOM_UTF8
 
 
 def _body_start(data: bytes, symbol: str) -> int | None:
