@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import os
 import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -17,12 +19,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from sensitivity import store as store_module
 from sensitivity.config import Config, load_config
 from sensitivity.errors import ModelFitError
 from sensitivity.pipeline import build_manifest, fetch_symbol, fit_universe, fit_universe_with_history
 from sensitivity.report import SENSITIVITY_COLUMNS, render_report
 from sensitivity.scenarios import scenario_table
-from sensitivity.store import INPUTS_KEY, InputsStamp, PriceStore, ReportStore, SensitivityKey
+from sensitivity.store import INPUTS_KEY, InputsStamp, PriceStore, ReportStore, SensitivityKey, StoredRows
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE = ROOT / "data" / "sample"
@@ -222,9 +225,16 @@ def test_fit_universe_without_the_rate_symbols_prices_names_it(source: Path, tmp
         fit_universe(cfg, ["KO", "JPM"])
 
 
-def long_rows(history: Mapping[SensitivityKey, pd.DataFrame | pa.Table]) -> pd.DataFrame:
+def long_rows(history: Mapping[SensitivityKey, pd.DataFrame | pa.Table | StoredRows]) -> pd.DataFrame:
     """A fit's per-combination rows for the report as one frame, ``date`` as timestamps."""
-    parts = [r.to_pandas(date_as_object=False) if isinstance(r, pa.Table) else r for r in history.values()]
+    parts = [
+        r.to_pandas(date_as_object=False)
+        if isinstance(r, pa.Table)
+        else r.read(SENSITIVITY_COLUMNS).to_pandas(date_as_object=False)
+        if isinstance(r, StoredRows)
+        else r
+        for r in history.values()
+    ]
     frame = pd.concat(parts, ignore_index=True)
     return frame.assign(date=pd.to_datetime(frame["date"]).astype("datetime64[ns]"))
 
@@ -257,6 +267,52 @@ def test_the_fits_rows_are_what_the_report_would_read_back(source: Path, tmp_pat
     manifest = build_manifest(cfg, fitted.outcome, [], {}, started_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC))
     page = render_report(history, summary, manifest, scenarios=scenarios, workers=0)
     assert page == render_report(stored, summary, manifest, scenarios=scenarios, workers=0)
+
+
+def test_a_daily_runs_rows_for_the_report_are_its_files(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daily run that kept the stored row groups as bytes hands the report those rows as
+    :class:`StoredRows` (read back for what the page draws): the rows and the page are those
+    of the files, and stay this run's when another run replaces a file afterwards."""
+    monkeypatch.setattr(store_module, "SENSITIVITY_ROW_GROUP", 64)
+    after = fetched(config(source, tmp_path, se="hac"))
+    fit_universe(ended(after, BEFORE), ["KO", "JPM"])
+    fitted = fit_universe_with_history(after, ["KO", "JPM"])
+    history = fitted.history
+    assert history is not None
+    assert all(isinstance(rows, StoredRows) and rows.skipped > 0 for rows in history.values())
+    reports = ReportStore(tmp_path)
+    stored = reports.read_sensitivity(
+        index_ticker="^GSPC", window=126, tickers=["KO", "JPM"], columns=SENSITIVITY_COLUMNS
+    )
+    keys = ["ticker", "date"]
+    mine = long_rows(history).sort_values(keys, ignore_index=True)
+    theirs = stored.assign(date=pd.to_datetime(stored["date"])).sort_values(keys, ignore_index=True)
+    pd.testing.assert_frame_equal(mine, theirs, check_exact=True, check_dtype=False)
+    assert fitted.outcome.rows == len(stored)
+    assert fitted.outcome.fitted_by_ticker == {
+        t: int(g["sensitivity"].notna().sum()) for t, g in stored.groupby("ticker", sort=False)
+    }
+    assert fitted.outcome.first_date == str(stored["date"].min())
+
+    as_of = dt.date.fromisoformat(fitted.outcome.as_of)
+    summary = reports.read_summary(as_of=as_of)
+    manifest = build_manifest(
+        after, fitted.outcome, [], {}, started_at=dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    )
+    page = render_report(history, summary, manifest, workers=0)
+    assert page == render_report(stored, summary, manifest, workers=0)
+
+    ko = history[("^GSPC", "KO", 126)]
+    assert isinstance(ko, StoredRows)
+    mine_ko = ko.read(list(SENSITIVITY_COLUMNS))
+    path = reports.sensitivity_path("^GSPC", "KO", 126)
+    other = pq.read_table(path).slice(0, 10)
+    tmp = path.with_name(".replacement.parquet")
+    pq.write_table(other, tmp)
+    os.replace(tmp, path)  # another run's file now
+    assert ko.read(list(SENSITIVITY_COLUMNS)).equals(mine_ko)  # still this run's rows
 
 
 def test_a_history_too_large_to_copy_is_read_back_by_the_report(
@@ -381,6 +437,7 @@ def kept_count(caplog: pytest.LogCaptureFixture) -> tuple[int, int]:
     return int(last.group(1)), int(last.group(2))
 
 
+@pytest.mark.parametrize("group", [None, 64], ids=["one-group", "groups-of-64"])
 @pytest.mark.parametrize(
     "model",
     [{}, {"se": "hac", "risk_free_symbol": "^IRX"}, {"fit": "huber", "se": "hc1"}],
@@ -392,17 +449,31 @@ def test_a_daily_run_writes_what_a_fit_of_the_whole_range_writes(
     caplog: pytest.LogCaptureFixture,
     monkeypatch: pytest.MonkeyPatch,
     model: dict,
+    group: int | None,
 ) -> None:
     """Fit through BEFORE, then through END with the stored rows kept: the per-day files,
     the summary and the report's rows equal those of a fresh data folder fitted through END
     in one go, bit for bit (Huber columns included: with fit = "ols" they move to the new
-    latest row, and the stored ones are not even decoded)."""
+    latest row, and the stored ones are not even decoded).  With row groups smaller than
+    the files (``groups-of-64``) the daily run copies the stored groups as bytes and encodes
+    only the last: still the same files."""
     caplog.set_level(logging.INFO, logger="sensitivity.pipeline")
+    spliced: list[bool] = []
+    if group is not None:
+        monkeypatch.setattr(store_module, "SENSITIVITY_ROW_GROUP", group)
+        real_spliced = store_module.prepare_spliced_table
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            prepared = real_spliced(*args, **kwargs)
+            spliced.append(prepared is not None)
+            return prepared
+
+        monkeypatch.setattr(store_module, "prepare_spliced_table", counted)
     after = fetched(config(source, tmp_path / "daily", **model))
     fit_universe(ended(after, BEFORE), ["KO", "JPM"])
     assert kept_count(caplog) == (0, 0)
     decoded: list[list[str]] = []
-    real_read = pq.ParquetFile.read
+    real_read, real_groups = pq.ParquetFile.read, pq.ParquetFile.read_row_groups
 
     def spy(self: pq.ParquetFile, *args: object, **kwargs: object) -> pa.Table:
         columns = kwargs.get("columns")
@@ -410,10 +481,19 @@ def test_a_daily_run_writes_what_a_fit_of_the_whole_range_writes(
             decoded.append(columns)
         return real_read(self, *args, **kwargs)  # type: ignore[arg-type]
 
+    def spy_groups(self: pq.ParquetFile, groups: Any, *args: object, **kwargs: object) -> pa.Table:
+        columns = kwargs.get("columns")
+        if isinstance(columns, list) and "sensitivity" in columns and len(columns) > 2:
+            decoded.append(columns)
+            assert list(groups) == [self.metadata.num_row_groups - 1]  # the last group only
+        return real_groups(self, groups, *args, **kwargs)  # type: ignore[arg-type]
+
     with monkeypatch.context() as m:
         m.setattr(pq.ParquetFile, "read", spy)
+        m.setattr(pq.ParquetFile, "read_row_groups", spy_groups)
         daily = fit_universe_with_history(after, ["KO", "JPM"])
     assert kept_count(caplog) == (2, 2)
+    assert spliced == ([True, True] if group is not None else [])
     assert len(decoded) == 2
     huber_read = [any(c.startswith("huber_") for c in columns) for columns in decoded]
     assert huber_read == [model.get("fit") == "huber"] * 2

@@ -267,10 +267,46 @@ def test_a_page_from_rows_split_by_combination_is_the_page_of_the_table(
     assert render_report(split, universe.summary, {}, workers=0, chart_limit=chart_limit) == page
 
 
+class CountedSource:
+    """A :class:`report.RowSource` over a table that records the columns each read asks for."""
+
+    def __init__(self, table: pa.Table) -> None:
+        self.table = table
+        self.reads: list[tuple[str, ...]] = []
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.table.column_names)
+
+    def read(self, columns: Any) -> pa.Table:
+        self.reads.append(tuple(columns))
+        return self.table.select(list(columns))
+
+
+@pytest.mark.parametrize("chart_limit", [40, 4])
+def test_a_page_from_row_sources_reads_only_what_it_draws(universe: Universe, chart_limit: int) -> None:
+    """Rows handed over as row sources (a daily run's kept files) draw the page of the
+    table, byte for byte; a combination that is not charted is read for its dates and
+    sensitivities only, a charted one once more for all its columns."""
+    split = split_by_combination(universe.frame, arrow=True)
+    page = render_report(split, universe.summary, {}, workers=0, chart_limit=chart_limit)
+    sources = {key: CountedSource(table) for key, table in split.items()}
+    assert render_report(sources, universe.summary, {}, workers=0, chart_limit=chart_limit) == page
+    assert isinstance(next(iter(sources.values())), report.RowSource)
+    reads = sorted(tuple(source.reads) for source in sources.values())
+    light = (("date", "sensitivity"),)
+    charted = sum(1 for r in reads if r != light)
+    every = tuple(next(iter(split.values())).column_names)
+    assert all(r in (light, (*light, every)) for r in reads)
+    assert charted >= page.count(b'data-chart="characteristic"') > 0  # at most one per section
+    if chart_limit == 4:
+        assert 0 < charted < len(sources)
+
+
 def test_rows_split_by_combination_are_checked(universe: Universe) -> None:
     split = split_by_combination(universe.frame, arrow=True)
     key = next(iter(split))
-    with pytest.raises(TypeError, match=r"must be a pandas DataFrame or an Arrow table, got list"):
+    with pytest.raises(TypeError, match=r"a pandas DataFrame, an Arrow table or a row source, got list"):
         render_report({**split, key: [1, 2]}, universe.summary, {}, workers=0)
     with pytest.raises(ValueError, match=r"lacks column\(s\) sensitivity_se"):
         render_report({**split, key: split[key].drop_columns(["sensitivity_se"])}, universe.summary, {})

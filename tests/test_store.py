@@ -1523,3 +1523,119 @@ def test_rewriting_files_read_whole_skips_only_the_version_check_of_unchanged_on
         rs.write_sensitivity_tables(held)
     assert checked == [newer.name]
     assert newer.read_bytes() == before
+
+
+def test_a_tail_read_decodes_the_last_row_group_and_counts_the_rest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``read_sensitivity_tails`` decodes only the last row group of a file whose groups
+    before it a splice can keep, and gives their rows, fitted rows and first date; a file of
+    one group is read whole."""
+    monkeypatch.setattr(store_mod, "SENSITIVITY_ROW_GROUP", 4)
+    rs = ReportStore(tmp_path)
+    days = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2024-01-02", periods=11)]
+    frame = sens_frame("^GSPC", "AAPL", 252, days)
+    frame.loc[[0, 1, 5], "sensitivity"] = np.nan  # not fitted: null in the file
+    short = sens_frame("^GSPC", "KO", 252, days[:3])
+    rs.write_sensitivity(pd.concat([frame, short]))
+    tails = rs.read_sensitivity_tails([("^GSPC", "AAPL", 252), ("^GSPC", "KO", 252)])
+    aapl, ko = tails[("^GSPC", "AAPL", 252)], tails[("^GSPC", "KO", 252)]
+    whole = store_mod.read_table(rs.sensitivity_path("^GSPC", "AAPL", 252), "sensitivity")
+    assert (aapl.skipped, aapl.skipped_fitted, aapl.rows) == (8, 5, 11)
+    assert aapl.first_date == dt.date(2024, 1, 2)
+    assert aapl.table.equals(whole.slice(8))
+    assert aapl.kept_bytes is not None
+    assert aapl.held is not None
+    assert (ko.skipped, ko.kept_bytes, ko.held, ko.table.num_rows) == (0, None, None, 3)
+    # StoredRows gives the file's rows back from the tail and the held file.
+    rows = aapl.rows_from(aapl.table, ["date", "sensitivity"])
+    assert isinstance(rows, store_mod.StoredRows)
+    assert rows.read(["date", "sensitivity"]).equals(whole.select(["date", "sensitivity"]))
+    assert ko.rows_from(ko.table, ["date"]).equals(ko.table.select(["date"]))
+
+
+def test_a_tail_read_holds_no_more_files_than_the_limit_allows(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each tail read holds its file open until the write; beyond what the open-file limit
+    allows (less a margin for the rest of the process) the files are read whole instead."""
+    monkeypatch.setattr(store_mod, "SENSITIVITY_ROW_GROUP", 4)
+    rs = ReportStore(tmp_path)
+    keys = [("^GSPC", t, 252) for t in ("AAPL", "KO", "MSFT")]
+    days = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2024-01-02", periods=11)]
+    rs.write_sensitivity(pd.concat([sens_frame(*k, days, seed=i) for i, k in enumerate(keys)]))
+    monkeypatch.setattr(store_mod, "_holdable", lambda n: 2)
+    tails = rs.read_sensitivity_tails(keys)
+    assert [tails[k].skipped for k in keys] == [8, 8, 0]
+    assert tails[keys[2]].table.num_rows == 11
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    monkeypatch.undo()
+    assert store_mod._holdable(3) == 3
+    assert store_mod._holdable(10**9) <= max(soft, hard)
+
+
+def test_a_tail_write_copies_the_file_as_read_even_if_replaced_since(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The rows before a tail are copied from the file as this run read it (held open): if
+    another run renamed a file over it meanwhile, this run's file is still its own rows (as
+    a whole read then a whole write gives: the last writer's file, never a mix)."""
+    monkeypatch.setattr(store_mod, "SENSITIVITY_ROW_GROUP", 4)
+    rs = ReportStore(tmp_path)
+    keys = [("^GSPC", "AAPL", 252), ("^GSPC", "KO", 252)]
+    days = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2024-01-02", periods=11)]
+    rs.write_sensitivity(pd.concat([sens_frame(*k, days, seed=i) for i, k in enumerate(keys)]))
+    heads = {k: store_mod.read_table(rs.sensitivity_path(*k), "sensitivity").slice(0, 8) for k in keys}
+    tails = rs.read_sensitivity_tails(keys)
+    more = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2024-01-02", periods=12)]
+    grown = {
+        k: store_mod.table_from_frame(sens_frame(*k, more, seed=i), SENSITIVITY_SCHEMA, "t").slice(8)
+        for i, k in enumerate(keys)
+    }
+    ReportStore(tmp_path).write_sensitivity(sens_frame(*keys[1], days[:5], seed=7))  # another run
+    rs.write_sensitivity_tables(grown, kept=tails)
+    for k in keys:
+        got = store_mod.read_table(rs.sensitivity_path(*k), "sensitivity")
+        assert got.equals(
+            pa.concat_tables([heads[k], grown[k].replace_schema_metadata(heads[k].schema.metadata)])
+        )
+        assert pq.read_metadata(rs.sensitivity_path(*k)).num_row_groups == 3
+    with pytest.raises(DataValidationError, match="does not begin where the rows read"):
+        rs.write_sensitivity_tables({keys[0]: grown[keys[0]].slice(1)}, kept=tails)
+
+
+def _open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="counts open files in /proc")
+def test_a_tail_read_of_a_file_replaced_meanwhile_is_left_out_and_nothing_stays_open(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A file renamed over while its last group is read is left out (its ticker is fitted in
+    full), and its held file is closed; the others' are closed once their rows are let go."""
+    import gc
+
+    monkeypatch.setattr(store_mod, "SENSITIVITY_ROW_GROUP", 4)
+    rs = ReportStore(tmp_path)
+    keys = [("^GSPC", t, 252) for t in ("AAPL", "KO", "MSFT")]
+    days = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2024-01-02", periods=11)]
+    rs.write_sensitivity(pd.concat([sens_frame(*k, days, seed=i) for i, k in enumerate(keys)]))
+    real = store_mod._read_opened
+
+    def replacing(path: Path, *args: Any, **kwargs: Any) -> pa.Table:
+        table = real(path, *args, **kwargs)
+        if "__KO__" in path.name:
+            ReportStore(tmp_path).write_sensitivity(sens_frame(*keys[1], days, seed=5))
+        return table
+
+    before = _open_fds()
+    monkeypatch.setattr(store_mod, "_read_opened", replacing)
+    tails = rs.read_sensitivity_tails(keys)
+    assert sorted(tails) == [keys[0], keys[2]]
+    assert _open_fds() == before + 2  # the two kept files are held
+    del tails
+    gc.collect()
+    assert _open_fds() == before

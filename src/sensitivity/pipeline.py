@@ -52,6 +52,7 @@ from sensitivity.store import (
     PriceStore,
     ReportStore,
     SensitivityKey,
+    StoredRows,
     file_identity,
     frame_from_price_table,
     one_sweep_per_folder,
@@ -668,7 +669,7 @@ def replay_records(records: Sequence[logging.LogRecord]) -> None:
 
 
 #: The per-day rows a fit hands to the report, per combination (see :class:`FittedUniverse`).
-History: TypeAlias = dict[SensitivityKey, pd.DataFrame | pa.Table]
+History: TypeAlias = dict[SensitivityKey, pd.DataFrame | pa.Table | StoredRows]
 
 
 @dataclass(frozen=True, eq=False)
@@ -818,7 +819,7 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
         else None
     )
     extended = _extended(kept, added, clear_huber=m.fit == "ols")
-    rows = _Rows.of(table, runs, extended)
+    rows = _Rows.of(table, runs, extended, kept)
     for t in stock_arrays:
         if t not in rows.total:
             no_data[t] = (
@@ -841,7 +842,9 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
             reports.write_sensitivity(table, stamps=stamps)
         if growing:
             reports.write_sensitivity_tables(
-                {(u.index, t, m.window): extended[t] for t in growing}, stamps=stamps
+                {(u.index, t, m.window): extended[t] for t in growing},
+                stamps=stamps,
+                kept={(u.index, t, m.window): kept[t].stored for t in growing},
             )
         reports.write_summary(summary)
         reports.write_scenarios(scenarios)
@@ -867,7 +870,8 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
     )
     history = None
     if with_history and outcome.rows * len(SENSITIVITY_COLUMNS) * 8 <= HANDOVER_MAX_BYTES:
-        history = _history(table, runs, extended, (u.index, m.window), order, list(SENSITIVITY_COLUMNS))
+        stored = {t: k.stored.rows_from(extended[t], SENSITIVITY_COLUMNS) for t, k in kept.items()}
+        history = _history(table, runs, stored, (u.index, m.window), order, list(SENSITIVITY_COLUMNS))
     return FittedUniverse(outcome, history)
 
 
@@ -886,7 +890,8 @@ def _after(frame: pd.DataFrame, through: Mapping[str, dt.date]) -> pd.DataFrame:
 def _extended(
     kept: Mapping[str, Kept], added: pd.DataFrame | None, *, clear_huber: bool
 ) -> dict[str, pa.Table]:
-    """Each kept ticker's whole table: its stored rows, then the rows ``added`` for it.
+    """Each kept ticker's rows as read (its file's from row ``stored.skipped`` on), then the
+    rows ``added`` for it: the rows its file gets from there on.
 
     ``clear_huber``: with ``fit = "ols"`` only a ticker's latest row has a Huber fit, so the
     stored rows of a ticker that gained rows lose theirs (as a fit of the whole range gives).
@@ -938,8 +943,15 @@ class _Rows:
     latest: pd.DataFrame
 
     @classmethod
-    def of(cls, table: pd.DataFrame | None, runs: _Runs | None, extended: Mapping[str, pa.Table]) -> _Rows:
-        """Of the rows fitted in full (``table``, its :class:`_Runs`) and the kept tickers'."""
+    def of(
+        cls,
+        table: pd.DataFrame | None,
+        runs: _Runs | None,
+        extended: Mapping[str, pa.Table],
+        kept: Mapping[str, Kept],
+    ) -> _Rows:
+        """Of the rows fitted in full (``table``, its :class:`_Runs`) and the kept tickers'
+        (``extended``: their rows from ``kept[t].stored.skipped`` on)."""
         total: dict[str, int] = {}
         fitted: dict[str, int] = {}
         last: dict[str, dt.date] = {}
@@ -959,10 +971,11 @@ class _Rows:
             ends = [t.slice(t.num_rows - 1) for t in extended.values()]
             latest.append(pa.concat_tables(ends).to_pandas(date_as_object=False))
             for t, tab in extended.items():
-                total[t] = tab.num_rows
-                fitted[t] = tab.num_rows - tab.column("sensitivity").null_count
+                stored = kept[t].stored
+                total[t] = stored.skipped + tab.num_rows
+                fitted[t] = stored.skipped_fitted + tab.num_rows - tab.column("sensitivity").null_count
                 last[t] = tab.column("date")[-1].as_py()
-                firsts.append(tab.column("date")[0].as_py())
+                firsts.append(stored.first_date or tab.column("date")[0].as_py())
         frame = pd.concat(latest, ignore_index=True) if len(latest) > 1 else (latest or [pd.DataFrame()])[0]
         as_of = max(last.values()) if last else dt.date.min
         return cls(total, fitted, last, min(firsts) if firsts else dt.date.min, as_of, frame)
@@ -1014,7 +1027,7 @@ def _run_ends(codes: npt.NDArray[np.intp], dates: pd.Series) -> npt.NDArray[np.i
 def _history(
     table: pd.DataFrame | None,
     runs: _Runs | None,
-    extended: Mapping[str, pa.Table],
+    stored: Mapping[str, StoredRows | pa.Table],
     combo: tuple[str, int],
     order: Sequence[str],
     columns: list[str],
@@ -1023,11 +1036,13 @@ def _history(
 
     The rows of tickers fitted in full are slices of one copy of those columns (the fit
     writes them ticker by ticker, each by date; otherwise they are grouped); a kept ticker's
-    are its Arrow table's columns, not copied.  Nothing is converted to pandas here: the
-    report converts only the combinations it charts.
+    are its rows as read and added (an Arrow table), or, where the rows before them were
+    kept as bytes, its :class:`~sensitivity.store.StoredRows`, which reads those back only
+    for what the report draws.  Nothing is converted
+    to pandas here: the report converts only the combinations it charts.
     """
     index, window = combo
-    parts: dict[str, pd.DataFrame | pa.Table] = {}
+    parts: dict[str, pd.DataFrame | pa.Table | StoredRows] = {}
     if table is not None and runs is not None and len(table):
         rows = table[columns]
         if runs.ends is not None:
@@ -1037,8 +1052,7 @@ def _history(
         else:
             for name, group in rows.groupby("ticker", sort=False):
                 parts[str(name)] = group.sort_values("date", kind="stable")
-    for t, kept in extended.items():
-        parts[t] = kept.select(columns)
+    parts.update(stored)
     return {(index, t, window): parts[t] for t in order if t in parts}
 
 

@@ -43,7 +43,7 @@ import math
 import struct
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, cast
+from typing import Any, Final, Literal, Protocol, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -75,6 +75,7 @@ __all__ = [
     "SIGNIFICANCE_LEVEL",
     "CharacteristicCurve",
     "GammaTest",
+    "RowSource",
     "characteristic_curve",
     "characteristic_curve_figure",
     "figure_png",
@@ -279,15 +280,33 @@ def _one_combination(history: pd.DataFrame) -> pd.DataFrame:
     return out.sort_values("date", kind="stable").reset_index(drop=True)
 
 
+@runtime_checkable
+class RowSource(Protocol):
+    """One combination's per-day rows, read when asked: ``read(columns)`` gives them as an
+    Arrow table of those columns, dates increasing (e.g. :class:`sensitivity.store.StoredRows`,
+    which reads a file's older rows back only for the columns the page draws)."""
+
+    @property
+    def column_names(self) -> list[str]: ...
+
+    def read(self, columns: Sequence[str]) -> pa.Table: ...
+
+
 class _History:
     """One combination's per-day rows for the page, oldest first.
 
-    Held as the caller gave them (a DataFrame or an Arrow table): the overview's sparkline
-    reads two columns (:attr:`dates`, :meth:`sensitivity`), and only a charted section
-    converts the whole rows (:meth:`frame`, as :func:`_one_combination` returns them).
+    Held as the caller gave them (a DataFrame, an Arrow table or a :class:`RowSource`): the
+    overview's sparkline reads two columns (:attr:`dates`, :meth:`sensitivity`), and only a
+    charted section converts the whole rows (:meth:`frame`, as :func:`_one_combination`
+    returns them).
     """
 
-    def __init__(self, rows: pd.DataFrame | pa.Table, key: tuple[str, str, int]) -> None:
+    def __init__(self, rows: pd.DataFrame | pa.Table | RowSource, key: tuple[str, str, int]) -> None:
+        if isinstance(rows, RowSource) and not isinstance(rows, pa.Table | pd.DataFrame):
+            self._source: RowSource | None = rows
+            rows = rows.read(["date", "sensitivity"])
+        else:
+            self._source = None
         self._rows = rows
         self._frame: pd.DataFrame | None = None
         if isinstance(rows, pa.Table):
@@ -311,14 +330,14 @@ class _History:
     def frame(self) -> pd.DataFrame:
         """The whole rows as a DataFrame, ``date`` as timestamps, index ``0 .. n-1``."""
         if self._frame is None:
-            rows = self._rows
+            rows = self._rows if self._source is None else self._source.read(self._source.column_names)
             frame = rows.to_pandas(date_as_object=False) if isinstance(rows, pa.Table) else rows
             self._frame = frame.assign(date=self.dates).reset_index(drop=True)
         return self._frame
 
 
 def _histories(
-    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table],
+    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
 ) -> dict[tuple[str, str, int], _History]:
     """The page's per-combination rows from either form :func:`render_report` takes."""
     if not isinstance(sensitivity, Mapping):
@@ -331,18 +350,23 @@ def _histories(
         return out
     out = {}
     for combo, rows in sensitivity.items():
-        if not isinstance(rows, pa.Table | pd.DataFrame):
+        if not isinstance(rows, pa.Table | pd.DataFrame | RowSource):
             raise TypeError(
-                f"sensitivity[{combo!r}] must be a pandas DataFrame or an Arrow table, got "
-                f"{type(rows).__name__}"
+                f"sensitivity[{combo!r}] must be a pandas DataFrame, an Arrow table or a row "
+                f"source, got {type(rows).__name__}"
             )
-        names = rows.column_names if isinstance(rows, pa.Table) else list(rows.columns)
+        names = list(rows.columns) if isinstance(rows, pd.DataFrame) else list(rows.column_names)
         missing = [c for c in SENSITIVITY_COLUMNS if c not in names]
         if missing:
             raise ValueError(f"sensitivity[{combo!r}] lacks column(s) {', '.join(missing)}")
-        if len(rows):
-            key = (str(combo[0]), str(combo[1]), int(combo[2]))
-            out[key] = _History(rows, key)
+        key = (str(combo[0]), str(combo[1]), int(combo[2]))
+        if isinstance(rows, pa.Table | pd.DataFrame):
+            if len(rows):
+                out[key] = _History(rows, key)
+        else:
+            history = _History(rows, key)
+            if len(history.dates):
+                out[key] = history
     if not out:
         _checked_frame(pd.DataFrame(), "sensitivity", SENSITIVITY_COLUMNS)  # the "is empty" error
     return out
@@ -2055,7 +2079,7 @@ def _heatmap_html(
 
 
 def render_report(
-    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table],
+    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
     summary: pd.DataFrame,
     manifest: Mapping[str, Any],
     *,
@@ -2067,10 +2091,11 @@ def render_report(
 
     ``sensitivity`` is the per-day table (the charts' history), or the same rows already split
     by combination: a mapping ``(index_ticker, ticker, window)`` -> that combination's rows
-    (a DataFrame or an Arrow table with the per-day table's columns, dates increasing), as a
-    caller that holds them per combination has them; the page is byte for byte the same, and
-    only the charted combinations are converted to pandas (a 500-ticker page otherwise
-    grouped and copied 2.5 million rows: about 1 s).  ``summary`` the output of
+    (a DataFrame, an Arrow table or a :class:`RowSource` with the per-day table's columns,
+    dates increasing), as a caller that holds them per combination has them; the page is
+    byte for byte the same, a row source is read for the dates and sensitivities only unless
+    its combination is charted, and only the charted combinations are converted to pandas
+    (a 500-ticker page otherwise grouped and copied 2.5 million rows: about 1 s).  ``summary`` the output of
     :func:`summary_table` (rows of other ``as_of`` dates are ignored; the latest is reported),
     ``manifest`` the run's manifest (``failures``: symbol -> reason and ``warnings`` are shown
     at the top, everything else under "Run details"; ``config.model`` keys naming a lag feed

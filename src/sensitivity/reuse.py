@@ -29,7 +29,7 @@ import pandas as pd
 import pyarrow as pa
 
 from sensitivity.returns import AlignedReturns
-from sensitivity.store import SCHEMA_VERSIONS, InputsStamp, ReportStore, SensitivityKey
+from sensitivity.store import SCHEMA_VERSIONS, InputsStamp, ReportStore, SensitivityKey, StoredTail
 
 __all__ = ["FitInputs", "Kept", "code_digest", "reusable_rows"]
 
@@ -40,6 +40,7 @@ _NUMERIC_MODULES = (
     "buffers",
     "inference",
     "model",
+    "parquet_splice",
     "pipeline",
     "returns",
     "reuse",
@@ -176,14 +177,20 @@ class FitInputs:
 
 @dataclass(frozen=True, eq=False)
 class Kept:
-    """A ticker's stored rows that a run keeps: the file's table, its last date, its calendar
-    row and whether it has later days to fit (:meth:`FitInputs.grows`).  The table's
+    """A ticker's stored rows that a run keeps: what was read of its file (``stored``: its
+    rows from ``stored.skipped`` on, the rows before kept as bytes), its last date, its
+    calendar row and whether it has later days to fit (:meth:`FitInputs.grows`).  The table's
     ``cleared`` columns (:func:`reusable_rows`) are all null when it has."""
 
-    table: pa.Table
+    stored: StoredTail
     through: dt.date
     row: int
     grows: bool
+
+    @property
+    def table(self) -> pa.Table:
+        """The rows read: the file's from row ``stored.skipped`` on."""
+        return self.stored.table
 
 
 def reusable_rows(
@@ -199,8 +206,10 @@ def reusable_rows(
 
     Reads the footer of each ticker's file; where the digest of ``inputs`` through the
     stamp's date matches the stamp's, reads the file (whose last row must be dated
-    ``through``).  Files without a stamp or with another digest are left out (not decoded):
-    those tickers are computed in full.  ``cleared``: columns the caller writes null in the
+    ``through``): its last row group, where the groups before can be kept as bytes
+    (:meth:`~sensitivity.store.ReportStore.read_sensitivity_tails`), else all of it.  Files
+    without a stamp or with another digest are left out (not decoded): those tickers are
+    computed in full.  ``cleared``: columns the caller writes null in the
     stored rows of a ticker with later days (the Huber fit, kept on the latest row only when
     ``fit = "ols"``): for those tickers they are not decoded and come back all null.
     """
@@ -219,11 +228,11 @@ def reusable_rows(
     def unused(key: SensitivityKey) -> Collection[str]:
         return cleared if rows[keys[key]][1] else ()
 
-    tables = reports.read_sensitivity_tables(keys, keep=same_inputs, unused=unused)
+    tails = reports.read_sensitivity_tails(keys, keep=same_inputs, unused=unused)
     kept: dict[str, Kept] = {}
-    for key, (table, stamp) in tables.items():
-        t = keys[key]
+    for key, stored in tails.items():
+        t, table, stamp = keys[key], stored.table, stored.stamp
         if stamp is None or table.num_rows == 0 or table.column("date")[-1].as_py() != stamp.through:
             continue
-        kept[t] = Kept(table, stamp.through, *rows[t])
+        kept[t] = Kept(stored, stamp.through, *rows[t])
     return kept

@@ -46,14 +46,17 @@ import contextlib
 import datetime as dt
 import errno
 import fcntl
+import functools
 import json
 import math
+import mmap
 import os
 import re
 import secrets
 import stat
 import threading
 import time
+import weakref
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextvars import ContextVar
@@ -543,6 +546,7 @@ def prepare_table(
     sweep: bool = True,
     plain_floats: bool = False,
     distinct: Collection[str] | None = None,
+    row_group_size: int | None = None,
 ) -> PreparedFile:
     """:func:`write_table_atomic` up to the rename: the :class:`PreparedFile` to commit.
 
@@ -551,23 +555,205 @@ def prepare_table(
     of their size (481 against 543 MB at 500 tickers x 20 years) for about twice the time
     to write and to read them back (1.67 against 1.11 s and 1.2-2.4 against 0.8-0.9 s).
     ``distinct``: the columns the caller knows hold distinct values (see
-    :func:`_dictionary_columns`); None: counted.
+    :func:`_dictionary_columns`); None: counted.  ``row_group_size``: rows per row group
+    (None: pyarrow's default, one group up to a million rows).
     """
-
-    dictionary = _dictionary_columns(table, distinct)
-    compression: str | dict[str, str] = COMPRESSION
-    if plain_floats:
-        compression = {f.name: "none" if pa.types.is_floating(f.type) else COMPRESSION for f in table.schema}
 
     def _write(fh: IO[bytes]) -> None:
         # Encoded in memory, then written at once: Arrow writes every page to a Python file
         # object holding the GIL, so a batch's writer threads took turns at each page
         # (measured: about 0.5 ms of a 4 to 5 ms file, with less of the threads' waiting).
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink, compression=compression, use_dictionary=dictionary)
-        fh.write(sink.getvalue())
+        fh.write(_encoded(table, plain_floats=plain_floats, distinct=distinct, row_group_size=row_group_size))
 
     return PreparedFile(path, _write, sweep=sweep)
+
+
+def _encoded(
+    table: pa.Table,
+    *,
+    plain_floats: bool,
+    distinct: Collection[str] | None,
+    row_group_size: int | None,
+) -> pa.Buffer:
+    """``table`` as a Parquet file in memory, written as :func:`prepare_table` describes."""
+    dictionary = _dictionary_columns(table, distinct)
+    compression: str | dict[str, str] = COMPRESSION
+    if plain_floats:
+        compression = {f.name: "none" if pa.types.is_floating(f.type) else COMPRESSION for f in table.schema}
+    sink = pa.BufferOutputStream()
+    pq.write_table(
+        table, sink, compression=compression, use_dictionary=dictionary, row_group_size=row_group_size
+    )
+    return sink.getvalue()
+
+
+#: Rows per row group of a per-day file (``reports/sensitivity/``; about eight years).  A
+#: daily run decodes a file's last group only and copies the groups before it as bytes
+#: (:meth:`ReportStore.read_sensitivity_tails`, :func:`prepare_spliced_table`): the smaller
+#: the groups, the fewer rows it decodes and encodes again, the more groups' metadata it
+#: walks (about 0.8 ms each).
+SENSITIVITY_ROW_GROUP: Final = 2048
+
+
+class HeldFile:
+    """A stored file held open, so that its bytes stay readable as they were when it was
+    read even after another file is renamed over its path (the store never changes a file in
+    place).  Closed by :meth:`close` or when the last reference goes."""
+
+    def __init__(self, fd: int, path: Path | None = None) -> None:
+        self.fd = fd
+        self.path = path
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def close(self) -> None:
+        self._finalizer()
+
+    def mapped(self) -> pa.BufferReader:
+        """The file's bytes, mapped (the mapping lives as long as what is read from it)."""
+        return pa.BufferReader(pa.py_buffer(mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)))
+
+
+@dataclass(frozen=True)
+class Splice:
+    """A file's first ``rows`` rows, its first ``bytes`` bytes, to copy from ``source`` (the
+    file as it was read) into the file that replaces it (:func:`prepare_spliced_table`)."""
+
+    rows: int
+    bytes: int
+    source: HeldFile
+
+
+def prepare_spliced_table(
+    path: Path,
+    tail: pa.Table,
+    *,
+    kept_rows: int,
+    kept_bytes: int,
+    source: HeldFile,
+    row_group_size: int,
+    plain_floats: bool = False,
+    distinct: Collection[str] | None = None,
+) -> PreparedFile | None:
+    """A file for ``path``: the first ``kept_rows`` rows of the file held as ``source`` (whole
+    row groups of ``row_group_size`` rows, its first ``kept_bytes`` bytes: see
+    :func:`kept_row_groups`) copied as bytes, then ``tail`` encoded after them; a
+    :class:`PreparedFile` to commit.
+
+    The result is byte for byte the file :func:`prepare_table` writes for those rows and
+    ``tail`` with the same settings (see :mod:`sensitivity.parquet_splice`; tested), and its
+    footer is checked before it is written.  Returns None where ``source``'s footer or schema
+    is not one to splice ``tail`` after.
+    """
+    from sensitivity.parquet_splice import MAGIC, Footer, SpliceError, read_footer, splice_footer
+
+    keep = kept_rows // row_group_size
+    if keep < 1 or keep * row_group_size != kept_rows:
+        raise ValueError(f"kept_rows must be a positive multiple of {row_group_size}, got {kept_rows}")
+    src = source.fd
+    try:
+        size = os.fstat(src).st_size
+        end = os.pread(src, min(size, 1 << 16), max(0, size - (1 << 16)))
+        footer_len = int.from_bytes(end[-8:-4], "little") if len(end) >= 8 else 0
+        if footer_len + 8 > len(end) and footer_len + 8 <= size:
+            end = os.pread(src, footer_len + 8, size - footer_len - 8)
+        old = Footer.parse(read_footer(end), groups=keep)
+        encoded = _encoded(tail, plain_floats=plain_floats, distinct=distinct, row_group_size=row_group_size)
+        tail_bytes = memoryview(encoded)
+        new = Footer.parse(read_footer(tail_bytes), groups=0)
+        if old.schema != new.schema or old.num_row_groups < keep or kept_bytes > size:
+            return None
+        footer = splice_footer(old, keep, kept_rows, new, kept_bytes - 4)
+    except SpliceError:
+        return None
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {_describe_os_error(exc)}") from exc
+    closing = len(footer).to_bytes(4, "little") + MAGIC
+    check = pq.read_metadata(pa.BufferReader(MAGIC + footer + closing))
+    rows = kept_rows + tail.num_rows
+    if check.num_rows != rows or check.num_row_groups != -(-rows // row_group_size):  # pragma: no cover
+        raise StoreError(f"{path}: the spliced footer does not describe the rows; nothing was written")
+    chunks = tail_bytes[4 : len(tail_bytes) - 8 - len(new.data)]
+
+    def _write(fh: IO[bytes]) -> None:
+        fh.flush()
+        _copy_range(src, fh.fileno(), kept_bytes)
+        fh.seek(kept_bytes)
+        fh.write(chunks)
+        fh.write(footer)
+        fh.write(closing)
+
+    return PreparedFile(path, _write, sweep=False)
+
+
+@functools.cache
+def _created_by() -> str:
+    """What this pyarrow writes as a Parquet file's ``created_by``."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"x": pa.array([1])}), sink)
+    return str(pq.read_metadata(pa.BufferReader(sink.getvalue())).created_by)
+
+
+def kept_row_groups(md: pq.FileMetaData, rows: int, file_size: int) -> int | None:
+    """Where the file of ``md`` (``file_size`` bytes) ends its row groups but the last, if a
+    splice can keep them (:func:`prepare_spliced_table`): this pyarrow wrote it, in groups
+    of ``rows`` rows (the last one at most), at least two, their chunks one after another
+    from byte 4 to the footer (no page index, no bloom filter).  None otherwise."""
+    n = md.num_row_groups
+    if n < 2 or md.created_by != _created_by():
+        return None
+    footer_start = file_size - 8 - md.serialized_size
+    return _kept_bytes(md, n - 1, rows, footer_start)
+
+
+def _kept_bytes(md: pq.FileMetaData, keep: int, rows: int, data_end: int) -> int | None:
+    """Where the file of ``md`` ends its first ``keep`` row groups, if each holds ``rows``
+    rows with its chunks one after another from byte 4, and nothing but chunks (no page
+    index, no bloom filter) lies before its footer at ``data_end``; else None."""
+    if md.num_row_groups < keep:
+        return None
+    offset = kept = 4
+    for g in range(md.num_row_groups):
+        group = md.row_group(g)
+        if g < keep and group.num_rows != rows:
+            return None
+        if g == keep:
+            kept = offset
+        for c in range(group.num_columns):
+            col = group.column(c)
+            first = col.dictionary_page_offset if col.has_dictionary_page else col.data_page_offset
+            if first != offset or col.has_column_index or col.has_offset_index or col.bloom_filter_offset:
+                return None
+            offset += col.total_compressed_size
+    if offset != data_end:
+        return None
+    return offset if keep == md.num_row_groups else kept
+
+
+def _copy_range(src: int, dst: int, count: int) -> None:
+    """Copy the first ``count`` bytes of ``src`` to ``dst`` at its position (in the kernel
+    where it can: no pass through this process's memory)."""
+    done = 0
+    try:
+        while done < count:
+            n = os.copy_file_range(src, dst, count - done, done)
+            if n == 0:
+                raise OSError(errno.EIO, "the file ended before the bytes to copy")
+            done += n
+        return
+    except (AttributeError, OSError) as exc:
+        if isinstance(exc, OSError) and exc.errno not in (
+            errno.ENOSYS,
+            errno.EXDEV,
+            errno.EINVAL,
+            errno.EOPNOTSUPP,
+            errno.EPERM,
+        ):
+            raise
+    while done < count:  # no copy_file_range here (or not between these files): read and write
+        piece = os.pread(src, min(1 << 20, count - done), done)
+        if not piece:
+            raise OSError(errno.EIO, "the file ended before the bytes to copy")
+        done += os.write(dst, piece)
 
 
 #: The distinct columns of a price or per-day file: one row per date (``check_price_frame``;
@@ -618,21 +804,44 @@ def write_tables_atomic(
     *,
     plain_floats: bool = False,
     distinct: Collection[str] | None = None,
+    row_group_size: int | None = None,
+    splices: Mapping[Path, Splice] | None = None,
 ) -> list[Path]:
     """Write several tables, each atomically, a few at a time; sync each folder once.
 
     Every file is complete or untouched.  If some writes fail, the others still finish
     before the first failure is raised, so no write is left running in the background.
-    ``plain_floats``, ``distinct``: as in :func:`prepare_table`.
+    ``plain_floats``, ``distinct``, ``row_group_size``: as in :func:`prepare_table`.
+    ``splices``: the paths whose table is only the rows after the file's first whole row
+    groups, which are copied as bytes (:func:`prepare_spliced_table`; needs
+    ``row_group_size``).  A splice that cannot be made raises :class:`StoreError`.
     """
     if not plans:
         return []
     folders = sorted({path.parent for path, _ in plans})
     for folder in folders:
         _remove_stale_temps(folder)  # once per folder, not once per file (each lists the folder)
+    settings: dict[str, Any] = {"plain_floats": plain_floats, "distinct": distinct}
 
     def write_one(path: Path, table: pa.Table) -> Path:
-        prepared = prepare_table(path, table, sweep=False, plain_floats=plain_floats, distinct=distinct)
+        splice = splices.get(path) if splices else None
+        if splice is None:
+            prepared = prepare_table(path, table, sweep=False, row_group_size=row_group_size, **settings)
+        else:
+            if row_group_size is None:
+                raise ValueError("a splice needs the row group size")
+            spliced = prepare_spliced_table(
+                path,
+                table,
+                kept_rows=splice.rows,
+                kept_bytes=splice.bytes,
+                source=splice.source,
+                row_group_size=row_group_size,
+                **settings,
+            )
+            if spliced is None:  # pragma: no cover - its layout was checked when it was read
+                raise StoreError(f"{path}: its first {splice.rows} rows cannot be kept; nothing was written")
+            prepared = spliced
         return prepared.commit(sync_dir=False)
 
     with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-write") as pool:
@@ -704,11 +913,12 @@ def _read_opened(
     *,
     use_threads: bool = True,
     nulls: Collection[str] = (),
+    row_groups: Sequence[int] | None = None,
 ) -> pa.Table:
     """The checked, cast table of the open file ``pf`` (see :func:`read_table`).
 
     ``nulls``: columns returned all null instead of decoded (:func:`_null_column`), whatever
-    the file holds in them.
+    the file holds in them.  ``row_groups``: only those row groups' rows.
     """
     schema = _SCHEMAS[kind]
     hint = _HINTS[kind]
@@ -722,9 +932,11 @@ def _read_opened(
             lacking = [n for n in missing if n not in added]
             raise StoreError(f"{p} lacks column(s) {', '.join(lacking)}; {hint}")
         skipped = [n for n in names if n in nulls]
-        table = pf.read(
-            columns=[n for n in names if n not in missing and n not in nulls], use_threads=use_threads
-        )
+        wanted = [n for n in names if n not in missing and n not in nulls]
+        if row_groups is None:
+            table = pf.read(columns=wanted, use_threads=use_threads)
+        else:
+            table = pf.read_row_groups(row_groups, columns=wanted, use_threads=use_threads)
         for n in missing:
             default = added[n]
             table = table.append_column(n, pa.array([default] * table.num_rows, type=schema.field(n).type))
@@ -1614,6 +1826,115 @@ class InputsStamp:
             return None
 
 
+@dataclass(frozen=True, eq=False)
+class StoredTail:
+    """What :meth:`ReportStore.read_sensitivity_tails` read of a per-day file.
+
+    ``table``: its rows from row ``skipped`` on (all of them when ``skipped`` is 0), with its
+    ``stamp``.  The ``skipped`` rows before are whole row groups, the file's first
+    ``kept_bytes`` bytes, that a later write copies from the file as read (``held`` open:
+    another run may rename a file over the path meanwhile); ``skipped_fitted`` of them have
+    a sensitivity, and the file's first date is ``first_date`` (None when nothing was
+    skipped: the table's first).
+    """
+
+    table: pa.Table
+    stamp: InputsStamp | None
+    skipped: int = 0
+    skipped_fitted: int = 0
+    first_date: dt.date | None = None
+    kept_bytes: int | None = None
+    held: HeldFile | None = None
+
+    @property
+    def rows(self) -> int:
+        """The file's rows."""
+        return self.skipped + int(self.table.num_rows)
+
+    def rows_from(self, tail: pa.Table, columns: Sequence[str]) -> StoredRows | pa.Table:
+        """The file's rows in ``columns`` once ``tail`` replaces the rows from ``skipped``
+        on: :class:`StoredRows` over the held file, or ``tail`` itself if nothing was skipped."""
+        if self.skipped == 0 or self.held is None:
+            return tail.select(list(columns))
+        return StoredRows(self.held, self.skipped, tail.select(list(columns)))
+
+
+@dataclass(frozen=True, eq=False)
+class StoredRows:
+    """A per-day file's rows without holding them in memory: its first ``skipped`` rows are
+    read from ``held`` (the file as this run read it, whose row groups it copied into the
+    file it wrote) when asked, the rest are ``tail``.  What a daily run hands the report for
+    a ticker it kept: the report reads the dates and sensitivities of every ticker and the
+    whole rows of the few it charts, a fraction of twenty years of rows."""
+
+    held: HeldFile
+    skipped: int
+    tail: pa.Table
+
+    @property
+    def num_rows(self) -> int:
+        return self.skipped + int(self.tail.num_rows)
+
+    @property
+    def column_names(self) -> list[str]:
+        return list(self.tail.column_names)
+
+    def read(self, columns: Sequence[str]) -> pa.Table:
+        """The rows in ``columns`` (a :class:`StoreError` if the held file cannot be read)."""
+        names = list(columns)
+        tail = self.tail.select(names)
+        where = self.held.path or "a per-day file"
+        try:
+            pf = pq.ParquetFile(self.held.mapped())
+            groups, rows = 0, 0
+            while rows < self.skipped and groups < pf.metadata.num_row_groups:
+                rows += pf.metadata.row_group(groups).num_rows
+                groups += 1
+            head = pf.read_row_groups(range(groups), columns=names, use_threads=False)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise StoreError(f"cannot read back the rows of {where} ({exc}); run again") from exc
+        if head.num_rows != self.skipped:  # pragma: no cover - checked when it was read
+            raise StoreError(f"the rows read back from {where} are not those it held; run again")
+        head = head.cast(tail.schema) if not head.schema.equals(tail.schema, check_metadata=False) else head
+        return pa.concat_tables([head.replace_schema_metadata(tail.schema.metadata), tail])
+
+
+#: File descriptors left to the rest of the process when a read holds per-day files open.
+_FD_MARGIN: Final = 512
+
+
+def _holdable(n: int) -> int:
+    """How many of ``n`` files a read may hold open: up to the soft limit on open files less
+    :data:`_FD_MARGIN`, raised toward the hard limit where it is lower than that."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX: no per-process limit to mind here
+        return n
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = n + _FD_MARGIN
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    return n if soft == resource.RLIM_INFINITY else max(0, min(n, soft - _FD_MARGIN))
+
+
+def _null_count(pf: pq.ParquetFile, groups: Iterable[int], column: str) -> int:
+    """Nulls of ``column`` in row ``groups`` of ``pf``: from the statistics where written,
+    else decoded."""
+    md = pf.metadata
+    index = pf.schema_arrow.get_field_index(column)
+    total = 0
+    for g in groups:
+        stats = md.row_group(g).column(index).statistics if index >= 0 else None
+        if stats is not None and stats.has_null_count:
+            total += stats.null_count
+        else:
+            total += pf.read_row_group(g, columns=[column]).column(0).null_count
+    return total
+
+
 class ReportStore:
     """The report tables and daily reports under ``<data_dir>/reports/``.
 
@@ -1698,19 +2019,26 @@ class ReportStore:
             row = work.iloc[int(order[lo])]
             key = (str(row["index_ticker"]), str(row["ticker"]), int(row["window"]))
             plans[key] = ordered.slice(int(lo), int(hi - lo))
-        return self._write_sensitivity_files(plans, stamps or {})
+        return self._write_sensitivity_files(plans, stamps or {}, {})
 
     def write_sensitivity_tables(
         self,
         tables: Mapping[SensitivityKey, pa.Table],
         *,
         stamps: Mapping[SensitivityKey, InputsStamp] | None = None,
+        kept: Mapping[SensitivityKey, StoredTail] | None = None,
     ) -> list[Path]:
         """:meth:`write_sensitivity` from Arrow tables, one per combination (its key).
 
         Each table has the per-day schema (as :meth:`read_sensitivity_tables` returns it)
         and holds its key's rows only, dates strictly increasing; all are checked before the
         first file is written.  A daily run writes the rows it kept plus the ones it added.
+        ``kept``: for a key whose file :meth:`read_sensitivity_tails` read from row
+        ``skipped`` on, what it read: that key's table holds only the rows from there on,
+        and the file's first ``skipped`` rows are copied as bytes from the file as it was
+        read (held open: another run may have replaced it since, and this run's file is
+        then its rows and this run's, as with a whole read); the file is the one a write of
+        all its rows gives, byte for byte.  Returns the paths written.
         """
         for key, table in tables.items():
             if not table.schema.equals(SENSITIVITY_SCHEMA, check_metadata=False):
@@ -1725,10 +2053,30 @@ class ReportStore:
                     f"sensitivity table of {key[1]} against {key[0]} (window {key[2]}) holds other "
                     "combinations or dates out of order"
                 )
-        return self._write_sensitivity_files(tables, stamps or {})
+        splices: dict[SensitivityKey, Splice] = {}
+        for key, tail in (kept or {}).items():
+            if key not in tables or tail.skipped == 0:
+                continue
+            if tail.kept_bytes is None or tail.held is None:
+                raise ValueError(f"the rows read of {key[1]} against {key[0]} (window {key[2]}) hold no file")
+            table = tables[key]
+            if (
+                table.num_rows
+                and tail.table.num_rows
+                and (table.column("date")[0].as_py() != tail.table.column("date")[0].as_py())
+            ):
+                raise DataValidationError(
+                    f"sensitivity table of {key[1]} against {key[0]} (window {key[2]}) does not "
+                    "begin where the rows read from its file did"
+                )
+            splices[key] = Splice(tail.skipped, tail.kept_bytes, tail.held)
+        return self._write_sensitivity_files(tables, stamps or {}, splices)
 
     def _write_sensitivity_files(
-        self, tables: Mapping[SensitivityKey, pa.Table], stamps: Mapping[SensitivityKey, InputsStamp]
+        self,
+        tables: Mapping[SensitivityKey, pa.Table],
+        stamps: Mapping[SensitivityKey, InputsStamp],
+        splices: Mapping[SensitivityKey, Splice],
     ) -> list[Path]:
         plans: list[tuple[Path, pa.Table]] = []
         for key, table in tables.items():
@@ -1742,7 +2090,13 @@ class ReportStore:
         # 500 files then need no second footer read (0.13 s).
         stale = [path for path, _ in plans if self._read_whole.get(path) != file_identity(path)]
         _map_io(lambda path: _refuse_newer(path, "sensitivity"), stale)
-        return write_tables_atomic(plans, plain_floats=True, distinct=ONE_ROW_PER_DATE)
+        return write_tables_atomic(
+            plans,
+            plain_floats=True,
+            distinct=ONE_ROW_PER_DATE,
+            row_group_size=SENSITIVITY_ROW_GROUP,
+            splices={self.sensitivity_path(*key): splice for key, splice in splices.items()},
+        )
 
     def read_sensitivity_tables(
         self,
@@ -1763,11 +2117,47 @@ class ReportStore:
         rewrite replaces them), are left out; other problems raise
         :class:`~sensitivity.errors.StoreError` as :func:`read_table` does.
         """
+        read = self._read_per_day(keys, keep=keep, unused=unused, tails=False)
+        return {key: (tail.table, tail.stamp) for key, tail in read.items()}
 
-        def one(key: SensitivityKey) -> tuple[pa.Table, InputsStamp | None] | None:
+    def read_sensitivity_tails(
+        self,
+        keys: Iterable[SensitivityKey],
+        *,
+        keep: Callable[[SensitivityKey, InputsStamp], bool] | None = None,
+        unused: Callable[[SensitivityKey], Collection[str]] | None = None,
+    ) -> dict[SensitivityKey, StoredTail]:
+        """:meth:`read_sensitivity_tables`, decoding only each file's last row group where
+        the groups before it can be kept as bytes by :meth:`write_sensitivity_tables`
+        (``kept``; :func:`kept_row_groups`), the file held open until then: a daily run reads
+        and writes the rows from there on, not twenty years of them.  Other files are read
+        whole (:attr:`StoredTail.skipped` 0)."""
+        return self._read_per_day(keys, keep=keep, unused=unused, tails=True)
+
+    def _read_per_day(
+        self,
+        keys: Iterable[SensitivityKey],
+        *,
+        keep: Callable[[SensitivityKey, InputsStamp], bool] | None,
+        unused: Callable[[SensitivityKey], Collection[str]] | None,
+        tails: bool,
+    ) -> dict[SensitivityKey, StoredTail]:
+        rows = SENSITIVITY_ROW_GROUP
+        wanted = list(dict.fromkeys(keys))
+        holdable = _holdable(len(wanted)) if tails else 0
+
+        def one(n: int) -> StoredTail | None:
+            key = wanted[n]
             path = self.sensitivity_path(*key)
+            held = None
+            tail: StoredTail | None = None
             try:
-                before = file_identity(path)
+                if n < holdable:
+                    held = HeldFile(os.open(path, os.O_RDONLY), path)
+                    st = os.fstat(held.fd)
+                    before: tuple[int, int, int] | None = (st.st_ino, st.st_size, st.st_mtime_ns)
+                else:
+                    before = file_identity(path)
                 # Mapped: the pages (plain, uncompressed floats) are decoded from the file's
                 # mapping instead of from a copy read into fresh memory first; the decoded
                 # columns are fresh memory either way (1.89 MB allocated for a 1.17 MB file: an
@@ -1779,6 +2169,12 @@ class ReportStore:
                     stamp = InputsStamp.from_bytes(meta.get(INPUTS_KEY))
                     if keep is not None and (stamp is None or not keep(key, stamp)):
                         return None
+                    md = pf.metadata
+                    kept_bytes = None
+                    if held is not None and before is not None:
+                        current = _check_metadata(path, meta, "sensitivity") == SCHEMA_VERSIONS["sensitivity"]
+                        kept_bytes = kept_row_groups(md, rows, before[1]) if current else None
+                    last = md.num_row_groups - 1
                     # One file per thread: Arrow's own threads on top only add contention.
                     table = _read_opened(
                         path,
@@ -1787,17 +2183,38 @@ class ReportStore:
                         "sensitivity",
                         use_threads=False,
                         nulls=() if unused is None else unused(key),
+                        row_groups=None if kept_bytes is None else [last],
                     )
-                if before is not None and file_identity(path) == before:  # not replaced meanwhile
-                    self._read_whole[path] = before
-                return table, stamp
+                    tail = StoredTail(table, stamp)
+                    if kept_bytes is not None:
+                        skipped = last * rows
+                        tail = StoredTail(
+                            table,
+                            stamp,
+                            skipped=skipped,
+                            skipped_fitted=skipped - _null_count(pf, range(last), "sensitivity"),
+                            first_date=pf.read_row_group(0, columns=["date"]).column(0)[0].as_py(),
+                            kept_bytes=kept_bytes,
+                            held=held,
+                        )
+                if before is None or file_identity(path) != before:
+                    # Replaced meanwhile: the rows read may not be those of the file held (a
+                    # tail is left out: the ticker is fitted in full; whole rows are the old
+                    # file's, as consistent as before).
+                    if tail.skipped:
+                        tail = None
+                    return tail
+                self._read_whole[path] = before
+                return tail
             except (FileNotFoundError, _DamagedFileError):
                 return None
+            finally:
+                if held is not None and (tail is None or tail.held is not held):
+                    held.close()
 
-        wanted = list(dict.fromkeys(keys))
         # One decoding thread per CPU: eight on two cores took twice as long (0.54 against
         # 1.0-1.3 s for 500 files), most of it system time.
-        found = _map_io(one, wanted, workers=available_cpus())
+        found = _map_io(one, range(len(wanted)), workers=available_cpus())
         return {k: v for k, v in zip(wanted, found, strict=True) if v is not None}
 
     def read_sensitivity(
