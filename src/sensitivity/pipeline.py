@@ -678,11 +678,12 @@ class FittedUniverse:
 
     ``history`` holds the rows written to ``reports/sensitivity/`` in the columns the report
     draws from (:data:`sensitivity.report.SENSITIVITY_COLUMNS`), per combination (its key ->
-    its rows by date, a DataFrame for a ticker fitted in full, the Arrow table of the rows
-    kept and added for one a daily run extended), as
-    :func:`~sensitivity.report.render_report` takes them: what :func:`write_run_report` would
-    otherwise read back from the store; None when they are more than
-    :data:`HANDOVER_MAX_BYTES` (the report then reads them back).
+    its rows by date, a DataFrame for a ticker fitted in full; for one a daily run extended,
+    the Arrow table of the rows kept and added, or a :class:`~sensitivity.store.StoredRows`
+    where its older row groups were copied as bytes, which reads them back from the file as
+    this run read it when the report asks), as :func:`~sensitivity.report.render_report`
+    takes them: what :func:`write_run_report` would otherwise read back from the store;
+    None when they are more than :data:`HANDOVER_MAX_BYTES` (the report then reads them back).
     """
 
     outcome: FitOutcome
@@ -1038,8 +1039,8 @@ def _history(
     writes them ticker by ticker, each by date; otherwise they are grouped); a kept ticker's
     are its rows as read and added (an Arrow table), or, where the rows before them were
     kept as bytes, its :class:`~sensitivity.store.StoredRows`, which reads those back only
-    for what the report draws.  Nothing is converted
-    to pandas here: the report converts only the combinations it charts.
+    for what the report draws.  Nothing is converted to pandas here: the report converts
+    only the combinations it charts.
     """
     index, window = combo
     parts: dict[str, pd.DataFrame | pa.Table | StoredRows] = {}
