@@ -27,6 +27,7 @@ writes).
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Final
 
@@ -228,76 +229,106 @@ def _skip_fast(b: bytes, i: int, t: int) -> int:
     return _skip(b, i, t)
 
 
-def _moved(b: bytes, i: int, shift: int, edits: list[tuple[int, int, bytes]], keep_zero: bool) -> int:
-    """Record the edit that moves the integer at ``i`` by ``shift`` (a 0 stays 0 where
-    ``keep_zero``: not an offset); returns the position after it."""
-    v, j = _int(b, i)
-    if keep_zero and not v:
+@dataclass(frozen=True)
+class _Edits:
+    """What a walk over the new row groups changes: offsets move by ``shift``, ordinals by
+    ``ordinals``; each change is recorded in ``edits`` as (start, end, new bytes)."""
+
+    shift: int
+    ordinals: int
+    edits: list[tuple[int, int, bytes]]
+
+
+#: A field's handler: given the footer, the position of the field's value and its type,
+#: record what it changes and return the position after the value.
+_Handler = Callable[[bytes, int, int, _Edits], int]
+
+
+def _edited_struct(b: bytes, i: int, handlers: Mapping[int, _Handler], ctx: _Edits) -> int:
+    """Walk the struct at ``i``, handing each field in ``handlers`` (by id) to its handler
+    and skipping the others; returns the position after the struct."""
+    fid = 0
+    while True:
+        h = b[i]
+        i += 1
+        if h == 0:
+            return i
+        fid, i = _fid(b, i, h, fid)
+        handle = handlers.get(fid)
+        i = _skip_fast(b, i, h & 0x0F) if handle is None else handle(b, i, h & 0x0F, ctx)
+
+
+def _offset(*, keep_zero: bool) -> _Handler:
+    """A handler moving an integer field by the walk's shift (a 0 stays 0 where
+    ``keep_zero``: a field that holds 0 when it is not set)."""
+
+    def handle(b: bytes, i: int, t: int, ctx: _Edits) -> int:
+        if t not in _INTEGERS:
+            return _skip_fast(b, i, t)
+        v, j = _int(b, i)
+        if v or not keep_zero:
+            ctx.edits.append((i, j, _put_int(v + ctx.shift)))
         return j
-    edits.append((i, j, _put_int(v + shift)))
+
+    return handle
+
+
+def _ordinal(b: bytes, i: int, t: int, ctx: _Edits) -> int:
+    if t not in _INTEGERS:
+        return _skip_fast(b, i, t)
+    v, j = _int(b, i)
+    ctx.edits.append((i, j, _put_int(v + ctx.ordinals)))
     return j
 
 
-def _column_meta_edits(b: bytes, i: int, shift: int, edits: list[tuple[int, int, bytes]]) -> int:
-    fid = 0
-    while True:
-        h = b[i]
-        i += 1
-        if h == 0:
-            return i
-        fid, i = _fid(b, i, h, fid)
-        t = h & 0x0F
-        if fid in _CMD_OFFSETS and t in _INTEGERS:
-            i = _moved(b, i, shift, edits, False)
-        elif fid in _CMD_REFUSED:
-            raise SpliceError(f"a column's metadata has field {fid}, which this splice does not move")
-        else:
-            i = _skip_fast(b, i, t)
+def _refused(what: str) -> Callable[[int], _Handler]:
+    def for_field(fid: int) -> _Handler:
+        def handle(b: bytes, i: int, t: int, ctx: _Edits) -> int:
+            raise SpliceError(what.format(fid=fid))
+
+        return handle
+
+    return for_field
 
 
-def _column_chunk_edits(b: bytes, i: int, shift: int, edits: list[tuple[int, int, bytes]]) -> int:
-    fid = 0
-    while True:
-        h = b[i]
-        i += 1
-        if h == 0:
-            return i
-        fid, i = _fid(b, i, h, fid)
-        t = h & 0x0F
-        if fid in _CC_REFUSED:
-            raise SpliceError(f"a column chunk has field {fid} (page index or encryption)")
-        if fid == _CC_FILE_OFFSET and t == _I64:
-            # Deprecated: pyarrow writes 0 (not an offset), older writers an offset.
-            i = _moved(b, i, shift, edits, True)
-        elif fid == _CC_META and t == _STRUCT:
-            i = _column_meta_edits(b, i, shift, edits)
-        else:
-            i = _skip_fast(b, i, t)
+def _column_meta(b: bytes, i: int, t: int, ctx: _Edits) -> int:
+    if t != _STRUCT:
+        return _skip_fast(b, i, t)
+    return _edited_struct(b, i, _COLUMN_META, ctx)
 
 
-def _row_group_edits(b: bytes, i: int, shift: int, ordinals: int, edits: list[tuple[int, int, bytes]]) -> int:
-    """Record the edits that move the RowGroup at ``i``'s offsets by ``shift`` and its
-    ordinal by ``ordinals``; returns the position after it."""
-    fid = 0
-    while True:
-        h = b[i]
-        i += 1
-        if h == 0:
-            return i
-        fid, i = _fid(b, i, h, fid)
-        t = h & 0x0F
-        if fid == _RG_COLUMNS and t == _LIST:
-            n, et, i = _list_header(b, i)
-            if et != _STRUCT:
-                raise SpliceError("a row group's columns are not structs")
-            for _ in range(n):
-                i = _column_chunk_edits(b, i, shift, edits)
-        elif fid == _RG_FILE_OFFSET and t in _INTEGERS:
-            i = _moved(b, i, shift, edits, True)  # 0: not set
-        elif fid == _RG_ORDINAL and t in _INTEGERS:
-            i = _moved(b, i, ordinals, edits, False)
-        else:
-            i = _skip_fast(b, i, t)
+def _columns(b: bytes, i: int, t: int, ctx: _Edits) -> int:
+    if t != _LIST:
+        return _skip_fast(b, i, t)
+    n, et, i = _list_header(b, i)
+    if et != _STRUCT:
+        raise SpliceError("a row group's columns are not structs")
+    for _ in range(n):
+        i = _edited_struct(b, i, _COLUMN_CHUNK, ctx)
+    return i
+
+
+_refused_meta = _refused("a column's metadata has field {fid}, which this splice does not move")
+_refused_chunk = _refused("a column chunk has field {fid} (page index or encryption)")
+#: ColumnMetaData: the data, index and dictionary page offsets move; a bloom filter is refused.
+_COLUMN_META: Final[dict[int, _Handler]] = {
+    **dict.fromkeys(_CMD_OFFSETS, _offset(keep_zero=False)),
+    **{fid: _refused_meta(fid) for fid in _CMD_REFUSED},
+}
+#: ColumnChunk: its (deprecated) file offset moves unless 0 (pyarrow writes 0, older writers
+#: an offset), its metadata is walked; page indexes and encryption are refused.
+_COLUMN_CHUNK: Final[dict[int, _Handler]] = {
+    _CC_FILE_OFFSET: _offset(keep_zero=True),
+    _CC_META: _column_meta,
+    **{fid: _refused_chunk(fid) for fid in _CC_REFUSED},
+}
+#: RowGroup: its columns are walked, its file offset moves unless 0 (not set), its ordinal
+#: moves by the groups kept before it.
+_ROW_GROUP: Final[dict[int, _Handler]] = {
+    _RG_COLUMNS: _columns,
+    _RG_FILE_OFFSET: _offset(keep_zero=True),
+    _RG_ORDINAL: _ordinal,
+}
 
 
 @dataclass(frozen=True)
@@ -374,6 +405,7 @@ def splice_footer(old: Footer, keep: int, kept_rows: int, tail: Footer, shift: i
         raise SpliceError(f"the old footer has {old.num_row_groups} located row group(s), not {keep}")
     b = tail.data
     edits: list[tuple[int, int, bytes]] = []
+    ctx = _Edits(shift, keep, edits)
     fid, i = 0, 0
     try:
         while True:
@@ -390,7 +422,7 @@ def splice_footer(old: Footer, keep: int, kept_rows: int, tail: Footer, shift: i
                 edits.append((i, j, _put_list_header(keep + n, _STRUCT) + kept))
                 i = j
                 for _ in range(n):
-                    i = _row_group_edits(b, i, shift, keep, edits)
+                    i = _edited_struct(b, i, _ROW_GROUP, ctx)
             else:
                 i = _skip(b, i, t)
     except IndexError:
