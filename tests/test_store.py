@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -1605,6 +1605,101 @@ def test_a_tail_write_copies_the_file_as_read_even_if_replaced_since(
         assert pq.read_metadata(rs.sensitivity_path(*k)).num_row_groups == 3
     with pytest.raises(DataValidationError, match="does not begin where the rows read"):
         rs.write_sensitivity_tables({keys[0]: grown[keys[0]].slice(1)}, kept=tails)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads open files in /proc")
+def test_after_a_tail_write_the_rows_are_read_back_from_the_file_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Once a spliced file is in place, its kept rows are read back from it (its first
+    groups are the held file's, byte for byte), and the file spliced from, renamed over, is
+    closed by the write (its blocks freed there, not when the run lets its rows go)."""
+    monkeypatch.setattr(store_mod, "SENSITIVITY_ROW_GROUP", 4)
+    rs = ReportStore(tmp_path)
+    keys = [("^GSPC", "AAPL", 252), ("^GSPC", "KO", 252)]
+    days = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2024-01-02", periods=11)]
+    rs.write_sensitivity(pd.concat([sens_frame(*k, days, seed=i) for i, k in enumerate(keys)]))
+    tails = rs.read_sensitivity_tails(keys)
+    read = {k: tails[k].held for k in keys}
+    assert all(h is not None and h.metadata is not None for h in read.values())
+
+    def links() -> list[str]:
+        out = []
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                out.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return [link for link in out if link.startswith(f"{tmp_path}{os.sep}")]
+
+    before = sorted(links())
+    assert before == sorted(str(rs.sensitivity_path(*k)) for k in keys)
+    more = [d.strftime("%Y-%m-%d") for d in pd.bdate_range("2024-01-02", periods=13)]
+    grown = {
+        k: store_mod.table_from_frame(sens_frame(*k, more, seed=i), SENSITIVITY_SCHEMA, "t").slice(8)
+        for i, k in enumerate(keys)
+    }
+    rs.write_sensitivity_tables(grown, kept=tails)
+    assert sorted(links()) == before  # the files written, not "... (deleted)"
+    for k in keys:
+        held = tails[k].held
+        assert held is read[k]
+        assert held is not None
+        assert held.metadata is not None
+        path = rs.sensitivity_path(*k)
+        assert os.fstat(held.fd).st_ino == os.stat(path).st_ino
+        assert held.metadata.equals(pq.read_metadata(path))
+        rows = tails[k].rows_from(grown[k], SENSITIVITY_SCHEMA.names)
+        assert isinstance(rows, store_mod.StoredRows)
+        got = rows.read(SENSITIVITY_SCHEMA.names)
+        written = store_mod.read_table(path, "sensitivity")
+        assert got.equals(written.replace_schema_metadata(got.schema.metadata))
+    for k in keys:
+        tails[k].held.close()  # type: ignore[union-attr]
+    assert links() == []
+
+
+def test_a_held_file_hands_over_and_refuses_reads_once_closed(tmp_path: Path) -> None:
+    """:meth:`HeldFile.hold_instead`: the other file is held from then on, the first closed;
+    a closed held file is never read (its number may name another file by then)."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.write_bytes(b"first")
+    b.write_bytes(b"second")
+    first = store_mod.HeldFile(os.open(a, os.O_RDONLY), a)
+    second = store_mod.HeldFile(os.open(b, os.O_RDONLY), b)
+    old_fd = first.fd
+    first.hold_instead(second)
+    assert second.closed
+    assert not first.closed
+    assert (first.path, first.mapped().read()) == (b, b"second")
+    with pytest.raises(OSError):
+        os.fstat(old_fd)
+    with pytest.raises(OSError, match="closed"):
+        first.hold_instead(second)
+    first.close()
+    with pytest.raises(OSError, match="closed"):
+        first.mapped()
+
+
+def test_a_prepared_file_held_is_the_committed_file_or_closed_when_discarded(tmp_path: Path) -> None:
+    """``PreparedFile(hold=True)``: the file stays open as ``held`` (after the commit, the
+    one in place); a discarded one closes it with the temporary file."""
+
+    def writing(data: bytes) -> Callable[[IO[bytes]], None]:
+        def write(fh: IO[bytes]) -> None:
+            fh.write(data)
+
+        return write
+
+    kept = store_mod.PreparedFile(tmp_path / "kept", writing(b"kept"), hold=True)
+    assert kept.held is not None
+    kept.commit()
+    assert os.fstat(kept.held.fd).st_ino == os.stat(tmp_path / "kept").st_ino
+    assert kept.held.mapped().read() == b"kept"
+    dropped = store_mod.PreparedFile(tmp_path / "dropped", writing(b"x"), hold=True)
+    assert dropped.held is not None
+    dropped.discard()
+    assert dropped.held.closed
+    assert not (tmp_path / "dropped").exists()
+    kept.held.close()
 
 
 def _open_fds(folder: Path) -> int:

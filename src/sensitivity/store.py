@@ -452,11 +452,16 @@ class PreparedFile:
     check that nothing changed meanwhile and the rename.  A prepared file never committed
     is removed by :meth:`discard` (call it in a ``finally``), or, if its process dies, by
     the next writer in the folder.  Errors are as in :func:`write_atomic`.  ``sweep=False``
-    skips that removal, for a batch writer that did it once for all its files.
+    skips that removal, for a batch writer that did it once for all its files.  ``hold``:
+    keep the file open as :attr:`held` (closed by :meth:`discard`).
     """
 
-    def __init__(self, path: str | Path, write: Callable[[IO[bytes]], None], *, sweep: bool = True) -> None:
+    def __init__(
+        self, path: str | Path, write: Callable[[IO[bytes]], None], *, sweep: bool = True, hold: bool = False
+    ) -> None:
         self.target = Path(path)
+        #: With ``hold``: the file, held open (after :meth:`commit`, the one at ``target``).
+        self.held: HeldFile | None = None
         folder = self.target.parent
         try:
             folder.mkdir(parents=True, exist_ok=True)
@@ -468,7 +473,9 @@ class PreparedFile:
             _sweep(folder)
         self._tmp: Path | None = folder / _temp_name(self.target.name)
         try:
-            fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+            fd = os.open(self._tmp, (os.O_RDWR if hold else os.O_WRONLY) | os.O_CREAT | os.O_EXCL, 0o666)
+            if hold:
+                self.held = HeldFile(os.dup(fd), self.target)
             with os.fdopen(fd, "wb") as fh:
                 write(fh)
                 fh.flush()
@@ -498,6 +505,8 @@ class PreparedFile:
         """Remove the prepared file unless it was committed (idempotent)."""
         tmp, self._tmp = self._tmp, None
         if tmp is not None:
+            if self.held is not None:
+                self.held.close()
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
 
@@ -598,19 +607,46 @@ SENSITIVITY_ROW_GROUP: Final = 2048
 class HeldFile:
     """A stored file held open, so that its bytes stay readable as they were when it was
     read even after another file is renamed over its path (the store never changes a file in
-    place).  Closed by :meth:`close` or when the last reference goes."""
+    place).  Closed by :meth:`close` or when the last reference goes.  ``metadata``: the
+    file's parsed footer where the reader has it (a later read then need not parse it
+    again)."""
 
-    def __init__(self, fd: int, path: Path | None = None) -> None:
+    def __init__(self, fd: int, path: Path | None = None, metadata: pq.FileMetaData | None = None) -> None:
         self.fd = fd
         self.path = path
+        self.metadata = metadata
         self._finalizer = weakref.finalize(self, os.close, fd)
 
     def close(self) -> None:
         self._finalizer()
 
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
     def mapped(self) -> pa.BufferReader:
         """The file's bytes, mapped (the mapping lives as long as what is read from it)."""
+        if self.closed:  # its number may already name another file
+            raise OSError(errno.EBADF, f"{self.path or 'the held file'} was closed")
         return pa.BufferReader(pa.py_buffer(mmap.mmap(self.fd, 0, access=mmap.ACCESS_READ)))
+
+    def hold_instead(self, other: HeldFile) -> None:
+        """Hold ``other``'s file from now on (``other`` gives it up) and close this one's.
+
+        For a file whose bytes, as far as they are read through this object, are this one's:
+        a spliced per-day file holds the row groups of the file it was spliced from byte for
+        byte (:func:`prepare_spliced_table`).  The file given up is closed here, in the
+        caller's thread: once another file was renamed over it, closing its last descriptor
+        frees its blocks (about 0.6 ms for a twenty-year per-day file), which a daily run's
+        writer threads then do side by side instead of the run's last step, one by one.
+        """
+        if other.closed:
+            raise OSError(errno.EBADF, f"{other.path or 'the held file'} was closed")
+        _, _, (fd,), _ = other._finalizer.detach()  # type: ignore[misc]
+        previous = self._finalizer
+        self.fd, self.path, self.metadata = fd, other.path, other.metadata
+        self._finalizer = weakref.finalize(self, os.close, fd)
+        previous()
 
 
 @dataclass(frozen=True)
@@ -682,7 +718,10 @@ def prepare_spliced_table(
         fh.write(footer)
         fh.write(closing)
 
-    return PreparedFile(path, _write, sweep=False)
+    prepared = PreparedFile(path, _write, sweep=False, hold=True)
+    if prepared.held is not None:
+        prepared.held.metadata = check  # the footer written: no second parse to read it back
+    return prepared
 
 
 @functools.cache
@@ -814,7 +853,9 @@ def write_tables_atomic(
     ``plain_floats``, ``distinct``, ``row_group_size``: as in :func:`prepare_table`.
     ``splices``: the paths whose table is only the rows after the file's first whole row
     groups, which are copied as bytes (:func:`prepare_spliced_table`; needs
-    ``row_group_size``).  A splice that cannot be made raises :class:`StoreError`.
+    ``row_group_size``).  A splice that cannot be made raises :class:`StoreError`.  Once a
+    spliced file is in place, its :attr:`Splice.source` holds it instead of the file it was
+    spliced from (:meth:`HeldFile.hold_instead`: the same bytes up to the groups copied).
     """
     if not plans:
         return []
@@ -842,7 +883,12 @@ def write_tables_atomic(
             if spliced is None:  # pragma: no cover - its layout was checked when it was read
                 raise StoreError(f"{path}: its first {splice.rows} rows cannot be kept; nothing was written")
             prepared = spliced
-        return prepared.commit(sync_dir=False)
+        done = prepared.commit(sync_dir=False)
+        if splice is not None and prepared.held is not None:
+            # Its first groups are the held file's, byte for byte: whoever reads those rows
+            # back (the report) reads them here, and the file spliced from is closed now.
+            splice.source.hold_instead(prepared.held)
+        return done
 
     with ThreadPoolExecutor(max_workers=_io_workers(len(plans)), thread_name_prefix="store-write") as pool:
         futures = [pool.submit(write_one, path, table) for path, table in plans]
@@ -1862,8 +1908,9 @@ class StoredTail:
 @dataclass(frozen=True, eq=False)
 class StoredRows:
     """A per-day file's rows without holding them in memory: its first ``skipped`` rows are
-    read from ``held`` (the file as this run read it, whose row groups it copied into the
-    file it wrote) when asked, the rest are ``tail``.  What a daily run hands the report for
+    read from ``held`` (the file as this run read it, or, once the run wrote the file, the
+    file it wrote, whose first row groups it copied from the one read) when asked, the rest
+    are ``tail``.  What a daily run hands the report for
     a ticker it kept: the report reads the dates and sensitivities of every ticker and the
     whole rows of the few it charts, a fraction of twenty years of rows."""
 
@@ -1885,7 +1932,7 @@ class StoredRows:
         tail = self.tail.select(names)
         where = self.held.path or "a per-day file"
         try:
-            pf = pq.ParquetFile(self.held.mapped())
+            pf = pq.ParquetFile(self.held.mapped(), metadata=self.held.metadata)
             groups, rows = 0, 0
             while rows < self.skipped and groups < pf.metadata.num_row_groups:
                 rows += pf.metadata.row_group(groups).num_rows
@@ -2186,7 +2233,8 @@ class ReportStore:
                         row_groups=None if kept_bytes is None else [last],
                     )
                     tail = StoredTail(table, stamp)
-                    if kept_bytes is not None:
+                    if kept_bytes is not None and held is not None:
+                        held.metadata = md  # the file held is the one read (identity checked below)
                         skipped = last * rows
                         tail = StoredTail(
                             table,
