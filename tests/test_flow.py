@@ -143,6 +143,55 @@ def test_flow_fetch_subflow_leaves_heartbeats_to_the_parent_run(  # type: ignore
     assert seen == {"_fetch_all": None, "fit_universe_with_history": 30}
 
 
+def test_flow_runs_end_without_joining_their_heartbeat_thread(  # type: ignore[no-untyped-def]
+    flow, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run with heartbeats leaves Prefect's heartbeat context without joining its thread
+    (which sleeps in one-second steps: up to a second idle at the end of every run); the
+    heartbeats themselves are Prefect's own."""
+    import contextlib
+
+    from prefect import flow_engine
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY, temporary_settings
+
+    installed = flow_engine._send_heartbeats
+    prefects = installed.prefects  # loading the flow installed it
+    joins: list[bool] = []
+
+    @contextlib.contextmanager
+    def recording(engine: Any, join_on_exit: bool = True) -> Any:
+        joins.append(join_on_exit)
+        with prefects(engine, join_on_exit=join_on_exit):
+            yield
+
+    monkeypatch.setattr(flow_engine, "_send_heartbeats", recording)
+    install = flow.fn.__globals__["heartbeats_without_join"]
+    assert install() is True
+    assert install() is True  # once only
+    assert flow_engine._send_heartbeats.prefects is recording
+    with temporary_settings(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: 30}):
+        result = run(flow, tmp_path, tickers=["KO"])
+    assert result["failures"] == {}
+    assert joins == [False, False]  # the run's and its fetch subflow's (which sends none)
+
+
+def test_heartbeats_are_left_alone_by_a_prefect_without_the_hook(  # type: ignore[no-untyped-def]
+    flow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect import flow_engine
+
+    install = flow.fn.__globals__["heartbeats_without_join"]
+
+    def other(engine: Any) -> Any:  # no join_on_exit parameter
+        raise AssertionError("not called")
+
+    monkeypatch.setattr(flow_engine, "_send_heartbeats", other)
+    assert install() is False
+    assert flow_engine._send_heartbeats is other
+    monkeypatch.delattr(flow_engine, "_send_heartbeats")
+    assert install() is False
+
+
 def test_flow_last_row_matches_statsmodels(flow, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     run(flow, tmp_path, tickers=["KO"])
     table = pd.read_parquet(tmp_path / "reports" / "sensitivity")

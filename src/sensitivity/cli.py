@@ -123,9 +123,9 @@ def _no_heartbeats_on_a_temporary_server() -> Iterator[None]:
     """Run the body with Prefect's flow-run heartbeats off when the API is the temporary server.
 
     Heartbeats let a server notice a run whose process died; the temporary server dies with
-    this process, so nothing could ever read them, and Prefect joins the heartbeat thread at
-    the end of every run while it sleeps in 1 s steps (up to a second of idle wait).  Against
-    a configured server (``PREFECT_API_URL``) they stay on.
+    this process, so nothing could ever read them.  Against a configured server
+    (``PREFECT_API_URL``) they stay on (and the run does not wait for their thread at its
+    end: ``heartbeats_without_join`` in flows/pipeline.py).
     """
     from prefect.settings import (
         PREFECT_FLOWS_HEARTBEAT_FREQUENCY,
