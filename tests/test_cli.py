@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import subprocess
@@ -64,6 +65,44 @@ def test_run_rejects_bad_input_with_one_line(tmp_path: Path, args: list[str], me
     assert re.search(message, lines[0]), lines[0]
     assert "Traceback" not in result.output
     assert not (tmp_path / "d").exists()
+
+
+def test_run_refuses_a_missing_source_folder_after_starting_its_workers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The source's folder is checked once the workers have started (the check imports
+    pandas and pyarrow meanwhile): still one line and exit 2 before Prefect starts, nothing
+    written, and the head start's and the report's workers stopped without a word."""
+    import sensitivity.cli as cli
+    import sensitivity.plan as plan
+    from sensitivity import head_start, process_pool
+
+    for name, value in {
+        "PREFECT_LOGGING_LEVEL": "INFO",
+        "PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL": "CRITICAL",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    }.items():
+        monkeypatch.setenv(name, value)  # what `run` sets with setdefault, undone after the test
+    monkeypatch.setattr(plan, "available_cpus", lambda: 2)
+    monkeypatch.setattr(cli, "_temporary_server_started_early", None)  # never reached
+    started: list[bool] = []
+    real_start = head_start.start
+    monkeypatch.setattr(
+        head_start, "start", lambda cfg, level: started.append(real_start(cfg, level=level)) or started[-1]
+    )
+    names = ",".join(f"S{i:04d}" for i in range(80))
+    args = ["--config", SAMPLE_CONFIG, "--source", "files", "--source-path", str(tmp_path / "nope")]
+    result = runner.invoke(app, ["run", *args, "--tickers", names, "--data-dir", str(tmp_path / "d")])
+    assert started == [True]  # its workers were preparing the fetch of the missing folder
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert re.search(r"source\.path '.*nope' is not a folder", lines[0]), lines[0]
+    assert not (tmp_path / "d").exists()
+    assert head_start._CURRENT is None
+    assert process_pool.spares() == 0
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_run_unknown_option_is_a_usage_error() -> None:

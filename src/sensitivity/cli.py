@@ -190,6 +190,14 @@ def _prestart_workers(cfg: Config) -> None:
     prestart(plan.SECTION_WORKER, plan.section_workers(sections))
 
 
+def _check_source(cfg: Config) -> None:
+    """Refuse a ``files`` source whose ``source.path`` is not a folder (a ConfigError)."""
+    if cfg.source.kind == "files":
+        from sensitivity.sources.base import make_source
+
+        make_source(cfg.source)
+
+
 def _logging_level() -> int:
     """The level of ``PREFECT_LOGGING_LEVEL`` (what the flow's loggers will pass on), else INFO."""
     level = logging.getLevelName(os.environ.get("PREFECT_LOGGING_LEVEL", "INFO").strip().upper())
@@ -364,10 +372,6 @@ def run(
     }
     try:
         cfg = load_config(config, overrides)  # refuse bad input before Prefect starts
-        if cfg.source.kind == "files":
-            from sensitivity.sources.base import make_source
-
-            make_source(cfg.source)  # a source.path that is not a folder: refused here, exit 2
     except SensitivityError as exc:
         _fail(exc, debug)
     # Prefect's logs still reach its API (the UI); the console shows them only with --verbose,
@@ -393,6 +397,10 @@ def run(
     use_jemalloc()  # Arrow's pool for this process, before any work (sensitivity.memory)
     _prestart_workers(cfg)
     try:
+        # After the workers started: the source's check imports pandas and pyarrow (0.4 s on
+        # one core, the other idle until the workers are there).  A bad source.path still
+        # stops the run before Prefect starts (exit 2); the workers are stopped below.
+        _check_source(cfg)
         with _temporary_server_started_early():
             flow = _load_flow_and_steps()
         columns = (

@@ -437,9 +437,11 @@ class ProcessPool:
             except Exception as exc:
                 # Not sent (an argument that does not pickle) or no answer (the worker died):
                 # the job stays pending and the caller runs it; this worker takes no more.
-                _log.warning(
-                    "worker process failed (%s: %s); the caller takes its jobs", type(exc).__name__, exc
-                )
+                # (Killed by close(wait=False): the caller stopped it, nothing to report.)
+                if not self._closed:
+                    _log.warning(
+                        "worker process failed (%s: %s); the caller takes its jobs", type(exc).__name__, exc
+                    )
                 _kill(proc)
                 self._done_with(i)
                 return
