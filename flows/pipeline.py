@@ -13,7 +13,7 @@ import datetime as dt
 import logging
 import sys
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import cloudpickle
 from prefect import flow, get_run_logger, task
@@ -58,6 +58,9 @@ from sensitivity.pipeline import (
 from sensitivity.plan import FETCH_WORKER, fetch_batches, fetch_processes
 from sensitivity.preload import import_steps_in_background
 from sensitivity.process_pool import ProcessPool
+
+if TYPE_CHECKING:  # (matplotlib is imported in the background while the fetch runs)
+    from sensitivity.report import SectionDraft
 
 DEFAULT_CONFIG = "config/default.toml"
 
@@ -220,15 +223,19 @@ def fetch_options(config: Config) -> dict[str, Any]:
 
 
 @task(name="fit-sensitivity", cache_policy=NO_CACHE, persist_result=False)
-def fit_sensitivity(config: Config, tickers: list[str]) -> tuple[dict[str, Any], History | None]:
+def fit_sensitivity(
+    config: Config, tickers: list[str]
+) -> tuple[dict[str, Any], History | None, SectionDraft | None]:
     """One batched fit of every ticker; writes the sensitivity and summary tables.
 
-    Returns the outcome and the per-day rows written, in the report's columns and per
+    Returns the outcome, the per-day rows written, in the report's columns and per
     combination, which the report task draws from instead of reading them back (never
-    persisted: they stay in the flow's memory); None above ``pipeline.HANDOVER_MAX_BYTES``.
+    persisted: they stay in the flow's memory; None above ``pipeline.HANDOVER_MAX_BYTES``),
+    and the report's charted sections its workers started drawing while the fit wrote
+    (``pipeline.fit_universe_with_history(draft_report=True)``; None without workers).
     """
-    fitted = fit_universe_with_history(config, tickers)
-    return fitted.outcome.to_dict(), fitted.history
+    fitted = fit_universe_with_history(config, tickers, draft_report=True)
+    return fitted.outcome.to_dict(), fitted.history, fitted.draft
 
 
 @task(name="write-report", cache_policy=NO_CACHE)
@@ -239,8 +246,10 @@ def write_report(
     failures: dict[str, str],
     started_at: dt.datetime,
     history: History | None = None,
+    draft: SectionDraft | None = None,
 ) -> dict[str, str]:
-    """Render the HTML report and the manifest (from ``history``, the fit's rows, when given)."""
+    """Render the HTML report and the manifest (from ``history``, the fit's rows, when given;
+    ``draft``: the sections the fit started)."""
     from sensitivity.pipeline import FitOutcome
 
     ctx = FlowRunContext.get()
@@ -253,6 +262,7 @@ def write_report(
         started_at=started_at,
         run_id=run_id,
         history=history,
+        draft=draft,
     )
 
 
@@ -540,11 +550,17 @@ def stock_sensitivity(
     ok = [t for t in u.tickers if t not in failures]
     if not ok:
         raise PartialRunError(failures)
-    fit, history = fit_sensitivity(quote(cfg), quote(ok))
+    fit, history, draft = fit_sensitivity(quote(cfg), quote(ok))
     failures.update(fit["no_data"])
     # quote(): plain data, no futures inside; Prefect would otherwise visit every element of
     # the 500 fetch outcomes and per-ticker counts before the task starts (0.1 s).
-    paths = write_report(quote(cfg), quote(fit), quote(fetches), quote(failures), started_at, quote(history))
+    try:
+        paths = write_report(
+            quote(cfg), quote(fit), quote(fetches), quote(failures), started_at, quote(history), quote(draft)
+        )
+    finally:
+        if draft is not None:
+            draft.close()  # the report took it over (a no-op then) or never started
     summary = _summary_rows(cfg, fit)
     _publish(summary, fit, failures, paths)
     result = {"as_of": fit["as_of"], "rows": fit["rows"], "paths": paths, "failures": failures, **summary}

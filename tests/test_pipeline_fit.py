@@ -315,6 +315,89 @@ def test_a_daily_runs_rows_for_the_report_are_its_files(
     assert ko.read(list(SENSITIVITY_COLUMNS)).equals(mine_ko)  # still this run's rows
 
 
+def _one_section_worker(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker for the sections whatever the machine (two tickers are too few otherwise)."""
+    import sensitivity.report as report_module
+
+    monkeypatch.setattr(
+        report_module, "section_workers", lambda n, w=None: min(n, 1) if w is None else min(w, n)
+    )
+
+
+def test_a_daily_run_starts_the_reports_sections_before_it_writes(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``draft_report``: the report's charted sections start in a worker before the fit
+    writes its files; the run's report takes each over (the job it would draw itself, from
+    the summary and scenarios as read back) and the page is the one drawn without them."""
+    import sensitivity.report as report_module
+
+    monkeypatch.setattr(store_module, "SENSITIVITY_ROW_GROUP", 64)
+    _one_section_worker(monkeypatch)
+    after = fetched(config(source, tmp_path, se="hac"))
+    fit_universe(ended(after, BEFORE), ["KO", "JPM"])
+    events: list[str] = []
+    real_draft, real_write = report_module.draft_sections, ReportStore.write_sensitivity_tables
+
+    def drafting(*args: Any, **kwargs: Any) -> Any:
+        events.append("draft")
+        return real_draft(*args, **kwargs)
+
+    def writing(self: ReportStore, *args: Any, **kwargs: Any) -> Any:
+        events.append("write")
+        return real_write(self, *args, **kwargs)
+
+    monkeypatch.setattr(report_module, "draft_sections", drafting)
+    monkeypatch.setattr(ReportStore, "write_sensitivity_tables", writing)
+    fitted = fit_universe_with_history(after, ["KO", "JPM"], draft_report=True)
+    assert events == ["draft", "write"]
+    assert fitted.draft is not None
+    assert fitted.history is not None
+    matched: list[bool] = []
+    real_same = report_module._same_jobs
+
+    def comparing(*args: Any) -> bool:
+        matched.append(real_same(*args))
+        return matched[-1]
+
+    monkeypatch.setattr(report_module, "_same_jobs", comparing)
+    reports = ReportStore(tmp_path)
+    as_of = dt.date.fromisoformat(fitted.outcome.as_of)
+    summary, scenarios = reports.read_summary(as_of=as_of), reports.read_scenarios(as_of=as_of)
+    started = dt.datetime(2026, 1, 1, tzinfo=dt.UTC)
+    manifest = build_manifest(after, fitted.outcome, [], {}, started_at=started)
+    page = render_report(fitted.history, summary, manifest, scenarios=scenarios, draft=fitted.draft)
+    assert matched == [True]
+    assert fitted.draft.pool.processes == 0
+    assert page == render_report(fitted.history, summary, manifest, scenarios=scenarios, workers=0)
+
+
+def test_a_fit_whose_writes_fail_stops_its_report_draft(
+    source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sensitivity.errors import StoreError
+    from sensitivity.report import SectionDraft
+
+    _one_section_worker(monkeypatch)
+    cfg = fetched(config(source, tmp_path))
+    closed: list[SectionDraft] = []
+    real_close = SectionDraft.close
+
+    def closing(self: SectionDraft) -> None:
+        closed.append(self)
+        real_close(self)
+
+    def failing(self: ReportStore, frame: pd.DataFrame) -> Any:
+        raise StoreError("disk full")
+
+    monkeypatch.setattr(SectionDraft, "close", closing)
+    monkeypatch.setattr(ReportStore, "write_summary", failing)
+    with pytest.raises(StoreError, match="disk full"):
+        fit_universe_with_history(cfg, ["KO", "JPM"], draft_report=True)
+    assert len(closed) == 1
+    assert closed[0].pool.processes == 0
+
+
 def test_a_history_too_large_to_copy_is_read_back_by_the_report(
     source: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -232,6 +232,49 @@ def test_a_report_whose_workers_fail_is_still_complete(
     assert render_report(universe.frame, universe.summary, {}, workers=2) == universe.page
 
 
+def test_a_draft_of_the_same_inputs_is_taken_over_and_gives_the_same_page(
+    universe: Universe, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Sections a worker started before the page was asked for (draft_sections) are the
+    page's when each job is the one it would draw: no second pool, the same bytes."""
+    draft = report.draft_sections(universe.frame, universe.summary, {}, workers=1)
+    assert draft is not None
+    assert len(draft.jobs) == universe.page.count(b'data-chart="characteristic"') + 1  # + NEW's note
+
+    def no_second_pool(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the page started workers of its own")
+
+    monkeypatch.setattr(report, "_section_pool", no_second_pool)
+    assert render_report(universe.frame, universe.summary, {}, draft=draft) == universe.page
+    assert draft.pool.processes == 0  # closed with the page
+
+
+def test_a_draft_of_other_inputs_is_dropped_and_the_page_drawn_from_its_own(universe: Universe) -> None:
+    """A draft whose sections differ in anything (here one summary value, or a setting the
+    manifest gives) is closed and the page drawn again: never a section of other inputs."""
+    other = universe.summary.copy()
+    other.loc[other.index[0], "r2"] = 0.123456
+    for summary, manifest in [(other, {}), (universe.summary, {"config": {"model": {"min_obs": 5}}})]:
+        draft = report.draft_sections(universe.frame, summary, manifest, workers=1)
+        assert draft is not None
+        assert render_report(universe.frame, universe.summary, {}, draft=draft, workers=0) == universe.page
+        assert draft.pool.processes == 0
+
+
+def test_a_draft_compares_sections_value_by_value_and_type_by_type() -> None:
+    same = report._same_value
+    assert same({"a": 1.0, "b": float("nan")}, {"a": 1.0, "b": float("nan")})
+    assert not same({"a": 1}, {"a": 1.0})  # written "1" and "1.0"
+    assert not same({"a": True}, {"a": 1})
+    assert not same(({"a": 1},), ({"a": 1}, None))
+    frame = pd.DataFrame({"x": [1.0, np.nan], "d": pd.to_datetime(["2024-01-02", "2024-01-03"])})
+    assert same(frame, frame.copy())
+    assert not same(frame, frame.astype({"x": "float32"}))
+    assert not same(frame, frame.set_axis([5, 6]))
+    assert not same(frame, frame.assign(x=[1.0, 2.0]))
+    assert not same(frame, None)
+
+
 @pytest.mark.parametrize("workers", [-1, 1.5, True, "2"])
 def test_render_report_rejects_a_bad_worker_count(universe: Universe, workers: object) -> None:
     with pytest.raises(ValueError, match="workers must be None or an integer >= 0"):

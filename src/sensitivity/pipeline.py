@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from functools import cached_property
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Final, Literal, TypeAlias
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeAlias
 
 import numpy as np
 import numpy.typing as npt
@@ -53,6 +53,7 @@ from sensitivity.store import (
     ReportStore,
     SensitivityKey,
     StoredRows,
+    as_read_back,
     file_identity,
     frame_from_price_table,
     one_sweep_per_folder,
@@ -61,6 +62,9 @@ from sensitivity.store import (
     table_from_frame,
 )
 from sensitivity.symbols import normalize_symbol
+
+if TYPE_CHECKING:  # (the report, and matplotlib with it, is imported when it is drawn)
+    from sensitivity.report import SectionDraft
 
 log = logging.getLogger(__name__)
 
@@ -688,6 +692,8 @@ class FittedUniverse:
 
     outcome: FitOutcome
     history: History | None
+    #: The report's charted sections started before the writes (``draft_report``), else None.
+    draft: SectionDraft | None = None
 
 
 #: The largest copy of the per-day rows (the report's columns, float64) that
@@ -712,19 +718,26 @@ def fit_universe(config: Config, tickers: Sequence[str]) -> FitOutcome:
     return _fit_universe(config, tickers).outcome
 
 
-def fit_universe_with_history(config: Config, tickers: Sequence[str]) -> FittedUniverse:
+def fit_universe_with_history(
+    config: Config, tickers: Sequence[str], *, draft_report: bool = False
+) -> FittedUniverse:
     """:func:`fit_universe`, keeping the per-day rows it wrote for the report.
 
     The report of the same run then draws from these rows instead of reading the
     ``reports/sensitivity/`` files back (at 500 tickers x 20 years the read took 3 to 4 s), and
     it shows exactly what this run computed even if another run rewrote a file meanwhile.
     The rows are a copy of half the table's columns (about 0.4 GB at that size), kept only up
-    to :data:`HANDOVER_MAX_BYTES`; above, ``history`` is None.
+    to :data:`HANDOVER_MAX_BYTES`; above, ``history`` is None.  ``draft_report``: start the
+    report's charted sections in its worker processes before writing (``draft``; see
+    :func:`~sensitivity.report.draft_sections`), for a caller that renders the report next
+    (:func:`write_run_report`) and closes the draft otherwise.
     """
-    return _fit_universe(config, tickers, with_history=True)
+    return _fit_universe(config, tickers, with_history=True, draft_report=draft_report)
 
 
-def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool = False) -> FittedUniverse:
+def _fit_universe(
+    config: Config, tickers: Sequence[str], *, with_history: bool = False, draft_report: bool = False
+) -> FittedUniverse:
     """:func:`fit_universe`, and with ``with_history`` the per-day rows it wrote (report columns).
 
     With a rolling window, a ticker whose stored file was computed from the same inputs
@@ -838,18 +851,30 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
     scenarios = scenario_table(summary, m.scenarios, fit=m.fit)
     last_dates = {t: d for t, d in rows.last.items() if t in full or t in growing}
     stamps = {(u.index, t, m.window): s for t, s in inputs.stamps(last_dates).items()} if m.window > 0 else {}
-    with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
-        if table is not None and len(table):
-            reports.write_sensitivity(table, stamps=stamps)
-        if growing:
-            reports.write_sensitivity_tables(
-                {(u.index, t, m.window): extended[t] for t in growing},
-                stamps=stamps,
-                kept={(u.index, t, m.window): kept[t].stored for t in growing},
-            )
-        reports.write_summary(summary)
-        reports.write_scenarios(scenarios)
     order = [t for t in aligned.tickers if t in rows.total]
+    history = None
+    if with_history and sum(rows.total.values()) * len(SENSITIVITY_COLUMNS) * 8 <= HANDOVER_MAX_BYTES:
+        stored = {t: k.stored.rows_from(extended[t], SENSITIVITY_COLUMNS) for t, k in kept.items()}
+        history = _history(table, runs, stored, (u.index, m.window), order, list(SENSITIVITY_COLUMNS))
+    # The report's charted sections start in its worker processes now, from what this run is
+    # about to write: the writes below leave a core half idle (their Python holds the GIL).
+    draft = _draft_report(config, history, summary, scenarios) if draft_report and history else None
+    try:
+        with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
+            if table is not None and len(table):
+                reports.write_sensitivity(table, stamps=stamps)
+            if growing:
+                reports.write_sensitivity_tables(
+                    {(u.index, t, m.window): extended[t] for t in growing},
+                    stamps=stamps,
+                    kept={(u.index, t, m.window): kept[t].stored for t in growing},
+                )
+            reports.write_summary(summary)
+            reports.write_scenarios(scenarios)
+    except BaseException:
+        if draft is not None:
+            draft.close()
+        raise
     outcome = FitOutcome(
         as_of=rows.as_of.isoformat(),
         index=u.index,
@@ -869,11 +894,29 @@ def _fit_universe(config: Config, tickers: Sequence[str], *, with_history: bool 
         len(kept),
         len(growing),
     )
-    history = None
-    if with_history and outcome.rows * len(SENSITIVITY_COLUMNS) * 8 <= HANDOVER_MAX_BYTES:
-        stored = {t: k.stored.rows_from(extended[t], SENSITIVITY_COLUMNS) for t, k in kept.items()}
-        history = _history(table, runs, stored, (u.index, m.window), order, list(SENSITIVITY_COLUMNS))
-    return FittedUniverse(outcome, history)
+    return FittedUniverse(outcome, history, draft)
+
+
+def _draft_report(
+    config: Config, history: History, summary: pd.DataFrame, scenarios: pd.DataFrame
+) -> SectionDraft | None:
+    """The report's charted sections, started from what the fit is about to write (the
+    summary and scenarios as the store will read them back; :func:`write_run_report` passes
+    the draft to :func:`~sensitivity.report.render_report`, which checks each section is the
+    one it would draw).  None where it has no worker or cannot start: the report then draws
+    everything itself."""
+    from sensitivity.report import draft_sections
+
+    try:
+        return draft_sections(
+            history,
+            as_read_back(summary, "summary"),
+            {"config": config.to_dict()},  # the manifest's part the sections use
+            scenarios=as_read_back(scenarios, "scenarios"),
+        )
+    except Exception as exc:  # the report itself will say what is wrong with its inputs
+        log.debug("no report draft: %s", exc)
+        return None
 
 
 def _growing(inputs: FitInputs, kept: Mapping[str, Kept]) -> dict[str, dt.date]:
@@ -1125,35 +1168,43 @@ def write_run_report(
     started_at: dt.datetime,
     run_id: str | None = None,
     history: Mapping[SensitivityKey, pd.DataFrame | pa.Table] | None = None,
+    draft: SectionDraft | None = None,
 ) -> dict[str, str]:
     """Render the HTML report and the manifest of this run for ``fit.as_of``; return their paths.
 
     ``history``: the per-day rows the fit wrote (:attr:`FittedUniverse.history`); without it
-    they are read back from ``reports/sensitivity/``.  The page is the same either way.
+    they are read back from ``reports/sensitivity/``.  ``draft``: the sections the fit started
+    (:attr:`FittedUniverse.draft`), taken over where they are this page's, closed otherwise.
+    The page is the same either way.
     """
     from sensitivity.report import SENSITIVITY_COLUMNS, render_report
 
     data_dir = config.output.data_dir
     reports = ReportStore(data_dir)
     table: pd.DataFrame | Mapping[SensitivityKey, pd.DataFrame | pa.Table]
-    if history is not None:
-        table = history
-    else:
-        table = reports.read_sensitivity(
-            index_ticker=config.universe.index,
-            window=config.model.window,
-            tickers=list(fit.rows_by_ticker),
-            columns=SENSITIVITY_COLUMNS,  # what the report reads: half the table's columns
-        )
-    summary = reports.read_summary(as_of=dt.date.fromisoformat(fit.as_of))
-    summary = summary[
-        (summary["index_ticker"] == config.universe.index)
-        & (summary["window"] == config.model.window)
-        & (summary["ticker"].isin(list(fit.rows_by_ticker)))
-    ]
-    scenarios = reports.read_scenarios(as_of=dt.date.fromisoformat(fit.as_of))
-    manifest = build_manifest(config, fit, fetches, failures, started_at=started_at, run_id=run_id)
-    html = render_report(table, summary, manifest, scenarios=scenarios)
+    try:
+        if history is not None:
+            table = history
+        else:
+            table = reports.read_sensitivity(
+                index_ticker=config.universe.index,
+                window=config.model.window,
+                tickers=list(fit.rows_by_ticker),
+                columns=SENSITIVITY_COLUMNS,  # what the report reads: half the table's columns
+            )
+        summary = reports.read_summary(as_of=dt.date.fromisoformat(fit.as_of))
+        summary = summary[
+            (summary["index_ticker"] == config.universe.index)
+            & (summary["window"] == config.model.window)
+            & (summary["ticker"].isin(list(fit.rows_by_ticker)))
+        ]
+        scenarios = reports.read_scenarios(as_of=dt.date.fromisoformat(fit.as_of))
+        manifest = build_manifest(config, fit, fetches, failures, started_at=started_at, run_id=run_id)
+        html = render_report(table, summary, manifest, scenarios=scenarios, draft=draft)
+    except BaseException:
+        if draft is not None:
+            draft.close()  # (a no-op once the page took it over)
+        raise
     with store_lock(data_dir, timeout_s=config.runtime.lock_timeout_s):
         html_path, manifest_path = reports.write_report(dt.date.fromisoformat(fit.as_of), html, manifest)
     progress.emit(progress.ProgressEvent("report", detail=str(html_path)))

@@ -63,7 +63,7 @@ from matplotlib.ticker import FixedLocator
 from matplotlib.transforms import Bbox
 from PIL import Image
 
-from sensitivity.plan import CHART_LIMIT, SECTION_WORKER, charted_sections, section_workers
+from sensitivity.plan import CHART_LIMIT, SECTION_WORKER, section_workers
 from sensitivity.process_pool import ProcessPool
 
 __all__ = [
@@ -76,8 +76,10 @@ __all__ = [
     "CharacteristicCurve",
     "GammaTest",
     "RowSource",
+    "SectionDraft",
     "characteristic_curve",
     "characteristic_curve_figure",
+    "draft_sections",
     "figure_png",
     "gamma_history_figure",
     "gamma_significant",
@@ -2086,6 +2088,7 @@ def render_report(
     scenarios: pd.DataFrame | None = None,
     chart_limit: int = CHART_LIMIT,
     workers: int | None = None,
+    draft: SectionDraft | None = None,
 ) -> bytes:
     """The HTML report of one ``as_of``, as UTF-8 bytes; self-contained (charts embedded).
 
@@ -2123,11 +2126,45 @@ def render_report(
     here.  The page is byte for byte the same either way (the workers take this process's
     ``sys.path`` and matplotlib ``rcParams``, though not fonts added at run time with
     ``font_manager.fontManager.addfont``: pass 0 then); see :mod:`sensitivity.process_pool`.
+    ``draft``: sections :func:`draft_sections` started earlier, taken over (their workers go on
+    drawing for this page) when each is the job this page would draw, else closed.
     """
-    if isinstance(chart_limit, bool) or not isinstance(chart_limit, int) or chart_limit < 2:
-        raise ValueError(f"chart_limit must be an integer >= 2, got {chart_limit!r}")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ValueError(f"workers must be None or an integer >= 0, got {workers!r}")
+    try:
+        inputs = _page_inputs(sensitivity, summary, manifest, scenarios, chart_limit)
+        layouts = _layouts(inputs)
+        jobs = _section_jobs(inputs, layouts)
+    except BaseException:
+        if draft is not None:
+            draft.close()
+        raise
+    if draft is not None and _same_jobs(draft.jobs, [job for _, job in jobs]):
+        pool = draft.pool  # its workers have been drawing these sections already
+    else:
+        if draft is not None:
+            draft.close()  # drawn from other inputs: not this page's
+        # Started now, so that the workers boot while the overview is drawn here.
+        pool = _section_pool(len(jobs), workers)
+        for _, job in jobs:
+            pool.submit(*job)
+    try:
+        page = _render_page(inputs, layouts, {key: i for i, (key, _) in enumerate(jobs)}, pool)
+    finally:
+        pool.close()
+    return "\n".join(p for p in page if p).encode("utf-8")
+
+
+def _page_inputs(
+    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
+    summary: pd.DataFrame,
+    manifest: Mapping[str, Any],
+    scenarios: pd.DataFrame | None,
+    chart_limit: int,
+) -> _PageInputs:
+    """:func:`render_report`'s inputs, checked and grouped (its ``ValueError``/``TypeError``)."""
+    if isinstance(chart_limit, bool) or not isinstance(chart_limit, int) or chart_limit < 2:
+        raise ValueError(f"chart_limit must be an integer >= 2, got {chart_limit!r}")
     histories = _histories(sensitivity)
     table = _checked_frame(summary, "summary", ("as_of", *SENSITIVITY_COLUMNS))
     if not isinstance(manifest, Mapping):
@@ -2139,33 +2176,160 @@ def render_report(
     if what_if is not None and "as_of" in what_if.columns and len(what_if):
         days = _timestamps(what_if["as_of"], "scenarios.as_of")
         what_if = what_if.loc[(days.dt.date == as_of).to_numpy()]
-    min_obs = _min_obs(manifest)
-    hac_lags = _hac_lags(manifest)
-
     groups = [
         (str(cast(tuple[Any, Any], key)[0]), int(cast(tuple[Any, Any], key)[1]), group)
         for key, group in table.groupby(["index_ticker", "window"], sort=True)
     ]
-    # Started now, so that the workers boot while the overview is drawn here.
-    pool = _section_pool(charted_sections([len(g[2]) for g in groups], chart_limit), workers)
-    try:
-        page = _render_page(
-            _PageInputs(
-                table=table,
-                groups=groups,
-                histories=histories,
-                manifest=manifest,
-                what_if=what_if,
-                min_obs=min_obs,
-                hac_lags=hac_lags,
-                chart_limit=chart_limit,
-                as_of=as_of,
-            ),
-            pool,
+    return _PageInputs(
+        table=table,
+        groups=groups,
+        histories=histories,
+        manifest=manifest,
+        what_if=what_if,
+        min_obs=_min_obs(manifest),
+        hac_lags=_hac_lags(manifest),
+        chart_limit=chart_limit,
+        as_of=as_of,
+    )
+
+
+@dataclass(frozen=True)
+class _GroupLayout:
+    """One overview group's rows in page order, the tickers it charts and each row's anchor."""
+
+    index_ticker: str
+    window: int
+    ordered: list[dict[str, Any]]
+    charted: set[str]
+    anchors: dict[str, str]
+    omitted_anchor: str
+
+
+def _layouts(inputs: _PageInputs) -> list[_GroupLayout]:
+    """Each group's :class:`_GroupLayout`; charted sections are anchored ``t1``, ``t2``, ... in
+    page order across groups, the others link to their group's list of omitted tickers."""
+    out: list[_GroupLayout] = []
+    n_anchor = 0
+    for n_group, (index_ticker, window, group) in enumerate(inputs.groups, start=1):
+        stale = (_timestamps(group["date"], "summary.date").dt.date < inputs.as_of).to_numpy()
+        ordered = [
+            {str(k): v for k, v in record.items()}
+            for record in group.assign(_stale=stale)
+            .sort_values(
+                ["_stale", "sensitivity", "ticker"],
+                ascending=[True, False, True],
+                na_position="last",
+                kind="stable",
+            )
+            .drop(columns="_stale")
+            .to_dict("records")
+        ]
+        charted = _charted(ordered, inputs.chart_limit, inputs.as_of)
+        omitted_anchor = f"g{n_group}-omitted"
+        anchors: dict[str, str] = {}
+        for row in ordered:
+            if str(row["ticker"]) in charted:
+                n_anchor += 1
+                anchors[str(row["ticker"])] = f"t{n_anchor}"
+            else:
+                anchors[str(row["ticker"])] = omitted_anchor
+        out.append(_GroupLayout(index_ticker, window, ordered, charted, anchors, omitted_anchor))
+    return out
+
+
+#: A charted section to draw: ``(row, anchor, history, min_obs, scenarios, hac_lags)``.
+_SectionJob = tuple[Any, ...]
+
+
+def _section_jobs(
+    inputs: _PageInputs, layouts: Sequence[_GroupLayout]
+) -> list[tuple[tuple[str, str, int], _SectionJob]]:
+    """The charted sections of the page, in page order, each with its combination."""
+    jobs: list[tuple[tuple[str, str, int], _SectionJob]] = []
+    for layout in layouts:
+        for row in layout.ordered:
+            ticker = str(row["ticker"])
+            if ticker not in layout.charted:
+                continue
+            key = (layout.index_ticker, ticker, layout.window)
+            history = inputs.histories.get(key)
+            rows = None if history is None else history.frame()
+            scenario_rows = _scenario_rows(inputs.what_if, key)
+            job = (row, layout.anchors[ticker], rows, inputs.min_obs, scenario_rows, tuple(inputs.hac_lags))
+            jobs.append((key, job))
+    return jobs
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    """Whether ``a`` and ``b`` draw the same section: equal and of one type (1 and 1.0 are
+    written differently), NaN equal to NaN, frames equal in columns, types and values."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, pd.DataFrame):
+        return (
+            list(a.columns) == list(b.columns)
+            and a.dtypes.to_dict() == b.dtypes.to_dict()
+            and a.index.equals(b.index)
+            and a.equals(b)
         )
-    finally:
+    if isinstance(a, Mapping):
+        return a.keys() == b.keys() and all(_same_value(a[k], b[k]) for k in a)
+    if isinstance(a, tuple | list):
+        return len(a) == len(b) and all(_same_value(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float | np.floating) and math.isnan(a):
+        return bool(math.isnan(b))
+    try:
+        return bool(a == b)
+    except (TypeError, ValueError):  # pragma: no cover - values without a plain truth
+        return False
+
+
+def _same_jobs(drafted: Sequence[_SectionJob], jobs: Sequence[_SectionJob]) -> bool:
+    return _same_value(list(drafted), list(jobs))
+
+
+@dataclass(eq=False)
+class SectionDraft:
+    """Charted sections that worker processes started drawing before the report was asked
+    for (:func:`draft_sections`); :func:`render_report` takes them over or closes them."""
+
+    pool: ProcessPool
+    jobs: list[_SectionJob]
+
+    def close(self) -> None:
+        """Stop the workers (what they drew is dropped)."""
+        self.pool.close(wait=False)
+
+
+def draft_sections(
+    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
+    summary: pd.DataFrame,
+    manifest: Mapping[str, Any],
+    *,
+    scenarios: pd.DataFrame | None = None,
+    chart_limit: int = CHART_LIMIT,
+    workers: int | None = None,
+) -> SectionDraft | None:
+    """Start drawing the charted sections of the page :func:`render_report` would draw from
+    these inputs, in worker processes, and return at once (None without workers).
+
+    For a caller that has the page's inputs before it can ask for the page (the daily run's
+    fit, before it writes its files: the workers draw while the writes leave a core half
+    idle).  Pass the draft to :func:`render_report` (``draft=``): it takes over the sections
+    drawn and drawing only if each is the one it would draw itself (the same row, anchor,
+    rows, settings and scenarios, compared value by value and type by type), else it closes
+    the draft and draws them again; the page is the same either way.  Only ``config.model``
+    of ``manifest`` matters here.  Close a draft that is not handed on (:meth:`SectionDraft.close`).
+    """
+    inputs = _page_inputs(sensitivity, summary, manifest, scenarios, chart_limit)
+    jobs = [job for _, job in _section_jobs(inputs, _layouts(inputs))]
+    pool = _section_pool(len(jobs), workers)
+    if pool.processes == 0:
         pool.close()
-    return "\n".join(p for p in page if p).encode("utf-8")
+        return None
+    for job in jobs:
+        pool.submit(*job)
+    return SectionDraft(pool, jobs)
 
 
 def _section_pool(sections: int, workers: int | None) -> ProcessPool:
@@ -2222,14 +2386,20 @@ class _PageInputs:
     as_of: dt.date
 
 
-def _render_page(inputs: _PageInputs, pool: ProcessPool) -> list[str]:
-    """The parts of the page, in order (see :func:`render_report`)."""
-    table, groups, histories = inputs.table, inputs.groups, inputs.histories
-    manifest, what_if, min_obs, hac_lags = inputs.manifest, inputs.what_if, inputs.min_obs, inputs.hac_lags
+def _render_page(
+    inputs: _PageInputs,
+    layouts: Sequence[_GroupLayout],
+    positions: Mapping[tuple[str, str, int], int],
+    pool: ProcessPool,
+) -> list[str]:
+    """The parts of the page, in order (see :func:`render_report`); the charted sections are
+    ``pool``'s jobs, at ``positions`` (by combination)."""
+    table, histories = inputs.table, inputs.histories
+    manifest, min_obs = inputs.manifest, inputs.min_obs
     chart_limit, as_of = inputs.chart_limit, inputs.as_of
     sparkline = _Sparkline()
-    indexes = sorted({g[0] for g in groups})
-    windows = sorted({g[1] for g in groups})
+    indexes = sorted({g[0] for g in inputs.groups})
+    windows = sorted({g[1] for g in inputs.groups})
     fitted_rows = table.loc[table["sensitivity_se"].notna()]
     crit = _critical_value(_record(fitted_rows.iloc[0])) if len(fitted_rows) else _Z95
     title = f"Market sensitivity to {', '.join(indexes)} — as of {as_of}"
@@ -2252,30 +2422,10 @@ def _render_page(inputs: _PageInputs, pool: ProcessPool) -> list[str]:
     # A charted section is a job of the pool (a worker may draw it while the overview is drawn
     # here; the rest are drawn here and there at the end) until it is drawn.
     sections: list[str | int] = []
-    n_anchor = 0
-    for n_group, (index_ticker, window, group) in enumerate(groups, start=1):
-        stale = (_timestamps(group["date"], "summary.date").dt.date < as_of).to_numpy()
-        ordered = [
-            {str(k): v for k, v in record.items()}
-            for record in group.assign(_stale=stale)
-            .sort_values(
-                ["_stale", "sensitivity", "ticker"],
-                ascending=[True, False, True],
-                na_position="last",
-                kind="stable",
-            )
-            .drop(columns="_stale")
-            .to_dict("records")
-        ]
-        charted = _charted(ordered, chart_limit, as_of)
-        omitted_anchor = f"g{n_group}-omitted"
-        anchors: dict[str, str] = {}
-        for row in ordered:
-            if str(row["ticker"]) in charted:
-                n_anchor += 1
-                anchors[str(row["ticker"])] = f"t{n_anchor}"
-            else:
-                anchors[str(row["ticker"])] = omitted_anchor
+    for n_group, layout in enumerate(layouts, start=1):
+        index_ticker, window = layout.index_ticker, layout.window
+        ordered, charted, anchors = layout.ordered, layout.charted, layout.anchors
+        omitted_anchor = layout.omitted_anchor
         body: list[str] = []
         for row in ordered:
             ticker = str(row["ticker"])
@@ -2294,11 +2444,7 @@ def _render_page(inputs: _PageInputs, pool: ProcessPool) -> list[str]:
                     )
             body.append(_overview_row(row, columns, anchors[ticker], as_of, spark))
             if ticker in charted:
-                scenario_rows = _scenario_rows(what_if, (index_ticker, ticker, window))
-                rows = None if history is None else history.frame()
-                sections.append(
-                    pool.submit(row, anchors[ticker], rows, min_obs, scenario_rows, tuple(hac_lags))
-                )
+                sections.append(positions[(index_ticker, ticker, window)])
         omitted = [str(r["ticker"]) for r in ordered if str(r["ticker"]) not in charted]
         if omitted:
             sections.append(_omitted_html(omitted, omitted_anchor, len(ordered), chart_limit, index_ticker))

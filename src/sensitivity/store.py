@@ -2438,6 +2438,17 @@ class ReportStore:
         return html_path, manifest_path
 
 
+def as_read_back(frame: pd.DataFrame, kind: Literal["summary", "scenarios"]) -> pd.DataFrame:
+    """``frame`` as :meth:`ReportStore.read_summary` (or ``read_scenarios``) returns its rows
+    once written: the store's schema and types, sorted by as_of and combination (and index
+    move), nothing written.  For a caller that needs what the store will hold before it is
+    written (the daily run's report draft)."""
+    extra = ("index_move",) if kind == "scenarios" else ()
+    table = table_from_frame(frame, _SCHEMAS[kind], f"{kind} table")
+    table = table.sort_by([("as_of", "ascending"), *((c, "ascending") for c in (*_COMBO, *extra))])
+    return _frame_from_report_table(table)
+
+
 def _holds_only(part: pa.Table, key: tuple[str, str, int]) -> bool:
     """Whether ``part`` holds only the combination ``key``, with strictly increasing dates."""
     if part.num_rows == 0:
@@ -2621,6 +2632,7 @@ __all__ = [
     "ReportStore",
     "SensitivityKey",
     "StoredPrices",
+    "as_read_back",
     "file_identity",
     "frame_from_price_table",
     "one_sweep_per_folder",
