@@ -237,15 +237,22 @@ def test_a_draft_of_the_same_inputs_is_taken_over_and_gives_the_same_page(
 ) -> None:
     """Sections a worker started before the page was asked for (draft_sections) are the
     page's when each job is the one it would draw: no second pool, the same bytes."""
-    draft = report.draft_sections(universe.frame, universe.summary, {}, workers=1)
+    rows = split_by_combination(universe.frame, arrow=True)
+    assert report.draft_sections(universe.frame, universe.summary, {}, workers=1) is None  # a table
+    draft = report.draft_sections(rows, universe.summary, {}, workers=1)
     assert draft is not None
     assert len(draft.jobs) == universe.page.count(b'data-chart="characteristic"') + 1  # + NEW's note
+    assert set(draft.histories) == set(rows)  # (all charted)
+    two = report.draft_sections(rows, universe.summary, {}, workers=1, chart_limit=2)
+    assert two is not None
+    assert len(two.histories) == 2  # only the charted rows are read
+    two.close()
 
     def no_second_pool(*args: Any, **kwargs: Any) -> Any:
         raise AssertionError("the page started workers of its own")
 
     monkeypatch.setattr(report, "_section_pool", no_second_pool)
-    assert render_report(universe.frame, universe.summary, {}, draft=draft) == universe.page
+    assert render_report(rows, universe.summary, {}, draft=draft) == universe.page
     assert draft.pool.processes == 0  # closed with the page
 
 
@@ -254,10 +261,11 @@ def test_a_draft_of_other_inputs_is_dropped_and_the_page_drawn_from_its_own(univ
     manifest gives) is closed and the page drawn again: never a section of other inputs."""
     other = universe.summary.copy()
     other.loc[other.index[0], "r2"] = 0.123456
+    rows = split_by_combination(universe.frame, arrow=False)
     for summary, manifest in [(other, {}), (universe.summary, {"config": {"model": {"min_obs": 5}}})]:
-        draft = report.draft_sections(universe.frame, summary, manifest, workers=1)
+        draft = report.draft_sections(rows, summary, manifest, workers=1)
         assert draft is not None
-        assert render_report(universe.frame, universe.summary, {}, draft=draft, workers=0) == universe.page
+        assert render_report(rows, universe.summary, {}, draft=draft, workers=0) == universe.page
         assert draft.pool.processes == 0
 
 

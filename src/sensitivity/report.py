@@ -41,7 +41,7 @@ import io
 import json
 import math
 import struct
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol, cast, runtime_checkable
 
@@ -340,8 +340,10 @@ class _History:
 
 def _histories(
     sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
+    known: Mapping[tuple[str, str, int], _History] | None = None,
 ) -> dict[tuple[str, str, int], _History]:
-    """The page's per-combination rows from either form :func:`render_report` takes."""
+    """The page's per-combination rows from either form :func:`render_report` takes;
+    ``known``: some of them already read from the same rows (a draft's), taken as they are."""
     if not isinstance(sensitivity, Mapping):
         frame = _checked_frame(sensitivity, "sensitivity", SENSITIVITY_COLUMNS)
         out: dict[tuple[str, str, int], _History] = {}
@@ -352,26 +354,30 @@ def _histories(
         return out
     out = {}
     for combo, rows in sensitivity.items():
-        if not isinstance(rows, pa.Table | pd.DataFrame | RowSource):
-            raise TypeError(
-                f"sensitivity[{combo!r}] must be a pandas DataFrame, an Arrow table or a row "
-                f"source, got {type(rows).__name__}"
-            )
-        names = list(rows.columns) if isinstance(rows, pd.DataFrame) else list(rows.column_names)
-        missing = [c for c in SENSITIVITY_COLUMNS if c not in names]
-        if missing:
-            raise ValueError(f"sensitivity[{combo!r}] lacks column(s) {', '.join(missing)}")
-        key = (str(combo[0]), str(combo[1]), int(combo[2]))
-        if isinstance(rows, pa.Table | pd.DataFrame):
-            if len(rows):
-                out[key] = _History(rows, key)
-        else:
+        key = _checked_rows(combo, rows)
+        history = known.get(key) if known is not None else None
+        if history is None:
             history = _History(rows, key)
-            if len(history.dates):
-                out[key] = history
+        if len(history.dates):
+            out[key] = history
     if not out:
         _checked_frame(pd.DataFrame(), "sensitivity", SENSITIVITY_COLUMNS)  # the "is empty" error
     return out
+
+
+def _checked_rows(combo: Any, rows: object) -> tuple[str, str, int]:
+    """The key of one combination's rows in a mapping given to :func:`render_report`, after
+    checking their type and columns."""
+    if not isinstance(rows, pa.Table | pd.DataFrame | RowSource):
+        raise TypeError(
+            f"sensitivity[{combo!r}] must be a pandas DataFrame, an Arrow table or a row "
+            f"source, got {type(rows).__name__}"
+        )
+    names = list(rows.columns) if isinstance(rows, pd.DataFrame) else list(rows.column_names)
+    missing = [c for c in SENSITIVITY_COLUMNS if c not in names]
+    if missing:
+        raise ValueError(f"sensitivity[{combo!r}] lacks column(s) {', '.join(missing)}")
+    return (str(combo[0]), str(combo[1]), int(combo[2]))
 
 
 def _record(row: pd.Series) -> dict[str, Any]:
@@ -2132,9 +2138,11 @@ def render_report(
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
         raise ValueError(f"workers must be None or an integer >= 0, got {workers!r}")
     try:
-        inputs = _page_inputs(sensitivity, summary, manifest, scenarios, chart_limit)
+        # The charted rows a draft of the same mapping read already are not read again.
+        known = draft.histories if draft is not None and draft.source is sensitivity else None
+        inputs = _page_inputs(sensitivity, summary, manifest, scenarios, chart_limit, known)
         layouts = _layouts(inputs)
-        jobs = _section_jobs(inputs, layouts)
+        jobs = list(_section_jobs(inputs, layouts))
     except BaseException:
         if draft is not None:
             draft.close()
@@ -2161,11 +2169,16 @@ def _page_inputs(
     manifest: Mapping[str, Any],
     scenarios: pd.DataFrame | None,
     chart_limit: int,
+    known: Mapping[tuple[str, str, int], _History] | None = None,
+    *,
+    read_rows: bool = True,
 ) -> _PageInputs:
-    """:func:`render_report`'s inputs, checked and grouped (its ``ValueError``/``TypeError``)."""
+    """:func:`render_report`'s inputs, checked and grouped (its ``ValueError``/``TypeError``);
+    ``known``: as :func:`_histories` takes it; without ``read_rows`` no rows are read (the
+    inputs' ``histories`` are empty: for :func:`draft_sections`, which reads its own)."""
     if isinstance(chart_limit, bool) or not isinstance(chart_limit, int) or chart_limit < 2:
         raise ValueError(f"chart_limit must be an integer >= 2, got {chart_limit!r}")
-    histories = _histories(sensitivity)
+    histories = _histories(sensitivity, known) if read_rows else {}
     table = _checked_frame(summary, "summary", ("as_of", *SENSITIVITY_COLUMNS))
     if not isinstance(manifest, Mapping):
         raise TypeError(f"manifest must be a mapping, got {type(manifest).__name__}")
@@ -2242,27 +2255,34 @@ _SectionJob = tuple[Any, ...]
 
 
 def _section_jobs(
-    inputs: _PageInputs, layouts: Sequence[_GroupLayout]
-) -> list[tuple[tuple[str, str, int], _SectionJob]]:
-    """The charted sections of the page, in page order, each with its combination."""
-    jobs: list[tuple[tuple[str, str, int], _SectionJob]] = []
+    inputs: _PageInputs,
+    layouts: Sequence[_GroupLayout],
+    history_of: Callable[[tuple[str, str, int]], _History | None] | None = None,
+) -> Iterator[tuple[tuple[str, str, int], _SectionJob]]:
+    """The charted sections of the page, in page order, each with its combination (one at a
+    time: a caller can hand each to a worker as it comes); ``history_of``: where a
+    combination's rows come from (default: ``inputs.histories``)."""
+    lookup = inputs.histories.get if history_of is None else history_of
     for layout in layouts:
         for row in layout.ordered:
             ticker = str(row["ticker"])
             if ticker not in layout.charted:
                 continue
             key = (layout.index_ticker, ticker, layout.window)
-            history = inputs.histories.get(key)
+            history = lookup(key)
             rows = None if history is None else history.frame()
             scenario_rows = _scenario_rows(inputs.what_if, key)
-            job = (row, layout.anchors[ticker], rows, inputs.min_obs, scenario_rows, tuple(inputs.hac_lags))
-            jobs.append((key, job))
-    return jobs
+            yield (
+                key,
+                (row, layout.anchors[ticker], rows, inputs.min_obs, scenario_rows, tuple(inputs.hac_lags)),
+            )
 
 
 def _same_value(a: Any, b: Any) -> bool:
     """Whether ``a`` and ``b`` draw the same section: equal and of one type (1 and 1.0 are
     written differently), NaN equal to NaN, frames equal in columns, types and values."""
+    if a is b:
+        return True
     if type(a) is not type(b):
         return False
     if isinstance(a, pd.DataFrame):
@@ -2295,6 +2315,10 @@ class SectionDraft:
 
     pool: ProcessPool
     jobs: list[_SectionJob]
+    #: The rows it drew from (``sensitivity``, the object given) and the charted ones as the
+    #: page reads them: a page of the same object does not read those again.
+    source: object
+    histories: Mapping[tuple[str, str, int], _History]
 
     def close(self) -> None:
         """Stop the workers (what they drew is dropped)."""
@@ -2319,17 +2343,40 @@ def draft_sections(
     drawn and drawing only if each is the one it would draw itself (the same row, anchor,
     rows, settings and scenarios, compared value by value and type by type), else it closes
     the draft and draws them again; the page is the same either way.  Only ``config.model``
-    of ``manifest`` matters here.  Close a draft that is not handed on (:meth:`SectionDraft.close`).
+    of ``manifest`` matters here, and only the charted combinations' rows are read (each is
+    handed to the workers as soon as it is); ``sensitivity`` must be the mapping form (a
+    single table gives None).  Close a draft that is not handed on (:meth:`SectionDraft.close`).
     """
-    inputs = _page_inputs(sensitivity, summary, manifest, scenarios, chart_limit)
-    jobs = [job for _, job in _section_jobs(inputs, _layouts(inputs))]
-    pool = _section_pool(len(jobs), workers)
+    if not isinstance(sensitivity, Mapping):
+        return None  # a table is grouped whole by the page: nothing to start early
+    inputs = _page_inputs(sensitivity, summary, manifest, scenarios, chart_limit, read_rows=False)
+    layouts = _layouts(inputs)
+    pool = _section_pool(sum(len(layout.charted) for layout in layouts), workers)
     if pool.processes == 0:
         pool.close()
         return None
-    for job in jobs:
-        pool.submit(*job)
-    return SectionDraft(pool, jobs)
+    histories: dict[tuple[str, str, int], _History] = {}
+
+    def history_of(key: tuple[str, str, int]) -> _History | None:
+        rows = sensitivity.get(key)
+        if rows is None:
+            return None
+        history = _History(rows, _checked_rows(key, rows))
+        if not len(history.dates):
+            return None
+        histories[key] = history
+        return history
+
+    jobs: list[_SectionJob] = []
+    try:
+        # Only the charted rows are read, each handed to the workers as soon as it is.
+        for _, job in _section_jobs(inputs, layouts, history_of):
+            pool.submit(*job)
+            jobs.append(job)
+    except BaseException:
+        pool.close(wait=False)
+        raise
+    return SectionDraft(pool, jobs, sensitivity, histories)
 
 
 def _section_pool(sections: int, workers: int | None) -> ProcessPool:
