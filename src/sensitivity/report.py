@@ -43,7 +43,7 @@ import math
 import struct
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, Literal, Protocol, cast, runtime_checkable
+from typing import Any, Final, Literal, Protocol, TypeAlias, cast, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -338,8 +338,13 @@ class _History:
         return self._frame
 
 
+#: The per-day rows a page is drawn from: the per-day table, or its rows per combination
+#: ``(index_ticker, ticker, window)`` (see :func:`render_report`).
+PageRows: TypeAlias = pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource]
+
+
 def _histories(
-    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
+    sensitivity: PageRows,
     known: Mapping[tuple[str, str, int], _History] | None = None,
 ) -> dict[tuple[str, str, int], _History]:
     """The page's per-combination rows from either form :func:`render_report` takes;
@@ -2087,7 +2092,7 @@ def _heatmap_html(
 
 
 def render_report(
-    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
+    sensitivity: PageRows,
     summary: pd.DataFrame,
     manifest: Mapping[str, Any],
     *,
@@ -2164,7 +2169,7 @@ def render_report(
 
 
 def _page_inputs(
-    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
+    sensitivity: PageRows,
     summary: pd.DataFrame,
     manifest: Mapping[str, Any],
     scenarios: pd.DataFrame | None,
@@ -2326,7 +2331,7 @@ class SectionDraft:
 
 
 def draft_sections(
-    sensitivity: pd.DataFrame | Mapping[tuple[str, str, int], pd.DataFrame | pa.Table | RowSource],
+    sensitivity: PageRows,
     summary: pd.DataFrame,
     manifest: Mapping[str, Any],
     *,
