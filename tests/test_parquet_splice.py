@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sensitivity import store
+from sensitivity import parquet_splice, store
 from sensitivity.parquet_splice import Footer, SpliceError, read_footer, splice_footer
 from sensitivity.store import (
     ONE_ROW_PER_DATE,
@@ -197,6 +198,38 @@ def test_a_damaged_footer_is_refused() -> None:
         Footer.parse(b"\x15")  # a field header and nothing after it
     with pytest.raises(SpliceError):
         Footer.parse(b"\x00")  # no row count, no row groups
+
+
+def test_lists_of_every_element_type_are_skipped_whole_and_truncations_refused() -> None:
+    """The walk skips lists of integers, strings, structs, booleans and doubles (short and
+    long list headers, a string longer than a one-byte length) to the struct's end, and every
+    truncation of it raises :class:`SpliceError` (never an IndexError) or, cut inside a
+    string, ends past the bytes given (which :meth:`Footer.parse` refuses)."""
+    data = b"".join(
+        [
+            bytes([0x19, 0x25, 0x02, 0xD8, 0x04]),  # 1: list<i32> [1, 300]
+            bytes([0x19, 0x28, 0x02, *b"ab", 0x01, *b"c"]),  # 2: list<binary> ["ab", "c"]
+            bytes([0x19, 0x1C, 0x15, 0x0A, 0x00]),  # 3: list<struct> [{1: 5}]
+            bytes([0x19, 0x21, 0x01, 0x02]),  # 4: list<bool> [true, false]
+            bytes([0x19, 0x17]) + struct.pack("<d", 1.5),  # 5: list<double> [1.5]
+            bytes([0x19, 0xF6, 0x10, *[0x02] * 16]),  # 6: list<i64> of 16 (long header)
+            bytes([0x18, 0x82, 0x01]) + b"x" * 130,  # 7: binary of 130 bytes
+            b"\x00",
+        ]
+    )
+    assert parquet_splice._skip_struct(data, 0) == len(data)
+    assert parquet_splice._skip(data, 0, 12) == len(data)
+    refused = 0
+    for cut in range(len(data)):
+        try:
+            end = parquet_splice._skip_struct(data[:cut], 0)
+        except SpliceError:
+            refused += 1
+            continue
+        assert end > cut
+        with pytest.raises(SpliceError):
+            Footer.parse(bytes([0x19, 0x1C]) + data[:cut])  # as a footer's schema list
+    assert refused > len(data) - 140
 
 
 def test_the_splice_refuses_a_page_index(tmp_path: Path) -> None:
