@@ -113,3 +113,23 @@ def test_a_digest_that_goes_on_from_an_earlier_one_equals_one_from_scratch(risk_
     assert fresh.digest("S0", 899) != fresh.digest("S4", 899)
     stamps = reused.stamps({t: fresh.aligned.calendar[899].date() for t in tickers})
     assert {t: s.digest for t, s in stamps.items()} == {t: fresh.digest(t, 899) for t in tickers}
+    # The anchors are hashed too: another ticker's anchors give another digest.
+    moved = _fit_inputs(risk_free)
+    moved.anchors.loc["S3"] = moved.anchors.loc["S3"] * 2.0
+    assert moved.digest("S3", 899) != fresh.digest("S3", 899)
+    assert moved.digest("S2", 899) == fresh.digest("S2", 899)
+
+
+def test_a_stamps_date_is_found_in_the_calendar_or_not_at_all() -> None:
+    inputs = _fit_inputs(False)
+    inputs.prepare()
+    calendar = inputs.aligned.calendar
+    assert [inputs.row_of(calendar[r].date()) for r in (0, 1, 450, len(calendar) - 1)] == [
+        0,
+        1,
+        450,
+        len(calendar) - 1,
+    ]
+    before, after = calendar[0] - pd.Timedelta(days=1), calendar[-1] + pd.Timedelta(days=30)
+    gap = next(d for d in pd.date_range(calendar[0], calendar[-1]) if d not in calendar)
+    assert [inputs.row_of(d.date()) for d in (before, after, gap)] == [-1, -1, -1]

@@ -1555,6 +1555,25 @@ def test_a_tail_read_decodes_the_last_row_group_and_counts_the_rest(
     assert ko.rows_from(ko.table, ["date"]).equals(ko.table.select(["date"]))
 
 
+@pytest.mark.parametrize("statistics", [True, False])
+def test_a_per_day_files_first_date_comes_from_its_statistics_or_its_rows(
+    tmp_path: Path, statistics: bool
+) -> None:
+    """The first row's date: group 0's least date where statistics were written (rows are in
+    date order), else decoded; the same either way."""
+    days = [dt.date(2024, 1, 2) + dt.timedelta(days=i) for i in range(10)]
+    path = tmp_path / "f.parquet"
+    pq.write_table(
+        pa.table({"date": pa.array(days, pa.date32()), "x": np.arange(10.0)}),
+        path,
+        row_group_size=4,
+        write_statistics=statistics,
+    )
+    pf = pq.ParquetFile(path)
+    assert pf.metadata.row_group(0).column(0).is_stats_set is statistics
+    assert store_mod._first_date(pf) == dt.date(2024, 1, 2)
+
+
 def test_a_tail_read_holds_no_more_files_than_the_limit_allows(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

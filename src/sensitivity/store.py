@@ -1982,6 +1982,18 @@ def _null_count(pf: pq.ParquetFile, groups: Iterable[int], column: str) -> int:
     return total
 
 
+def _first_date(pf: pq.ParquetFile) -> dt.date:
+    """The date of a per-day file's first row: its first row group's least date, from the
+    statistics where written (rows are in date order, one a date), else decoded (0.3-0.4 ms
+    a file, a sixth of reading a daily run's tail)."""
+    index = pf.schema_arrow.get_field_index("date")
+    stats = pf.metadata.row_group(0).column(index).statistics if index >= 0 else None
+    if stats is not None and stats.has_min_max and isinstance(stats.min, dt.date):
+        return stats.min
+    first: dt.date = pf.read_row_group(0, columns=["date"]).column(0)[0].as_py()
+    return first
+
+
 class ReportStore:
     """The report tables and daily reports under ``<data_dir>/reports/``.
 
@@ -2241,7 +2253,7 @@ class ReportStore:
                             stamp,
                             skipped=skipped,
                             skipped_fitted=skipped - _null_count(pf, range(last), "sensitivity"),
-                            first_date=pf.read_row_group(0, columns=["date"]).column(0)[0].as_py(),
+                            first_date=_first_date(pf),
                             kept_bytes=kept_bytes,
                             held=held,
                         )
