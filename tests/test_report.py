@@ -24,6 +24,7 @@ from matplotlib.dates import ConciseDateFormatter
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from sensitivity import report as report_mod
 from sensitivity.report import (
     SCENARIO_ALIASES,
     SENSITIVITY_COLUMNS,
@@ -1039,3 +1040,51 @@ def test_the_heatmap_bins_follow_the_span_of_the_whole_group(n_days: int, word: 
     assert (
         f"Mean sensitivity per ticker (rows, in the overview's order) and {word.removesuffix('ly')}" in page
     )
+
+
+def _scenario_rows_by_mask(scenarios: pd.DataFrame, key: tuple[str, str, int]) -> pd.DataFrame | None:
+    """The oracle: filter the whole table for one combination (what the report did per section)."""
+    index_ticker, ticker, window = key
+    mask = scenarios["ticker"].astype(str) == ticker
+    if "index_ticker" in scenarios.columns:
+        mask &= scenarios["index_ticker"].astype(str) == index_ticker
+    if "window" in scenarios.columns:
+        mask &= pd.to_numeric(scenarios["window"], errors="coerce") == window
+    rows = scenarios.loc[mask.to_numpy()]
+    return None if len(rows) == 0 else rows.sort_values("index_move", kind="stable")
+
+
+@pytest.mark.parametrize("form", ["full", "float windows", "no index column", "no window column"])
+def test_each_sections_scenario_rows_are_those_the_table_holds_for_it(form: str) -> None:
+    """The rows found for each combination by one grouping of the table are the rows a filter
+    of the whole table gives: same rows, order, index and types; none for another combination."""
+    rng = np.random.default_rng(5)
+    n = 60
+    scenarios = pd.DataFrame(
+        {
+            "index_ticker": rng.choice(["^GSPC", "^NDX"], n),
+            "ticker": pd.array(rng.choice(["AAPL", "KO", "MSFT"], n), dtype="string"),
+            "window": rng.choice([126, 252], n),
+            "index_move": rng.choice([-0.05, -0.01, 0.01, 0.05], n),
+            "predicted_return": rng.normal(size=n),
+        },
+        index=rng.permutation(n) + 100,
+    )
+    if form == "float windows":
+        scenarios["window"] = scenarios["window"].astype(float)
+        scenarios.loc[scenarios.index[:3], "window"] = np.nan
+    elif form == "no index column":
+        scenarios = scenarios.drop(columns=["index_ticker"])
+    elif form == "no window column":
+        scenarios = scenarios.drop(columns=["window"])
+    rows_of = report_mod._scenario_lookup(scenarios)
+    keys = [(i, t, w) for i in ("^GSPC", "^NDX", "^X") for t in ("AAPL", "KO", "ZZ") for w in (126, 252, 21)]
+    for key in keys:
+        expected, got = _scenario_rows_by_mask(scenarios, key), rows_of(key)
+        if expected is None:
+            assert got is None, key
+        else:
+            assert got is not None, key
+            pd.testing.assert_frame_equal(got, expected)
+    assert report_mod._scenario_lookup(None)(("^GSPC", "AAPL", 252)) is None
+    assert report_mod._scenario_lookup(scenarios.iloc[:0])(("^GSPC", "AAPL", 252)) is None
