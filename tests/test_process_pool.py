@@ -399,3 +399,23 @@ def test_discarded_spares_end_at_once_and_leave_nothing_on_stderr(capfd: pytest.
     assert proc.wait(timeout=10) == 0
     process_pool._close_pipes(proc)
     assert "Traceback" not in capfd.readouterr().err
+
+
+def _in_caller() -> None:
+    return None
+
+
+@pytest.mark.parametrize("spare", [False, True], ids=["started", "prestarted"])
+def test_a_workers_imports_are_frozen_and_its_collector_on(spare: bool) -> None:
+    """A worker pauses its garbage collector while it imports its function's module, freezes
+    what the imports made (its collections skip them) and collects again for its jobs."""
+    try:
+        for function in ("gc:get_freeze_count", "gc:isenabled"):
+            if spare:
+                assert process_pool.prestart(function, 1) == 1
+            with ProcessPool(function, 1) as pool:
+                result = pool.call(_in_caller)
+            assert result is not None, "the job ran in the caller"
+            assert result > 1000 if function == "gc:get_freeze_count" else result is True
+    finally:
+        process_pool.discard_spares()

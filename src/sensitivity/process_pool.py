@@ -59,12 +59,16 @@ _HEADER = struct.Struct(">Q")
 #: descriptor 1 (and ``sys.stdout``) at standard error, reads the setup message, takes the
 #: caller's ``sys.path`` and hands over to :func:`serve`.  A spare (:func:`prestart`) is first
 #: told only which function it will serve: it imports that function's module, then waits for
-#: its setup.  A worker whose caller closes the pipe before its setup exits quietly.  Once
+#: its setup.  The garbage collector is paused while it imports the function's module
+#: (pandas, pyarrow, matplotlib: some 300,000 objects that live as long as the worker), which
+#: are then frozen, so that the collections of its jobs do not walk them again and again.  A
+#: worker whose caller closes the pipe before its setup exits quietly.  Once
 #: :func:`serve` returns (told to stop, or the caller gone) the worker has sent every answer;
 #: it flushes what it printed and leaves at once (``os._exit``) instead of tearing down pandas,
 #: pyarrow and matplotlib, which took 0.1 to 0.2 s that :meth:`ProcessPool.close` waited through.
 _BOOT = """\
-import os, pickle, signal, struct, sys
+import gc, importlib, os, pickle, signal, struct, sys
+gc.disable()
 signal.signal(signal.SIGINT, signal.SIG_IGN)
 proto = os.fdopen(os.dup(1), "wb")
 os.dup2(2, 1)
@@ -80,14 +84,18 @@ def setup():
         os._exit(0)
     sys.path[:] = message["sys_path"]
     return message
-message = setup()
-if "preload" in message:
-    import importlib
+def load(name):
     try:
-        importlib.import_module(message["preload"].partition(":")[0])
+        importlib.import_module(name.partition(":")[0])
     except Exception:
         pass  # serve() imports it again and the caller hears why
+message = setup()
+if "preload" in message:
+    load(message["preload"])
     message = setup()
+load(message["function"])
+gc.freeze()
+gc.enable()
 from sensitivity.process_pool import serve
 serve(src, proto, message)
 try:
