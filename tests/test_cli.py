@@ -312,33 +312,55 @@ def test_the_printed_table_of_a_large_universe_has_the_gap_row_and_the_caption(
     assert "summary: /x/summary" in text
 
 
-def test_run_freezes_the_objects_of_its_imports_for_the_garbage_collector() -> None:
-    # In the command's own process (a fresh interpreter entering through main(), with `run`
-    # replaced by what it does before the flow): once the flow is loaded and its steps
-    # imported, the collector is on again, the objects alive then are frozen (full
-    # collections and the one at exit skip them), and what is created afterwards is collected
-    # as usual.
+def test_run_freezes_the_objects_of_its_imports_for_the_garbage_collector(tmp_path: Path) -> None:
+    # In the command's own process (a fresh interpreter entering through main()): the run's
+    # start-up imports, from the first (the source's check, then Prefect's settings) to the
+    # flow and its steps, run with the collector paused; once the flow is loaded the collector
+    # is on again, the objects alive then are frozen (full collections and the one at exit
+    # skip them), and what is created afterwards is collected as usual.  The run is stopped
+    # right after the flow is loaded.
     code = (
         "import gc, sys\n"
         "from sensitivity import cli\n"
-        "def before_the_flow():\n"
-        "    assert gc.get_freeze_count() == 0\n"
-        "    flow = cli._load_flow_and_steps()\n"
+        "real_check, real_load = cli._check_source, cli._load_flow_and_steps\n"
+        "def check(cfg):\n"
+        "    print('first import paused', not gc.isenabled(), 'prefect' in sys.modules, flush=True)\n"
+        "    real_check(cfg)\n"
+        "def load():\n"
+        "    flow = real_load()\n"
         "    assert flow.name == 'stock-sensitivity', flow.name\n"
-        "    assert gc.isenabled()\n"
-        "    assert gc.get_freeze_count() > 100_000, gc.get_freeze_count()\n"
+        "    print('loaded paused', not gc.isenabled(), gc.get_freeze_count(), flush=True)\n"
+        "    raise RuntimeError('stop here')\n"
+        "def after():\n"
         "    class Cycle: pass\n"
         "    a = Cycle(); a.me = a; del a\n"
-        "    assert gc.collect() >= 1\n"
-        "    print('frozen', gc.get_freeze_count())\n"
-        "cli.app = before_the_flow\n"
-        "cli.main()\n"
+        "    print('after', gc.isenabled(), gc.get_freeze_count(), gc.collect() >= 1, flush=True)\n"
+        "cli._check_source, cli._load_flow_and_steps = check, load\n"
+        "cli._prestart_workers = lambda cfg: None\n"
+        "sys.argv = ['sensitivity', 'run', '--data-dir', sys.argv[1]]\n"
+        "try:\n"
+        "    cli.main()\n"
+        "finally:\n"
+        "    after()\n"
     )
+    env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}  # (no temporary server)
     proc = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120, check=False
+        [sys.executable, "-c", code, str(tmp_path / "data")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+        env=env,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("frozen "), proc.stdout
+    assert "stop here" in proc.stderr, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "first import paused True False", proc.stdout
+    paused, frozen = lines[1].split()[2:]
+    assert (paused, frozen) == ("True", "0"), proc.stdout
+    enabled, frozen, collected = lines[2].split()[1:]
+    assert (enabled, collected) == ("True", "True"), proc.stdout
+    assert int(frozen) > 100_000, proc.stdout
 
 
 def test_run_called_from_another_program_leaves_its_collector_alone() -> None:
@@ -348,7 +370,9 @@ def test_run_called_from_another_program_leaves_its_collector_alone() -> None:
     from sensitivity import cli as cli_module
 
     frozen = gc.get_freeze_count()
-    flow = cli_module._load_flow_and_steps()
+    with cli_module._collector_paused():
+        assert gc.isenabled()
+        flow = cli_module._load_flow_and_steps()
     assert flow.name == "stock-sensitivity"
     assert gc.get_freeze_count() == frozen
     assert gc.isenabled()

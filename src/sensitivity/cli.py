@@ -146,29 +146,35 @@ def _no_heartbeats_on_a_temporary_server() -> Iterator[None]:
 _OWN_PROCESS = False
 
 
-def _load_flow_and_steps() -> Any:
-    """The flow, with what its fit and report use (torch, matplotlib) imported before it runs.
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The body (the run's start-up imports) with the garbage collector paused, and what it
+    made frozen after, in the command's own process (:data:`_OWN_PROCESS`).
 
-    In the command's own process (:data:`_OWN_PROCESS`) the garbage collector is paused
-    while they import and what they made is frozen after: the modules of Prefect, torch,
-    pandas and matplotlib make some 340,000 objects that live until the process ends, and
-    every full collection walked all of them: three during these imports (0.3 s), and the
-    one at exit took about 1 s after a 500-ticker run (0.2 s frozen; measured with
-    ``gc.callbacks``).  Frozen objects are still freed by reference counting; only cycles
-    among them wait for the exit.
+    The modules of Prefect, torch, pandas and matplotlib make some 600,000 objects that live
+    until the process ends, and every full collection walked all of them: five or six while
+    they were imported (0.25 to 0.6 s; Prefect's settings, imported first to see whether a
+    temporary server is needed, had been left outside the pause), and the one at exit took
+    about 1 s after a 500-ticker run (0.2 s frozen; measured with ``gc.callbacks``).  Frozen
+    objects are still freed by reference counting; only cycles among them wait for the exit.
     """
     tune, enabled = _OWN_PROCESS, gc.isenabled()
     if tune:
         gc.disable()
     try:
-        flow = load_pipeline_flow()
-        for name in STEP_MODULES:  # what the fit and the report import (torch, matplotlib)
-            importlib.import_module(name)
+        yield
     finally:
         if tune:
             gc.freeze()
             if enabled:
                 gc.enable()
+
+
+def _load_flow_and_steps() -> Any:
+    """The flow, with what its fit and report use (torch, matplotlib) imported before it runs."""
+    flow = load_pipeline_flow()
+    for name in STEP_MODULES:  # what the fit and the report import (torch, matplotlib)
+        importlib.import_module(name)
     return flow
 
 
@@ -400,9 +406,10 @@ def run(
         # After the workers started: the source's check imports pandas and pyarrow (0.4 s on
         # one core, the other idle until the workers are there).  A bad source.path still
         # stops the run before Prefect starts (exit 2); the workers are stopped below.
-        _check_source(cfg)
-        with _temporary_server_started_early():
-            flow = _load_flow_and_steps()
+        with _collector_paused():
+            _check_source(cfg)
+            with _temporary_server_started_early():
+                flow = _load_flow_and_steps()
         columns = (
             SpinnerColumn(),
             TextColumn("{task.description}"),
