@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
@@ -85,3 +86,55 @@ def test_the_flow_starts_the_imports_once_the_config_is_valid(monkeypatch: pytes
 
 def test_the_step_modules_are_the_ones_the_fit_and_the_report_use() -> None:
     assert STEP_MODULES == ("sensitivity.api", "sensitivity.report")
+
+
+@pytest.mark.parametrize("engine", [True, False], ids=["prefect-engine", "other"])
+def test_a_flow_run_process_freezes_what_it_holds_once_the_steps_are_imported(engine: bool) -> None:
+    """In a process Prefect started for a flow run (main module ``prefect.engine``) the thread
+    imports with the collector paused and freezes what the process holds after; anywhere else
+    the collector is left as it was."""
+    code = (
+        "import gc, sys, types\n"
+        + (
+            "sys.modules['__main__'].__spec__ = types.SimpleNamespace(name='prefect.engine')\n"
+            if engine
+            else ""
+        )
+        + "import flows.pipeline\n"
+        "from sensitivity.preload import engine_process, import_steps_in_background\n"
+        "print(engine_process(), gc.get_freeze_count())\n"
+        "import_steps_in_background().join(120)\n"
+        "print(gc.isenabled(), gc.get_freeze_count() > 100_000)\n"
+    )
+    assert _python(code) == [str(engine), "0", "True", str(engine)]
+
+
+def _spawned_engine_check(queue: Any) -> None:
+    from sensitivity.preload import engine_process
+
+    queue.put(engine_process())
+
+
+@pytest.mark.parametrize("served", [True, False], ids=["served-deployment", "other-child"])
+def test_a_child_a_runner_spawns_for_a_deployment_is_a_flow_run_process(
+    served: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A runner serving deployments (``sensitivity serve``) runs each flow run in a spawned
+    child with ``PREFECT__DEPLOYMENT_NAME`` set; another child is not taken for one."""
+    import multiprocessing
+
+    from sensitivity.preload import engine_process
+
+    if served:
+        monkeypatch.setenv("PREFECT__DEPLOYMENT_NAME", "daily")
+    else:
+        monkeypatch.delenv("PREFECT__DEPLOYMENT_NAME", raising=False)
+    assert engine_process() is False  # (this process is no child)
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    child = ctx.Process(target=_spawned_engine_check, args=(queue,))
+    child.start()
+    try:
+        assert queue.get(timeout=120) is served
+    finally:
+        child.join(60)

@@ -13,17 +13,26 @@ shorter; benchmarks/README.md, session 17).
 Python's per-module import locks keep this safe: a step that imports one of these modules
 while the thread still does waits for it and gets the complete module; an import error is
 left for the step's own import to raise, in its task, as without this module.
+
+In a process Prefect started to run one flow run (:func:`engine_process`: the child
+``sensitivity serve`` spawns for a run, or ``python -m prefect.engine``), which ends with it,
+the garbage collector is paused while the thread imports and what the process holds then is
+frozen, as ``sensitivity run`` does for its start-up: full collections otherwise walked the
+600,000 objects of these libraries and Prefect's again and again.  Elsewhere (a test, a
+notebook calling the flow) the process's collector is left alone.
 """
 
 from __future__ import annotations
 
+import gc
 import importlib
 import logging
+import os
 import sys
 import threading
 from typing import Final
 
-__all__ = ["STEP_MODULES", "import_steps_in_background"]
+__all__ = ["STEP_MODULES", "engine_process", "import_steps_in_background"]
 
 log = logging.getLogger(__name__)
 
@@ -37,14 +46,38 @@ def import_steps_in_background() -> threading.Thread | None:
     if not missing:
         return None
 
+    tune = engine_process()
+
     def run() -> None:
-        for name in missing:
-            try:
-                importlib.import_module(name)
-            except Exception:  # the step's own import raises it where it belongs
-                log.debug("importing %s ahead failed", name, exc_info=True)
-                return
+        enabled = gc.isenabled()
+        if tune:
+            gc.disable()
+        try:
+            for name in missing:
+                try:
+                    importlib.import_module(name)
+                except Exception:  # the step's own import raises it where it belongs
+                    log.debug("importing %s ahead failed", name, exc_info=True)
+                    return
+        finally:
+            if tune:
+                gc.freeze()
+                if enabled:
+                    gc.enable()
 
     thread = threading.Thread(target=run, name="sensitivity-import-steps", daemon=True)
     thread.start()
     return thread
+
+
+def engine_process() -> bool:
+    """Whether this process is one Prefect started to run a flow run, which ends when the run
+    does: ``python -m prefect.engine`` (a worker, or a deployment whose code is loaded from
+    storage), or the child a runner spawns for a deployment it serves (``sensitivity serve``;
+    Prefect names the deployment in ``PREFECT__DEPLOYMENT_NAME`` for it)."""
+    import multiprocessing
+
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if getattr(spec, "name", None) == "prefect.engine":
+        return True
+    return multiprocessing.parent_process() is not None and "PREFECT__DEPLOYMENT_NAME" in os.environ
