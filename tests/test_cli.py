@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
+from sensitivity import __version__
 from sensitivity.cli import CONSOLE_ALL_UP_TO, CONSOLE_ENDS, app, console_rows
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -426,3 +427,45 @@ def test_run_gives_its_fetch_a_head_start_instead_of_idle_workers(
     assert asked == [(cfg, logging.DEBUG)]
     monkeypatch.setenv("PREFECT_LOGGING_LEVEL", "no-such-level")
     assert cli._logging_level() == logging.INFO
+
+
+@pytest.mark.parametrize("busy_thread", [False, True], ids=["alone", "with-a-thread-running"])
+def test_the_command_leaves_after_its_exit_handlers_and_flushing(busy_thread: bool) -> None:
+    # A command that succeeded ends its process without the interpreter's teardown, but
+    # only after the atexit handlers ran and what it printed is out; a thread still running
+    # (not a daemon) is waited for as by the usual exit.  A failure exits as usual.
+    code = (
+        "import atexit, sys, threading, time\n"
+        "from sensitivity import cli\n"
+        "atexit.register(print, 'atexit ran')\n"
+        + (
+            "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done', flush=True))).start()\n"
+            if busy_thread
+            else ""
+        )
+        + "sys.argv = ['sensitivity', *sys.argv[1:]]\n"
+        "cli.main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, "version"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.split("\n")
+    assert lines[0].strip() == __version__
+    assert "atexit ran" in lines
+    assert ("thread done" in lines) is busy_thread
+    failed = subprocess.run(
+        [sys.executable, "-c", code, "run", "--window", "1"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+        check=False,
+    )
+    assert failed.returncode == 2, failed.stderr
+    assert "atexit ran" in failed.stdout

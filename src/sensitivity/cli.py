@@ -15,6 +15,7 @@ a summary table.  Errors become one line per culprit on stderr and a documented 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import gc
 import importlib
@@ -482,6 +483,32 @@ def main() -> None:
     except KeyboardInterrupt:
         err.print("interrupted", markup=False)
         sys.exit(130)
+    except SystemExit as exc:
+        if exc.code not in (0, None):
+            raise
+    _leave()
+
+
+def _leave() -> None:
+    """End the command's process once it has succeeded, without tearing down its modules.
+
+    What the process must do at exit is done: the ``atexit`` handlers run (Prefect's
+    temporary server is stopped, spare workers killed, logging flushed, weak finalizers
+    called) and the standard streams are flushed; what is skipped is deallocating every
+    object of Prefect, torch, pandas and matplotlib one by one, about 0.3 s after a
+    500-ticker run.  Every file the run wrote was flushed, synced and closed by then.  Where
+    the interpreter lacks the hook that runs the handlers, it exits as usual.
+    """
+    run_handlers = getattr(atexit, "_run_exitfuncs", None)
+    me = threading.current_thread()
+    running = [t for t in threading.enumerate() if t is not me and not t.daemon and t.is_alive()]
+    if run_handlers is None or running:
+        sys.exit(0)  # (a thread still running is joined by the usual exit)
+    run_handlers()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(0)
 
 
 __all__ = ["app", "main"]
