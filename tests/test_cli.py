@@ -446,26 +446,23 @@ def test_the_command_leaves_after_its_exit_handlers_and_flushing(busy_thread: bo
         + "sys.argv = ['sensitivity', *sys.argv[1:]]\n"
         "cli.main()\n"
     )
-    done = subprocess.run(
-        [sys.executable, "-c", code, "version"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+
+    def command(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code, *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=120,
+            check=False,
+        )
+
+    done = command("version")
     assert done.returncode == 0, done.stderr
     lines = done.stdout.split("\n")
     assert lines[0].strip() == __version__
     assert "atexit ran" in lines
     assert ("thread done" in lines) is busy_thread
-    failed = subprocess.run(
-        [sys.executable, "-c", code, "run", "--window", "1"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-        check=False,
-    )
+    failed = command("run", "--window", "1")
     assert failed.returncode == 2, failed.stderr
     assert "atexit ran" in failed.stdout
