@@ -432,12 +432,16 @@ def test_run_gives_its_fetch_a_head_start_instead_of_idle_workers(
 @pytest.mark.parametrize("busy_thread", [False, True], ids=["alone", "with-a-thread-running"])
 def test_the_command_leaves_after_its_exit_handlers_and_flushing(busy_thread: bool) -> None:
     # A command that succeeded ends its process without the interpreter's teardown, but
-    # only after the atexit handlers ran and what it printed is out; a thread still running
-    # (not a daemon) is waited for as by the usual exit.  A failure exits as usual.
+    # only after what the usual exit does first: a thread still running (not a daemon) is
+    # waited for, what was registered to run at the threads' shutdown runs (Prefect drains
+    # its log and event services there; without it a temporary server waited 5 s for their
+    # connections before it was killed), then the atexit handlers, and what it printed is
+    # out.  A failure exits as usual.
     code = (
         "import atexit, sys, threading, time\n"
         "from sensitivity import cli\n"
         "atexit.register(print, 'atexit ran')\n"
+        "threading._register_atexit(print, 'threads shut down')\n"
         + (
             "threading.Thread(target=lambda: (time.sleep(0.3), print('thread done', flush=True))).start()\n"
             if busy_thread
@@ -462,6 +466,7 @@ def test_the_command_leaves_after_its_exit_handlers_and_flushing(busy_thread: bo
     lines = done.stdout.split("\n")
     assert lines[0].strip() == __version__
     assert "atexit ran" in lines
+    assert lines.index("threads shut down") < lines.index("atexit ran")
     assert ("thread done" in lines) is busy_thread
     failed = command("run", "--window", "1")
     assert failed.returncode == 2, failed.stderr
