@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import gc
 import importlib
 import logging
 import os
@@ -43,7 +42,7 @@ from sensitivity import __version__, head_start, plan, progress
 from sensitivity.config import Config, SourceKind, load_config
 from sensitivity.errors import ConfigError, PartialRunError, SensitivityError
 from sensitivity.memory import use_jemalloc
-from sensitivity.preload import STEP_MODULES
+from sensitivity.preload import STEP_MODULES, collector_paused
 from sensitivity.process_pool import discard_spares, prestart
 
 FLOW_ENTRYPOINT = "flows/pipeline.py:stock_sensitivity"
@@ -159,16 +158,8 @@ def _collector_paused() -> Iterator[None]:
     about 1 s after a 500-ticker run (0.2 s frozen; measured with ``gc.callbacks``).  Frozen
     objects are still freed by reference counting; only cycles among them wait for the exit.
     """
-    tune, enabled = _OWN_PROCESS, gc.isenabled()
-    if tune:
-        gc.disable()
-    try:
+    with collector_paused(_OWN_PROCESS):
         yield
-    finally:
-        if tune:
-            gc.freeze()
-            if enabled:
-                gc.enable()
 
 
 def _load_flow_and_steps() -> Any:

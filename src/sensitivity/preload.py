@@ -24,15 +24,17 @@ notebook calling the flow) the process's collector is left alone.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import importlib
 import logging
 import os
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Final
 
-__all__ = ["STEP_MODULES", "engine_process", "import_steps_in_background"]
+__all__ = ["STEP_MODULES", "collector_paused", "engine_process", "import_steps_in_background"]
 
 log = logging.getLogger(__name__)
 
@@ -49,25 +51,36 @@ def import_steps_in_background() -> threading.Thread | None:
     tune = engine_process()
 
     def run() -> None:
-        enabled = gc.isenabled()
-        if tune:
-            gc.disable()
-        try:
+        with collector_paused(tune):
             for name in missing:
                 try:
                     importlib.import_module(name)
                 except Exception:  # the step's own import raises it where it belongs
                     log.debug("importing %s ahead failed", name, exc_info=True)
                     return
-        finally:
-            if tune:
-                gc.freeze()
-                if enabled:
-                    gc.enable()
 
     thread = threading.Thread(target=run, name="sensitivity-import-steps", daemon=True)
     thread.start()
     return thread
+
+
+@contextlib.contextmanager
+def collector_paused(when: bool = True) -> Iterator[None]:
+    """The body with the garbage collector paused, and what the process holds frozen after
+    (full collections then skip it; frozen objects are still freed by reference counting,
+    only cycles among them wait for the exit), when ``when``; else nothing changes.  For the
+    imports of a process that lives only as long as the modules it imports: its run or its
+    flow run, never a caller's process."""
+    enabled = gc.isenabled()
+    if when:
+        gc.disable()
+    try:
+        yield
+    finally:
+        if when:
+            gc.freeze()
+            if enabled:
+                gc.enable()
 
 
 def engine_process() -> bool:
