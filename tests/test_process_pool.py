@@ -3,6 +3,7 @@
 Every test runs jobs both ways and compares; the faults (a worker that cannot start, one that
 raises, one that hangs, an argument that does not pickle, a worker that prints) must leave the
 results those of the caller running everything itself, and never re-run a caller's script.
+Each test runs with workers forked by the zygote and with workers started afresh.
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ import pytest
 
 from sensitivity import process_pool
 from sensitivity.process_pool import ProcessPool, available_cpus
+
+
+@pytest.fixture(autouse=True, params=["forked", "fresh"])
+def worker_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Workers forked by a zygote (where the platform allows) or each a fresh interpreter."""
+    monkeypatch.setattr(process_pool, "_USE_ZYGOTE", request.param == "forked")
+    return str(request.param)
 
 
 def slow_pid(*_: Any) -> int:
@@ -116,7 +124,7 @@ def test_no_workers_means_the_caller_runs_everything() -> None:
     assert available_cpus() >= 1
 
 
-def test_the_callers_script_is_never_run_again(tmp_path: Path) -> None:
+def test_the_callers_script_is_never_run_again(tmp_path: Path, worker_kind: str) -> None:
     """Unlike spawn/forkserver pools, a worker does not re-import the caller's ``__main__``."""
     marker = tmp_path / "runs.txt"
     script = tmp_path / "unguarded.py"
@@ -125,7 +133,10 @@ def test_the_callers_script_is_never_run_again(tmp_path: Path) -> None:
             f"""
             import math, time
             from pathlib import Path
+            from sensitivity import process_pool
             from sensitivity.process_pool import ProcessPool
+
+            process_pool._USE_ZYGOTE = {worker_kind == "forked"}
 
             marker = Path({str(marker)!r})
             marker.write_text(marker.read_text() + "run\\n" if marker.exists() else "run\\n")
@@ -162,15 +173,17 @@ def test_workers_leave_ctrl_c_to_the_caller() -> None:
     assert worker.poll() == 0
 
 
-def test_a_worker_whose_caller_was_killed_ends_at_once(tmp_path: Path) -> None:
+def test_a_worker_whose_caller_was_killed_ends_at_once(tmp_path: Path, worker_kind: str) -> None:
     """``kill -9`` of the caller: its worker stops within a second instead of finishing its job."""
     script = tmp_path / "caller.py"
     script.write_text(
         textwrap.dedent(
-            """
+            f"""
             import sys, time
+            from sensitivity import process_pool
             from sensitivity.process_pool import ProcessPool
 
+            process_pool._USE_ZYGOTE = {worker_kind == "forked"}
             pool = ProcessPool("time:sleep", 1)
             time.sleep(0.5)
             pool.submit(60.0)

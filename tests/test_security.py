@@ -6,6 +6,7 @@ See docs/reliability.md ("Security").
 
 from __future__ import annotations
 
+import ast
 import datetime as dt
 import io
 import re
@@ -283,9 +284,9 @@ def test_the_scan_finds_what_it_looks_for() -> None:
         assert not unsafe_calls(snippet), snippet
 
 
-#: The one exception: the report's worker pool pickles jobs and results on the anonymous pipes
-#: between the process and the interpreters it started itself -- bytes that never touch a
-#: file or a socket, written only by this package's code on either side.
+#: The one exception: the worker pool pickles jobs and results on the anonymous pipes between
+#: the process and the workers it started itself -- bytes that never touch a file or a
+#: socket, written only by this package's code on either side.
 PIPE_ONLY = {"src/sensitivity/process_pool.py": ["pickle.load(s)"]}
 
 
@@ -297,12 +298,36 @@ def test_no_unpickling_or_eval_in_src_and_flows() -> None:
 
 
 def test_the_worker_pool_unpickles_only_from_its_own_pipes() -> None:
-    text = code_text((ROOT / "src/sensitivity/process_pool.py").read_text())
-    # No file, socket or shared memory in the module: its only channels are the child's pipes.
-    for channel in (r"\bopen\s*\(", r"\bsocket\b", r"\bmmap\b", r"shared_memory", r"\bPath\b", r"fdopen"):
+    source = (ROOT / "src/sensitivity/process_pool.py").read_text()
+    text = code_text(source)
+    # No file, shared memory, network or named socket in the module.  Its channels are the
+    # pipes to the workers (made by Popen, or by os.pipe for the ones the zygote forks)...
+    for channel in (
+        r"\bopen\s*\(",
+        r"\bmmap\b",
+        r"shared_memory",
+        r"\bPath\b",
+        r"AF_INET",
+        r"\.bind\b",
+        r"\.connect\b",
+    ):
         assert not re.search(channel, text), channel
     assert "stdin=subprocess.PIPE" in text.replace(" ", "")
     assert "stdout=subprocess.PIPE" in text.replace(" ", "")
+    assert re.findall(r"os\.fdopen \( (\w+)", text) == ["ours_in", "ours_out"]
+    assert re.search(r"child_in , ours_in = os\.pipe \( \)", text)
+    assert re.search(r"ours_out , child_out = os\.pipe \( \)", text)
+    # ...and one anonymous socket pair to the zygote, which carries JSON out and fixed-size
+    # records of integers back, never a pickle.
+    assert re.findall(r"socket\.(\w+) \(", text) == ["socketpair", "send_fds"]
+    assert re.findall(r"self\._sock\.recv \( (.*?) \)", text) == ["_REPLY.size"]
+    tree = ast.parse(source)
+    unpickling = {
+        node.name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.FunctionDef) and "pickle.load" in ast.unparse(node)
+    }
+    assert unpickling == {"_receive"}  # called on a worker's stdout, and in the worker on its stdin
 
 
 def _ruff(code: str, filename: str) -> subprocess.CompletedProcess[str]:

@@ -11,11 +11,16 @@ few milliseconds each), whose task threads hand their batches over with
 * ``fork`` copies a process whose other threads (Prefect's event loop, its log shipper) may
   hold locks at that instant: the child can deadlock on them.
 
-So each worker here is a fresh interpreter started as ``python -c <bootstrap>``: it takes the
-caller's ``sys.path`` (the same modules), runs an optional initializer, imports the target
-function by name and answers jobs on its standard input and output (length-prefixed pickles;
-what the worker prints goes to its standard error, never into the protocol).  Nothing of the
-caller's ``__main__`` is imported.  :func:`prestart` starts such workers ahead of the pool
+So each worker here runs a bootstrap of its own (``python -c``): it takes the caller's
+``sys.path`` (the same modules), runs an optional initializer, imports the target function by
+name and answers jobs on its standard input and output (length-prefixed pickles; what the
+worker prints goes to its standard error, never into the protocol).  Nothing of the caller's
+``__main__`` is imported.  The workers are forked by a *zygote*, one such interpreter started
+for the purpose, which imports each worker's module before forking it: a daily run's three
+workers import pandas, pyarrow and matplotlib once instead of three times (about 2 CPU s of
+a run on two cores), and share those pages.  The zygote has no threads, so forking it is
+safe where forking the caller is not; where the platform cannot pass a pipe to it (not
+Linux), each worker is a fresh interpreter.  :func:`prestart` starts such workers ahead of the pool
 that will take them, importing their function's module while the caller is busy elsewhere.
 The pickles travel only on the private pipes between the caller and the workers it started,
 never through a file or a socket.
@@ -34,10 +39,13 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import logging
 import os
 import pickle
 import queue
+import signal
+import socket
 import struct
 import subprocess
 import sys
@@ -107,6 +115,341 @@ finally:
 
 #: Marks a job no worker has answered.
 _PENDING = object()
+
+
+#: The zygote's program: one interpreter that imports the workers' modules once and forks a
+#: worker for each request (:class:`_Zygote`).  It has no thread of its own (the fork is
+#: safe), ignores Ctrl-C like the workers, and reads requests on an anonymous socket pair
+#: from its caller: a JSON text (a ticket, the caller's ``sys.path`` and the module to import
+#: first) with the worker's two pipe ends attached.  A forked worker runs :data:`_BOOT`, which
+#: the zygote was given on its command line, as a fresh worker does.  It answers with
+#: fixed-size records of integers: ``(1, ticket, pid)`` once forked, ``(2, pid, status)``
+#: once it has reaped a worker.  It leaves when its caller closes the socket or dies; its
+#: workers then see their parent gone and leave too (:func:`serve`).
+_ZYGOTE = """\
+import gc, importlib, json, os, select, signal, socket, struct, sys
+gc.disable()
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+control = socket.socket(fileno=int(sys.argv[1]))
+program = compile(sys.argv[2], "<worker>", "exec")
+wake_r, wake_w = os.pipe()
+os.set_blocking(wake_r, False)
+os.set_blocking(wake_w, False)
+signal.set_wakeup_fd(wake_w)
+signal.signal(signal.SIGCHLD, lambda *_: None)
+reply = struct.Struct(">Bqq")
+def tell(*values):
+    try:
+        control.send(reply.pack(*values))
+    except OSError:
+        os._exit(0)  # the caller has gone
+def reap():
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        tell(2, pid, os.waitstatus_to_exitcode(status))
+def become_worker(fds):
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    os.dup2(fds[0], 0)
+    os.dup2(fds[1], 1)
+    for fd in (*fds, wake_r, wake_w, control.detach()):
+        os.close(fd)
+    exec(program, {"__name__": "__worker__"})
+while True:
+    ready = select.select([control, wake_r], [], [])[0]
+    if wake_r in ready:
+        try:
+            while os.read(wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+        reap()
+    if control not in ready:
+        continue
+    data, fds, _, _ = socket.recv_fds(control, 1 << 20, 2)
+    if not data:
+        os._exit(0)
+    request = json.loads(data)
+    if len(fds) != 2:
+        for fd in fds:
+            os.close(fd)
+        continue
+    sys.path[:] = request["sys_path"]
+    if request["preload"]:
+        try:
+            importlib.import_module(request["preload"].partition(":")[0])
+        except BaseException:
+            pass  # the worker imports it again and its caller hears why
+        gc.freeze()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            become_worker(fds)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            import traceback
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    tell(1, request["ticket"], pid)
+"""
+
+#: The zygote's answers: (kind, ticket or pid, pid or exit status).
+_REPLY = struct.Struct(">Bqq")
+_FORKED, _EXITED = 1, 2
+
+
+class _Zygote:
+    """An interpreter that forks the workers, so that their modules are imported only once.
+
+    A worker started afresh spends about a second importing pandas and pyarrow (matplotlib
+    for the report's), and a daily run starts three.  The zygote is such an interpreter too,
+    started as ``python -c`` like them (so nothing of the caller's ``__main__`` runs in it,
+    and the caller itself, with its threads, is never forked); it imports each worker's
+    module before forking it, the worker then finds it imported, and its pages are shared
+    until written.  Each worker gets its own two pipes from the caller (passed over the
+    socket pair) and speaks the same protocol as a fresh one; :class:`_Forked` is its handle.
+
+    A zygote forks only for a caller whose working folder, environment and standard error
+    are still those it was started with (a worker sees the caller's as they are when it
+    starts); after a change :func:`_zygote` starts another.  Where the platform cannot pass
+    file descriptors or fork, each worker is a fresh interpreter as before.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], sock: socket.socket, program: str) -> None:
+        self._proc = proc
+        self._sock = sock
+        self._program = program
+        self._born = _process_state()
+        self._tickets = 0
+        self._cond = threading.Condition()
+        self._pids: dict[int, int] = {}  # ticket -> pid
+        self._exits: dict[int, int] = {}  # pid -> exit status
+        self._kill_on_fork: set[int] = set()
+        self.gone = False
+        threading.Thread(target=self._read, name="process-pool-zygote", daemon=True).start()
+
+    @classmethod
+    def start(cls) -> _Zygote | None:
+        """A new zygote, or None where one cannot run here."""
+        if not (sys.executable and hasattr(os, "fork") and hasattr(socket, "send_fds")):
+            return None  # pragma: no cover - not Linux/macOS, or Python without send_fds
+        try:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        except (OSError, AttributeError):  # pragma: no cover - no SOCK_SEQPACKET (macOS)
+            return None
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-c", _ZYGOTE, str(theirs.fileno()), _BOOT],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                pass_fds=(theirs.fileno(),),
+                close_fds=True,
+            )
+        except OSError as exc:
+            ours.close()
+            _log.debug("could not start the zygote (%s); workers start afresh", exc)
+            return None
+        finally:
+            theirs.close()
+        return cls(proc, ours, _BOOT)
+
+    def serves_now(self) -> bool:
+        """Whether a worker forked now would start as a fresh one would (zygote alive, and
+        the caller's working folder, environment and standard error unchanged)."""
+        return not self.gone and self._program == _BOOT and _process_state() == self._born
+
+    def idle(self) -> bool:
+        """Whether every worker it was asked for has been forked and has ended."""
+        with self._cond:
+            return self.gone or (
+                len(self._pids) == self._tickets and all(p in self._exits for p in self._pids.values())
+            )
+
+    def fork(self, preload: str | None) -> _Forked | None:
+        """A worker forked once ``preload``'s module is imported, or None if the request failed."""
+        child_in, ours_in = os.pipe()
+        ours_out, child_out = os.pipe()
+        with self._cond:
+            ticket = self._tickets
+            self._tickets += 1
+        request = {"ticket": ticket, "sys_path": list(sys.path), "preload": preload or ""}
+        try:
+            socket.send_fds(self._sock, [json.dumps(request).encode()], [child_in, child_out])
+        except OSError as exc:
+            os.close(ours_in)
+            os.close(ours_out)
+            _log.debug("the zygote did not take a request (%s); a worker starts afresh", exc)
+            return None
+        finally:
+            os.close(child_in)
+            os.close(child_out)
+        return _Forked(self, ticket, os.fdopen(ours_in, "wb"), os.fdopen(ours_out, "rb"))
+
+    def pid(self, ticket: int) -> int:
+        """The pid of the worker for ``ticket``, once forked (waits for it)."""
+        with self._cond:
+            self._cond.wait_for(lambda: ticket in self._pids or self.gone)
+            if ticket not in self._pids:
+                raise ProcessLookupError("the zygote ended before it started this worker")
+            return self._pids[ticket]
+
+    def status(self, ticket: int, timeout: float | None) -> int | None:
+        """The worker's exit status once it has ended (waiting up to ``timeout``), else None."""
+
+        def known() -> bool:
+            pid = self._pids.get(ticket)
+            return pid in self._exits if pid is not None else self.gone
+
+        with self._cond:
+            if not self._cond.wait_for(known, timeout):
+                return None
+            pid = self._pids.get(ticket)
+            return self._exits[pid] if pid is not None else -signal.SIGKILL
+
+    def kill(self, ticket: int) -> None:
+        """Kill the worker for ``ticket`` (as soon as it is forked, if it is not yet)."""
+        with self._cond:
+            pid = self._pids.get(ticket)
+            if pid is None:
+                self._kill_on_fork.add(ticket)
+            elif pid not in self._exits:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        """End the zygote (the workers it forked see it gone and end too)."""
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        try:
+            self._proc.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:  # pragma: no cover - it leaves on end of input
+            _kill(self._proc)
+        self._sock.close()
+
+    def _read(self) -> None:
+        """Take in the zygote's answers until it ends; then its workers are gone too."""
+        while True:
+            try:
+                data = self._sock.recv(_REPLY.size)
+            except OSError:
+                data = b""
+            if len(data) != _REPLY.size:
+                break
+            kind, a, b = _REPLY.unpack(data)
+            with self._cond:
+                if kind == _FORKED:
+                    self._pids[a] = b
+                    if a in self._kill_on_fork:
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(b, signal.SIGKILL)
+                elif kind == _EXITED:
+                    self._exits[a] = b
+                self._cond.notify_all()
+        with self._cond:
+            self.gone = True
+            for pid in self._pids.values():
+                if pid not in self._exits:  # orphaned: it would leave within a quarter second
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                    self._exits[pid] = -signal.SIGKILL
+            self._cond.notify_all()
+
+
+class _Forked:
+    """A worker forked by a :class:`_Zygote`: the parts of ``subprocess.Popen`` the pool uses."""
+
+    def __init__(self, zygote: _Zygote, ticket: int, stdin: IO[bytes], stdout: IO[bytes]) -> None:
+        self.stdin: IO[bytes] | None = stdin
+        self.stdout: IO[bytes] | None = stdout
+        self.returncode: int | None = None
+        self._zygote = zygote
+        self._ticket = ticket
+
+    @property
+    def pid(self) -> int:
+        return self._zygote.pid(self._ticket)
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self.returncode = self._zygote.status(self._ticket, 0.0)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self.returncode = self._zygote.status(self._ticket, timeout)
+            if self.returncode is None:
+                raise subprocess.TimeoutExpired(f"worker {self._ticket}", timeout or 0.0)
+        return self.returncode
+
+    def kill(self) -> None:
+        if self.returncode is None:
+            self._zygote.kill(self._ticket)
+
+
+#: A worker process: started afresh, or forked by the zygote.
+_Worker = subprocess.Popen[bytes] | _Forked
+
+
+def _process_state() -> tuple[str, dict[str, str], tuple[int, int] | None]:
+    """What a worker takes from its caller when it starts, besides ``sys.path``: the working
+    folder, the environment and where standard error goes."""
+    try:
+        cwd = os.getcwd()
+    except OSError:  # the working folder was removed
+        cwd = ""
+    try:
+        err = os.fstat(2)
+        stderr: tuple[int, int] | None = (err.st_dev, err.st_ino)
+    except OSError:
+        stderr = None
+    return cwd, dict(os.environ), stderr
+
+
+_ZYGOTE_LOCK = threading.Lock()
+#: The zygotes started, the one in use last; the others end once their workers have.
+_ZYGOTES: list[_Zygote] = []
+#: Whether workers are forked by a zygote where they can be (else each starts afresh).
+_USE_ZYGOTE = True
+
+
+def _zygote() -> _Zygote | None:
+    """The zygote to fork a worker now: the current one while the caller's folder,
+    environment and standard error are those it started with, else a new one (None where
+    none can start).  Zygotes left behind end once their workers have."""
+    with _ZYGOTE_LOCK:
+        current = _ZYGOTES[-1] if _ZYGOTES else None
+        if current is not None and current.serves_now():
+            return current
+        zygote = _Zygote.start()
+        retired = [z for z in _ZYGOTES if z.idle()]
+        _ZYGOTES[:] = [z for z in _ZYGOTES if z not in retired]
+        if zygote is not None:
+            _ZYGOTES.append(zygote)
+    for old in retired:
+        old.close()
+    return zygote
+
+
+def _stop_zygotes() -> None:
+    """End the zygotes (at exit, after :func:`discard_spares`)."""
+    with _ZYGOTE_LOCK:
+        zygotes = list(_ZYGOTES)
+        _ZYGOTES.clear()
+    for zygote in zygotes:
+        zygote.close()
+
+
+atexit.register(_stop_zygotes)
 
 
 def available_cpus() -> int:
@@ -181,10 +524,19 @@ def serve(source: IO[bytes], sink: IO[bytes], setup: dict[str, Any]) -> None:
             return
 
 
-def _start_worker() -> subprocess.Popen[bytes] | None:
-    """A fresh worker interpreter waiting for its first message, or None if none can start."""
+def _start_worker(preload: str | None = None) -> _Worker | None:
+    """A worker waiting for its first message, or None if none can start.
+
+    Forked by the zygote (which imports ``preload``'s module first, once for all its
+    workers) where it can be (:class:`_Zygote`), else a fresh interpreter.
+    """
     if not sys.executable:
         return None
+    zygote = _zygote() if _USE_ZYGOTE else None
+    if zygote is not None:
+        forked = zygote.fork(preload)
+        if forked is not None:
+            return forked
     try:
         return subprocess.Popen(
             [sys.executable, "-c", _BOOT],
@@ -198,7 +550,7 @@ def _start_worker() -> subprocess.Popen[bytes] | None:
 
 
 #: Spare workers started by :func:`prestart`, by the function they will serve.
-_SPARES: dict[str, list[subprocess.Popen[bytes]]] = {}
+_SPARES: dict[str, list[_Worker]] = {}
 _SPARES_LOCK = threading.Lock()
 
 
@@ -214,9 +566,9 @@ def prestart(function: str, processes: int) -> int:
     ended by :func:`discard_spares`, and at the latest when this process exits.  Returns how
     many started.
     """
-    started: list[subprocess.Popen[bytes]] = []
+    started: list[_Worker] = []
     for _ in range(max(0, processes)):
-        proc = _start_worker()
+        proc = _start_worker(function)
         if proc is None:
             break
         assert proc.stdin is not None
@@ -240,9 +592,9 @@ def spares(function: str | None = None) -> int:
         return sum(len(v) for v in _SPARES.values())
 
 
-def _take_spares(function: str, processes: int) -> list[subprocess.Popen[bytes]]:
+def _take_spares(function: str, processes: int) -> list[_Worker]:
     """Up to ``processes`` spares for ``function`` that are still alive, taken out of the pool."""
-    taken: list[subprocess.Popen[bytes]] = []
+    taken: list[_Worker] = []
     with _SPARES_LOCK:
         waiting = _SPARES.get(function, [])
         while waiting and len(taken) < processes:
@@ -288,16 +640,16 @@ class ProcessPool:
         hang_s: float = 300.0,
     ) -> None:
         self._hang_s = hang_s
-        self._procs: list[subprocess.Popen[bytes]] = []
+        self._procs: list[_Worker] = []
         self._jobs: list[tuple[Any, ...]] = []
         self._results: list[Any] = []
         self._todo: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._feeders: list[tuple[threading.Thread, subprocess.Popen[bytes]]] = []
+        self._feeders: list[tuple[threading.Thread, _Worker]] = []
         #: For :meth:`call`: one lock over the job lists, an event per job answered (or given
         #: up) by a worker, and the worker and start time of each job in hand.
         self._guard = threading.Lock()
         self._answered: dict[int, threading.Event] = {}
-        self._in_hand: dict[int, tuple[subprocess.Popen[bytes], float]] = {}
+        self._in_hand: dict[int, tuple[_Worker, float]] = {}
         self._closed = False
         setup = {
             "sys_path": list(sys.path),
@@ -307,7 +659,7 @@ class ProcessPool:
         }
         spares = _take_spares(function, max(0, processes))
         for _ in range(max(0, processes)):
-            proc = spares.pop(0) if spares else _start_worker()
+            proc = spares.pop(0) if spares else _start_worker(function)
             if proc is None:
                 break
             assert proc.stdin is not None  # for mypy: PIPE was asked for
@@ -430,7 +782,7 @@ class ProcessPool:
                 _kill(proc)
                 feeder.join()
 
-    def _feed(self, proc: subprocess.Popen[bytes]) -> None:
+    def _feed(self, proc: _Worker) -> None:
         """Hand ``proc`` one queued job at a time until told to stop or the worker fails."""
         assert proc.stdin is not None
         assert proc.stdout is not None
@@ -497,7 +849,7 @@ class ProcessPool:
                 proc.stdout.close()
 
 
-def _kill(proc: subprocess.Popen[bytes]) -> None:
+def _kill(proc: _Worker) -> None:
     """Kill ``proc`` and reap it (its pipes are closed by :meth:`ProcessPool.close`)."""
     with contextlib.suppress(OSError):
         proc.kill()
@@ -505,7 +857,7 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=5.0)
 
 
-def _close_pipes(proc: subprocess.Popen[bytes]) -> None:
+def _close_pipes(proc: _Worker) -> None:
     """Close this side's pipes of a worker that has ended."""
     for stream in (proc.stdin, proc.stdout):
         if stream is not None:
