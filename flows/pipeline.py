@@ -55,9 +55,9 @@ from sensitivity.pipeline import (
     replay_records,
     write_run_report,
 )
-from sensitivity.plan import FETCH_WORKER, fetch_batches, fetch_processes
-from sensitivity.preload import import_steps_in_background
-from sensitivity.process_pool import ProcessPool
+from sensitivity.plan import FETCH_WORKER, SECTION_WORKER, fetch_batches, fetch_processes
+from sensitivity.preload import engine_process, import_steps_in_background
+from sensitivity.process_pool import ProcessPool, warm
 
 if TYPE_CHECKING:  # (matplotlib is imported in the background while the fetch runs)
     from sensitivity.report import SectionDraft
@@ -107,6 +107,12 @@ def heartbeats_without_join() -> bool:
 
 
 heartbeats_without_join()
+
+if engine_process():
+    # A process Prefect started for one flow run (a deployment's): the workers' zygote imports
+    # pandas, pyarrow and matplotlib now, while Prefect sets the run up, instead of when the
+    # fetch and the report start their workers (sensitivity.process_pool.warm).
+    warm(FETCH_WORKER, SECTION_WORKER)
 
 
 def _retry_if_transient(task: Task[Any, Any], task_run: TaskRun, state: State[Any]) -> bool:

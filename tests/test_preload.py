@@ -109,6 +109,32 @@ def test_a_flow_run_process_freezes_what_it_holds_once_the_steps_are_imported(en
     assert _python(code) == [str(engine), "0", "True", str(engine)]
 
 
+@pytest.mark.parametrize("engine", [True, False], ids=["flow-run-process", "other"])
+def test_a_flow_run_process_warms_the_workers_zygote_when_it_loads_the_flow(engine: bool) -> None:
+    """In a process Prefect started for one flow run, loading the flow starts the zygote the
+    fetch's and the report's workers are forked from, importing their modules ahead; a
+    process that only imports the flow (the CLI, ``serve``, a test) starts nothing."""
+    code = (
+        "import sys, types\n"
+        + (
+            "sys.modules['__main__'].__spec__ = types.SimpleNamespace(name='prefect.engine')\n"
+            if engine
+            else ""
+        )
+        + "import flows.pipeline\n"
+        "from sensitivity import process_pool\n"
+        "from sensitivity.plan import SECTION_WORKER\n"
+        "print(len(process_pool._ZYGOTES))\n"
+        "if process_pool._ZYGOTES:\n"
+        "    pool = process_pool.ProcessPool('sys:modules.__contains__', 1)\n"
+        "    print(pool.call(lambda name: None, 'matplotlib'), pool.call(lambda name: None, 'pandas'))\n"
+        "    pool.close()\n"
+    )
+    linux = sys.platform == "linux"
+    expected = ["1", "True", "True"] if engine and linux else ["0"]
+    assert _python(code) == expected
+
+
 def _spawned_engine_check(queue: Any) -> None:
     from sensitivity.preload import engine_process
 

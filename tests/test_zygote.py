@@ -162,3 +162,26 @@ def test_a_spare_discarded_before_it_was_forked_ends_once_it_is(
     assert spare.poll() is not None
     assert time.monotonic() - started < 5.0
     assert spare.returncode == -signal.SIGKILL
+
+
+def test_warm_imports_in_the_zygote_before_any_worker_is_asked_for(
+    probe: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(process_pool, "_USE_ZYGOTE", True)
+    monkeypatch.setenv("SENSITIVITY_ZYGOTE_PROBE", "warmed")
+    assert process_pool.warm("import_probe:who")
+    deadline = time.monotonic() + 10.0
+    while not probe.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    (zygote,) = [int(line) for line in probe.read_text().split()]
+    assert _parent(zygote) == os.getpid()
+    with ProcessPool("import_probe:who", 1) as pool:
+        pid, parent = pool.call(lambda: (os.getpid(), os.getppid()))
+    assert parent == zygote
+    assert pid != os.getpid()
+    assert probe.read_text().split() == [str(zygote)]  # the worker found it imported
+
+
+def test_warm_without_a_zygote_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(process_pool, "_USE_ZYGOTE", False)
+    assert process_pool.warm("math:sqrt") is False

@@ -55,7 +55,7 @@ from collections.abc import Callable, Sequence
 from importlib import import_module
 from typing import IO, Any
 
-__all__ = ["ProcessPool", "available_cpus", "discard_spares", "prestart", "spares"]
+__all__ = ["ProcessPool", "available_cpus", "discard_spares", "prestart", "spares", "warm"]
 
 _log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ _PENDING = object()
 #: worker for each request (:class:`_Zygote`).  It has no thread of its own (the fork is
 #: safe), ignores Ctrl-C like the workers, and reads requests on an anonymous socket pair
 #: from its caller: a JSON text (a ticket, the caller's ``sys.path`` and the module to import
-#: first) with the worker's two pipe ends attached.  A forked worker runs :data:`_BOOT`, which
+#: first) with the worker's two pipe ends attached (without them, it only imports: :func:`warm`).
+#: A forked worker runs :data:`_BOOT`, which
 #: the zygote was given on its command line, as a fresh worker does.  It answers with
 #: fixed-size records of integers: ``(1, ticket, pid)`` once forked, ``(2, pid, status)``
 #: once it has reaped a worker.  It leaves when its caller closes the socket or dies; its
@@ -175,10 +176,6 @@ while True:
     if not data:
         os._exit(0)
     request = json.loads(data)
-    if len(fds) != 2:
-        for fd in fds:
-            os.close(fd)
-        continue
     sys.path[:] = request["sys_path"]
     if request["preload"]:
         try:
@@ -186,6 +183,10 @@ while True:
         except BaseException:
             pass  # the worker imports it again and its caller hears why
         gc.freeze()
+    if len(fds) != 2:  # only the import, ahead of the workers (warm)
+        for fd in fds:
+            os.close(fd)
+        continue
     pid = os.fork()
     if pid == 0:
         code = 1
@@ -294,6 +295,15 @@ class _Zygote:
             os.close(child_in)
             os.close(child_out)
         return _Forked(self, ticket, os.fdopen(ours_in, "wb"), os.fdopen(ours_out, "rb"))
+
+    def preload(self, function: str) -> bool:
+        """Have the zygote import ``function``'s module now, ahead of the workers it will fork."""
+        request = {"ticket": -1, "sys_path": list(sys.path), "preload": function}
+        try:
+            self._sock.send(json.dumps(request).encode())
+        except OSError:
+            return False
+        return True
 
     def pid(self, ticket: int) -> int:
         """The pid of the worker for ``ticket``, once forked (waits for it)."""
@@ -438,6 +448,18 @@ def _zygote() -> _Zygote | None:
     for old in retired:
         old.close()
     return zygote
+
+
+def warm(*functions: str) -> bool:
+    """Start the zygote now and have it import the modules of ``functions`` (``"module:name"``)
+    while this process does something else; the workers it forks later find them imported.
+
+    For a process that will create pools soon but does not know yet how many workers (a
+    flow run's process, before it has read its configuration).  False where workers are not
+    forked by a zygote (they then import their modules when they start).
+    """
+    zygote = _zygote() if _USE_ZYGOTE else None
+    return zygote is not None and all(zygote.preload(f) for f in functions)
 
 
 def _stop_zygotes() -> None:
