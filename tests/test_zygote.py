@@ -185,3 +185,46 @@ def test_warm_imports_in_the_zygote_before_any_worker_is_asked_for(
 def test_warm_without_a_zygote_does_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(process_pool, "_USE_ZYGOTE", False)
     assert process_pool.warm("math:sqrt") is False
+
+
+def test_a_zygote_that_cannot_run_leaves_the_workers_to_start_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(process_pool, "_USE_ZYGOTE", True)
+    monkeypatch.setattr(process_pool, "_ZYGOTE_FAILED", False)
+    monkeypatch.setattr(process_pool, "_ZYGOTE", "import os; os._exit(3)")
+    monkeypatch.setenv("SENSITIVITY_ZYGOTE_PROBE", "a zygote that dies")
+    with ProcessPool("math:sqrt", 1) as pool:  # its one worker may be lost with the zygote
+        assert pool.map([(float(i),) for i in range(20)], lambda v: v**0.5) == [i**0.5 for i in range(20)]
+    deadline = time.monotonic() + 5.0
+    while not process_pool._ZYGOTES[-1].gone and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with ProcessPool("os:getppid", 1) as pool:
+        assert pool.call(lambda: None) == os.getpid()  # a fresh interpreter, the caller's child
+    assert process_pool._ZYGOTE_FAILED
+
+
+def test_a_process_forked_from_the_caller_starts_a_zygote_of_its_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A zygote answers the process that started it only: a child forked from that process
+    (``os.fork``, multiprocessing's fork) would share its socket and mix up its answers."""
+    monkeypatch.setattr(process_pool, "_USE_ZYGOTE", True)
+    monkeypatch.setenv("SENSITIVITY_ZYGOTE_PROBE", "a parent's zygote")
+    with ProcessPool("os:getppid", 1) as pool:
+        parents = pool.call(lambda: None)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the child, which leaves with os._exit
+        code = 1
+        try:
+            with ProcessPool("os:getppid", 1) as pool:
+                os.write(write, str(pool.call(lambda: None)).encode())
+            process_pool._stop_zygotes()
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        childs = int(answer.read() or 0)
+    assert os.waitpid(child, 0)[1] == 0
+    assert childs not in (0, parents, child)
+    assert _running(parents)  # the child's exit did not end its parent's zygote
+    with ProcessPool("os:getppid", 1) as pool:
+        assert pool.call(lambda: None) == parents

@@ -230,6 +230,7 @@ class _Zygote:
         self._proc = proc
         self._sock = sock
         self._program = program
+        self._owner = os.getpid()
         self._born = _process_state()
         self._tickets = 0
         self._cond = threading.Condition()
@@ -267,7 +268,21 @@ class _Zygote:
     def serves_now(self) -> bool:
         """Whether a worker forked now would start as a fresh one would (zygote alive, and
         the caller's working folder, environment and standard error unchanged)."""
-        return not self.gone and self._program == _BOOT and _process_state() == self._born
+        return (
+            not self.gone
+            and self._owner == os.getpid()  # (a child this process forked starts its own)
+            and self._program == _BOOT
+            and _process_state() == self._born
+        )
+
+    def owned(self) -> bool:
+        """Whether this process started the zygote (not a forked copy of the one that did)."""
+        return self._owner == os.getpid()
+
+    def failed(self) -> bool:
+        """Whether it ended without forking a single worker (it cannot run here)."""
+        with self._cond:
+            return self.gone and not self._pids
 
     def idle(self) -> bool:
         """Whether every worker it was asked for has been forked and has ended."""
@@ -278,8 +293,16 @@ class _Zygote:
 
     def fork(self, preload: str | None) -> _Forked | None:
         """A worker forked once ``preload``'s module is imported, or None if the request failed."""
-        child_in, ours_in = os.pipe()
-        ours_out, child_out = os.pipe()
+        try:
+            child_in, ours_in = os.pipe()
+        except OSError:
+            return None
+        try:
+            ours_out, child_out = os.pipe()
+        except OSError:
+            os.close(child_in)
+            os.close(ours_in)
+            return None
         with self._cond:
             ticket = self._tickets
             self._tickets += 1
@@ -430,18 +453,29 @@ _ZYGOTE_LOCK = threading.Lock()
 _ZYGOTES: list[_Zygote] = []
 #: Whether workers are forked by a zygote where they can be (else each starts afresh).
 _USE_ZYGOTE = True
+#: Set once a zygote ended before forking anything: this process's workers start afresh.
+_ZYGOTE_FAILED = False
 
 
 def _zygote() -> _Zygote | None:
     """The zygote to fork a worker now: the current one while the caller's folder,
     environment and standard error are those it started with, else a new one (None where
     none can start).  Zygotes left behind end once their workers have."""
+    global _ZYGOTE_FAILED
     with _ZYGOTE_LOCK:
+        if _ZYGOTE_FAILED:
+            return None
         current = _ZYGOTES[-1] if _ZYGOTES else None
         if current is not None and current.serves_now():
             return current
+        if current is not None and current.owned() and current.failed():
+            _log.debug("the zygote ended before it forked a worker; workers start afresh")
+            _ZYGOTES.remove(current)
+            current.close()  # (it has ended: only reaped here)
+            _ZYGOTE_FAILED = True
+            return None
         zygote = _Zygote.start()
-        retired = [z for z in _ZYGOTES if z.idle()]
+        retired = [z for z in _ZYGOTES if z.owned() and z.idle()]
         _ZYGOTES[:] = [z for z in _ZYGOTES if z not in retired]
         if zygote is not None:
             _ZYGOTES.append(zygote)
@@ -465,7 +499,7 @@ def warm(*functions: str) -> bool:
 def _stop_zygotes() -> None:
     """End the zygotes (at exit, after :func:`discard_spares`)."""
     with _ZYGOTE_LOCK:
-        zygotes = list(_ZYGOTES)
+        zygotes = [z for z in _ZYGOTES if z.owned()]  # (a forked copy's are its parent's)
         _ZYGOTES.clear()
     for zygote in zygotes:
         zygote.close()
