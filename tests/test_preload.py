@@ -123,7 +123,6 @@ def test_a_flow_run_process_warms_the_workers_zygote_when_it_loads_the_flow(engi
         )
         + "import flows.pipeline\n"
         "from sensitivity import process_pool\n"
-        "from sensitivity.plan import SECTION_WORKER\n"
         "print(len(process_pool._ZYGOTES))\n"
         "if process_pool._ZYGOTES:\n"
         "    pool = process_pool.ProcessPool('sys:modules.__contains__', 1)\n"
