@@ -18,10 +18,11 @@ worker prints goes to its standard error, never into the protocol).  Nothing of 
 ``__main__`` is imported.  The workers are forked by a *zygote*, one such interpreter started
 for the purpose, which imports each worker's module before forking it: a daily run's three
 workers import pandas, pyarrow and matplotlib once instead of three times (about 1.2 CPU s
-in all instead of 2.9, on two cores busy with the run's start-up), and share those pages.  The zygote has no threads, so forking it is
-safe where forking the caller is not; where the platform cannot pass a pipe to it (not
-Linux), each worker is a fresh interpreter.  :func:`prestart` starts such workers ahead of the pool
-that will take them, importing their function's module while the caller is busy elsewhere.
+in all instead of 2.9, on two cores busy with the run's start-up), and share those pages.
+The zygote has no threads, so forking it is safe where forking the caller is not; where the
+platform cannot pass a pipe to it (not Linux), each worker is a fresh interpreter.
+:func:`prestart` starts such workers ahead of the pool that will take them, importing their
+function's module while the caller is busy elsewhere.
 The pickles travel only on the private pipes between the caller and the workers it started,
 never through a file or a socket.
 
