@@ -307,9 +307,8 @@ class _Zygote:
         with self._cond:
             ticket = self._tickets
             self._tickets += 1
-        request = {"ticket": ticket, "sys_path": list(sys.path), "preload": preload or ""}
         try:
-            socket.send_fds(self._sock, [json.dumps(request).encode()], [child_in, child_out])
+            socket.send_fds(self._sock, [_request(ticket, preload)], [child_in, child_out])
         except OSError as exc:
             os.close(ours_in)
             os.close(ours_out)
@@ -322,9 +321,8 @@ class _Zygote:
 
     def preload(self, function: str) -> bool:
         """Have the zygote import ``function``'s module now, ahead of the workers it will fork."""
-        request = {"ticket": -1, "sys_path": list(sys.path), "preload": function}
         try:
-            self._sock.send(json.dumps(request).encode())
+            self._sock.send(_request(-1, function))
         except OSError:
             return False
         return True
@@ -428,6 +426,12 @@ class _Forked:
     def kill(self) -> None:
         if self.returncode is None:
             self._zygote.kill(self._ticket)
+
+
+def _request(ticket: int, preload: str | None) -> bytes:
+    """A request to the zygote: import ``preload``'s module with the caller's ``sys.path``,
+    then fork the worker for ``ticket`` when the worker's pipes come with it."""
+    return json.dumps({"ticket": ticket, "sys_path": list(sys.path), "preload": preload or ""}).encode()
 
 
 #: A worker process: started afresh, or forked by the zygote.
